@@ -1,0 +1,302 @@
+"""Base types and argument handling shared by every bilevel method.
+
+Conventions (see ``ALGORITHMS.md`` §0.2):
+
+* ``f(x, y, batch) -> scalar`` is the upper-level (UL) objective and
+  ``g(x, y, batch) -> scalar`` the lower-level (LL) objective. ``x`` and ``y``
+  are arbitrary pytrees of floating arrays; ``batch`` is any pytree or ``None``
+  and is handed unchanged to both ``f`` and ``g`` (put separate upper and lower
+  data under separate keys, e.g. ``{"upper": ..., "lower": ...}``).
+* A bilevel method is an :class:`optax.GradientTransformationExtraArgs` whose
+  params are a :class:`BilevelParams`. ``tx.update(None, state, params,
+  batch=batch)`` returns the change of both levels as a ``BilevelParams``;
+  ``optax.apply_updates(params, updates)`` applies it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+from jax.extend import core as jax_core
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+PyTree = Any
+Objective = Callable[[PyTree, PyTree, Any], Array]
+Projection = Callable[[PyTree], PyTree]
+Schedule = Callable[[Array], Array]
+ScalarOrSchedule = Union[float, Array, Schedule]
+
+
+class BilevelParams(NamedTuple):
+  """The variables of both levels.
+
+  Attributes:
+    x: upper-level variables (any pytree of floating arrays).
+    y: lower-level variables (any pytree of floating arrays).
+  """
+
+  x: PyTree
+  y: PyTree
+
+
+class BilevelValidationError(ValueError):
+  """Raised at trace time when the inputs of a bilevel method are invalid."""
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised (or reported) when a run produces NaN or infinite values."""
+
+
+# ---------------------------------------------------------------------------
+# Hyperparameters: floats, arrays (possibly traced) or schedules.
+# ---------------------------------------------------------------------------
+
+
+def _is_concrete(value) -> bool:
+  """True when ``value`` holds a value known at trace time."""
+  if isinstance(value, numbers.Number) or isinstance(value, np.ndarray):
+    return True
+  if isinstance(value, jax.Array):
+    try:
+      np.asarray(value)
+      return True
+    except (jax.errors.TracerArrayConversionError,
+            jax.errors.ConcretizationTypeError):
+      return False
+  return False
+
+
+def check_hyperparameter(value: ScalarOrSchedule, name: str, *,
+                         positive: bool = True,
+                         allow_zero: bool = False) -> ScalarOrSchedule:
+  """Validates a scalar hyperparameter or schedule at construction time.
+
+  Concrete values are checked immediately; traced values cannot be checked
+  when the transformation is built, so :func:`resolve_hyperparameter` maps an
+  invalid traced value to NaN, which :func:`jaxbilevel.run` then reports by
+  name instead of returning a silently wrong answer.
+
+  Args:
+    value: a Python number, an array, or a callable ``step -> value``.
+    name: the argument's name, used in error messages.
+    positive: whether the value must be positive.
+    allow_zero: whether zero is admissible (e.g. a penalty ramp starting at 0).
+
+  Returns:
+    ``value`` unchanged.
+  """
+  if callable(value):
+    return value
+  if value is None:
+    raise BilevelValidationError(f"{name} must be given, got None.")
+  if isinstance(value, (bool, np.bool_)):
+    raise BilevelValidationError(f"{name} must be a number, got {value!r}.")
+  if _is_concrete(value):
+    arr = np.asarray(value)
+    if arr.ndim != 0:
+      raise BilevelValidationError(
+          f"{name} must be a scalar (use jax.vmap to sweep over several "
+          f"values), got an array of shape {arr.shape}.")
+    if not np.isfinite(arr):
+      raise BilevelValidationError(f"{name} must be finite, got {arr}.")
+    if positive:
+      if allow_zero and arr < 0:
+        raise BilevelValidationError(f"{name} must be >= 0, got {arr}.")
+      if not allow_zero and arr <= 0:
+        raise BilevelValidationError(f"{name} must be > 0, got {arr}.")
+  else:
+    if jnp.ndim(value) != 0:
+      raise BilevelValidationError(
+          f"{name} must be a scalar per run; got a traced array of shape "
+          f"{jnp.shape(value)}. Use jax.vmap over the runs to sweep values.")
+  return value
+
+
+def resolve_hyperparameter(value: ScalarOrSchedule, count: Array, dtype, *,
+                           positive: bool = True,
+                           allow_zero: bool = False) -> Array:
+  """Evaluates a float, array or schedule at step ``count`` in ``dtype``.
+
+  Invalid values that could not be checked at construction (traced arrays,
+  schedules) become NaN so that the run reports them rather than producing a
+  wrong answer.
+  """
+  v = value(count) if callable(value) else value
+  v = jnp.asarray(v, dtype=dtype)
+  if jnp.ndim(v) != 0:
+    raise BilevelValidationError(
+        f"a hyperparameter schedule must return a scalar, got shape "
+        f"{jnp.shape(v)}.")
+  if positive:
+    ok = v >= 0 if allow_zero else v > 0
+    v = jnp.where(ok, v, jnp.nan)
+  return v
+
+
+# ---------------------------------------------------------------------------
+# Validation of params, objectives and updates.
+# ---------------------------------------------------------------------------
+
+
+def check_static_int(value, name: str, minimum: int = 1) -> int:
+  """Checks that a loop length is a Python int >= ``minimum``."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Integral,)):
+    raise BilevelValidationError(
+        f"{name} must be a Python int (loop lengths are static), got "
+        f"{value!r} of type {type(value).__name__}.")
+  if value < minimum:
+    raise BilevelValidationError(f"{name} must be >= {minimum}, got {value}.")
+  return int(value)
+
+
+def check_params(params, method: str) -> BilevelParams:
+  """Checks that ``params`` is a BilevelParams of floating arrays."""
+  if not isinstance(params, BilevelParams):
+    raise BilevelValidationError(
+        f"{method}: params must be a jaxbilevel.BilevelParams(x, y), got "
+        f"{type(params).__name__}. Wrap your variables as "
+        "BilevelParams(x=upper_vars, y=lower_vars).")
+  for level in ("x", "y"):
+    leaves = jax.tree.leaves(getattr(params, level))
+    if not leaves:
+      raise BilevelValidationError(
+          f"{method}: params.{level} has no array leaves.")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+        getattr(params, level)):
+      dtype = jnp.result_type(leaf)
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise BilevelValidationError(
+            f"{method}: params.{level}{jax.tree_util.keystr(path)} has dtype "
+            f"{dtype}; bilevel variables must be floating point arrays.")
+  return params
+
+
+def check_updates_structure(updates, params: BilevelParams, method: str):
+  """Checks that incoming ``updates`` (if any) match the params' structure."""
+  if updates is None:
+    return
+  if not isinstance(updates, BilevelParams):
+    raise BilevelValidationError(
+        f"{method}: updates must be None or a BilevelParams matching params, "
+        f"got {type(updates).__name__}.")
+  for level in ("x", "y"):
+    su = jax.tree.structure(getattr(updates, level))
+    sp = jax.tree.structure(getattr(params, level))
+    if su != sp:
+      raise BilevelValidationError(
+          f"{method}: the structure of updates.{level} does not match "
+          f"params.{level}:\n  updates.{level}: {su}\n  params.{level}:  {sp}")
+    for u, p in zip(jax.tree.leaves(getattr(updates, level)),
+                    jax.tree.leaves(getattr(params, level))):
+      if jnp.shape(u) != jnp.shape(p):
+        raise BilevelValidationError(
+            f"{method}: updates.{level} has a leaf of shape {jnp.shape(u)} "
+            f"where params.{level} has shape {jnp.shape(p)}.")
+
+
+def check_same_structure(a, b, what_a: str, what_b: str, method: str):
+  """Checks that two pytrees have the same structure and leaf shapes."""
+  sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+  if sa != sb:
+    raise BilevelValidationError(
+        f"{method}: the structure of {what_a} does not match {what_b}:\n"
+        f"  {what_a}: {sa}\n  {what_b}: {sb}")
+  for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if jnp.shape(la) != jnp.shape(lb):
+      raise BilevelValidationError(
+          f"{method}: {what_a} has a leaf of shape {jnp.shape(la)} where "
+          f"{what_b} has shape {jnp.shape(lb)}.")
+
+
+def scalar_objective(fn: Objective, name: str) -> Objective:
+  """Wraps ``fn`` so that a non-scalar or non-floating output fails clearly."""
+  if not callable(fn):
+    raise BilevelValidationError(
+        f"{name} must be a callable {name}(x, y, batch) -> scalar, got "
+        f"{type(fn).__name__}.")
+  if getattr(fn, "_jaxbilevel_checked", False):
+    return fn
+
+  def wrapped(x, y, batch=None):
+    out = fn(x, y, batch)
+    shape = jnp.shape(out)
+    if shape != ():
+      raise BilevelValidationError(
+          f"the objective {name}(x, y, batch) must return a scalar, but it "
+          f"returned an array of shape {shape}. Reduce it, e.g. with "
+          "jnp.mean, before returning.")
+    if not jnp.issubdtype(jnp.result_type(out), jnp.floating):
+      raise BilevelValidationError(
+          f"the objective {name}(x, y, batch) must return a floating scalar, "
+          f"got dtype {jnp.result_type(out)}.")
+    return out
+
+  wrapped._jaxbilevel_checked = True  # pylint: disable=protected-access
+  wrapped.__name__ = getattr(fn, "__name__", name)
+  wrapped.__wrapped__ = fn
+  return wrapped
+
+
+def depends_on(fn: Callable[[PyTree], Array], arg: PyTree) -> bool:
+  """Whether ``fn(arg)`` depends structurally on ``arg`` (conservative).
+
+  Traces ``fn`` to a jaxpr and follows data dependencies from its inputs to
+  its output. Any primitive with a dependent input is treated as producing
+  dependent outputs, so the answer is False only when the output provably
+  does not read ``arg`` (e.g. an upper objective that ignores ``x``).
+  """
+  closed = jax.make_jaxpr(fn)(arg)
+  jaxpr = closed.jaxpr
+  dependent = set(id(v) for v in jaxpr.invars)
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(v, jax_core.Literal) and id(v) in dependent
+           for v in eqn.invars):
+      dependent.update(id(v) for v in eqn.outvars)
+  return any(not isinstance(v, jax_core.Literal) and id(v) in dependent
+             for v in jaxpr.outvars)
+
+
+def optional_projection(proj: Optional[Projection], name: str) -> Projection:
+  """Returns ``proj`` or the identity; fails clearly if it is not callable."""
+  if proj is None:
+    return lambda tree: tree
+  if not callable(proj):
+    raise BilevelValidationError(
+        f"{name} must be a callable pytree -> pytree (see "
+        f"jaxbilevel.projections), got {type(proj).__name__}.")
+  return proj
+
+
+# ---------------------------------------------------------------------------
+# Pieces of every method's update.
+# ---------------------------------------------------------------------------
+
+
+def level_updates(params: BilevelParams, x_new, y_new) -> BilevelParams:
+  """The updates that ``optax.apply_updates`` turns ``params`` into the new ones."""
+  sub = optax.tree_utils.tree_sub
+  return BilevelParams(x=sub(x_new, params.x), y=sub(y_new, params.y))
+
+
+def params_dtype(params: BilevelParams):
+  """The common floating dtype of all variables (used for diagnostics)."""
+  return jnp.result_type(*jax.tree.leaves(params))
+
+
+def diagnostics(dtype, **values) -> dict:
+  """A diagnostics dict of scalars, all cast to ``dtype``."""
+  return {k: jnp.asarray(v, dtype=dtype) for k, v in values.items()}
+
+
+def empty_diagnostics(keys, dtype) -> dict:
+  """Diagnostics before the first step (all zero), with the update's keys."""
+  return {k: jnp.zeros((), dtype=dtype) for k in keys}
+
+
+COMMON_DIAGNOSTICS = ("f", "g", "upper_grad_norm", "lower_grad_norm", "gamma")

@@ -1,0 +1,109 @@
+"""Inner loops: K optax steps on an objective, as a ``lax.scan``.
+
+Every method's lower-level updates (and the upper step) go through
+:func:`projected_step`; loops of such steps go through :func:`inner_solve`, a
+``lax.scan`` of static length so that it can be reverse-differentiated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import optax
+
+from jaxbilevel._src import base
+from jaxbilevel._src import tree as tree_lib
+
+
+class InnerTrace(NamedTuple):
+  """Per-step record of an inner loop (leading axis = step).
+
+  Attributes:
+    value: objective value at the iterate *before* each step.
+    grad_norm: norm of the gradient at that iterate.
+    aux: the objective's auxiliary output at that iterate (stacked), or None.
+  """
+
+  value: jax.Array
+  grad_norm: jax.Array
+  aux: Any
+
+
+def projected_step(optimizer: optax.GradientTransformation, grads, opt_state,
+                   params, proj: Optional[base.Projection] = None):
+  """One optax step followed by a projection.
+
+  Args:
+    optimizer: any optax gradient transformation (a chain is fine).
+    grads: gradient at ``params``.
+    opt_state: the optimizer's state.
+    params: current variables.
+    proj: projection applied after the step (identity if None).
+
+  Returns:
+    ``(new_params, new_opt_state)``.
+  """
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if proj is not None:
+    new_params = proj(new_params)
+  return new_params, opt_state
+
+
+def inner_solve(objective: Callable, y, opt_state, *,
+                optimizer: optax.GradientTransformation, num_steps: int,
+                proj: Optional[base.Projection] = None,
+                has_aux: bool = False):
+  r"""Runs ``num_steps`` projected optax steps on ``objective(y)``.
+
+  .. math:: y \leftarrow \mathrm{Proj}(y + \mathrm{opt}(\nabla \mathrm{obj}(y)))
+
+  The loop is a ``lax.scan`` of static length, so it is differentiable in
+  reverse mode and compiles once whatever the values of the step sizes.
+
+  Args:
+    objective: ``y -> scalar`` (or ``y -> (scalar, aux)`` with ``has_aux``).
+      Close over ``x``, ``gamma`` and the batch; they may be traced values.
+    y: initial iterate (warm start).
+    opt_state: the optimizer's state for ``y``.
+    optimizer: the optax optimizer taking the steps.
+    num_steps: number of steps (a static Python int >= 1).
+    proj: projection after each step.
+    has_aux: whether ``objective`` returns ``(value, aux)``.
+
+  Returns:
+    ``(y, opt_state, trace)`` where ``trace`` is an :class:`InnerTrace`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from jaxbilevel import inner_solve
+    >>> opt = optax.sgd(0.25)
+    >>> y, _, trace = inner_solve(lambda y: (y - 3.0) ** 2, jnp.array(0.0),
+    ...                           opt.init(0.0), optimizer=opt, num_steps=30)
+    >>> round(float(y), 6)
+    3.0
+  """
+  num_steps = base.check_static_int(num_steps, "num_steps")
+  grad_fn = jax.value_and_grad(objective, has_aux=has_aux)
+
+  def body(carry, _):
+    y, state = carry
+    out, grads = grad_fn(y)
+    value, aux = out if has_aux else (out, None)
+    y, state = projected_step(optimizer, grads, state, y, proj)
+    return (y, state), InnerTrace(value, tree_lib.tree_norm(grads), aux)
+
+  (y, opt_state), trace = jax.lax.scan(body, (y, opt_state), None,
+                                       length=num_steps)
+  return y, opt_state, trace
+
+
+def first_step(trace: InnerTrace) -> InnerTrace:
+  """The record of the first inner step (the values at the incoming iterate)."""
+  return jax.tree.map(lambda v: v[0], trace)
+
+
+def last_step(trace: InnerTrace) -> InnerTrace:
+  """The record of the last inner step."""
+  return jax.tree.map(lambda v: v[-1], trace)

@@ -1,0 +1,72 @@
+"""Euclidean projections onto simple sets, for ``proj_x`` and ``proj_y``.
+
+Each function returns a projection ``tree -> tree`` that can be passed as the
+``proj_x`` or ``proj_y`` argument of every method. Bounds may be Python
+numbers, arrays broadcastable to the leaves, or pytrees matching the
+variables.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxbilevel._src.base import BilevelValidationError
+
+
+def identity():
+  """The identity projection (no constraint)."""
+  return lambda tree: tree
+
+
+def _bound_tree(bound, tree, fill):
+  """Broadcasts a scalar bound to ``tree``'s structure (pytrees pass through)."""
+  if bound is None:
+    return jax.tree.map(lambda t: jnp.full((), fill, jnp.result_type(t)), tree)
+  if isinstance(bound, (dict, list, tuple)) or hasattr(bound, "_fields"):
+    return bound
+  return jax.tree.map(lambda _: bound, tree)
+
+
+def box(lower=None, upper=None):
+  """Projection onto the box ``lower <= v <= upper`` (leafwise clipping).
+
+  Args:
+    lower: lower bound (number, array, pytree matching the variables, or None).
+    upper: upper bound (same forms), or None.
+
+  Returns:
+    A projection ``tree -> tree``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbilevel import projections
+    >>> proj = projections.box(-8.0, 1.5)
+    >>> proj({"a": jnp.array([-10.0, 0.0, 3.0])})["a"]
+    Array([-8. ,  0. ,  1.5], dtype=float32)
+  """
+  if lower is None and upper is None:
+    raise BilevelValidationError("box() needs at least one of lower, upper.")
+  if (lower is not None and upper is not None
+      and not isinstance(lower, (dict, list, tuple))
+      and not isinstance(upper, (dict, list, tuple))):
+    try:
+      if bool(jnp.any(jnp.asarray(lower) > jnp.asarray(upper))):
+        raise BilevelValidationError(
+            f"box(): lower bound {lower} exceeds upper bound {upper}.")
+    except jax.errors.ConcretizationTypeError:
+      pass
+
+  def project(tree):
+    lo = _bound_tree(lower, tree, -jnp.inf)
+    hi = _bound_tree(upper, tree, jnp.inf)
+    return jax.tree.map(
+        lambda t, l, h: jnp.clip(t, l, h).astype(jnp.result_type(t)),
+        tree, lo, hi)
+
+  return project
+
+
+def nonnegative(floor=0.0):
+  """Projection onto ``{v >= floor}`` (e.g. multipliers, SVM margins)."""
+  return box(lower=floor, upper=None)
