@@ -13,6 +13,7 @@ from jaxbilevel._src.alt_pbgd import alt_pbgd
 from jaxbilevel._src.alt_pbgd import ALTPBGDState
 from jaxbilevel._src.base import BilevelParams
 from jaxbilevel._src.base import BilevelValidationError
+from jaxbilevel._src.base import COMMON_DIAGNOSTICS
 from jaxbilevel._src.base import NonFiniteError
 from jaxbilevel._src.inner import inner_solve
 from jaxbilevel._src.inner import InnerTrace
@@ -30,6 +31,7 @@ __all__ = (
     "ALTPBGDState",
     "BilevelParams",
     "BilevelValidationError",
+    "COMMON_DIAGNOSTICS",
     "InnerTrace",
     "NonFiniteError",
     "PBGDFreeState",

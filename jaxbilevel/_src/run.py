@@ -228,6 +228,11 @@ class _Progress:
       sys.stderr.flush()
 
 
+def _strongly_typed(tree):
+  """Drops weak types (e.g. ``jnp.asarray(1.0)``) so calls share compilations."""
+  return jax.tree.map(lambda v: jnp.asarray(v, dtype=jnp.result_type(v)), tree)
+
+
 def _slice_batches(batches, start, length):
   if batches is None or callable(batches):
     return batches
@@ -324,8 +329,10 @@ def run(tx: optax.GradientTransformationExtraArgs,
       min(num_steps, 1000) if chunk_size is None else chunk_size,
       "chunk_size")
   chunk_size = min(chunk_size, num_steps)
+  params = _strongly_typed(params)
   if state is None:
     state = tx.init(params)
+  find_diagnostics(state)  # fails clearly for a non-bilevel transformation
   num_chunks = math.ceil(num_steps / chunk_size)
   if progress is None:
     progress = num_chunks > 1 and sys.stderr.isatty()

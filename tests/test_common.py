@@ -1,0 +1,249 @@
+"""The common suite every bilevel method must pass.
+
+A new method gets all of these checks by adding one entry to
+``METHOD_CASES``: a builder ``(f, g, hyper, upper_optimizer, lower_optimizer)
+-> tx`` where ``hyper`` is the method's swept penalty-like scalar (gamma,
+lambda_0, BOME's eta, ALRIGHT's probability, ...).
+"""
+
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxbilevel as jbl
+
+# name -> builder(f, g, hyper, upper_optimizer, lower_optimizer) -> tx
+METHOD_CASES = {
+    "pbgd_free": lambda f, g, hyper, uo, lo: jbl.pbgd_free(
+        f, g, gamma=hyper, upper_optimizer=uo, lower_optimizer=lo,
+        inner_steps=2),
+    "alt_pbgd": lambda f, g, hyper, uo, lo: jbl.alt_pbgd(
+        f, g, gamma=hyper, upper_optimizer=uo, lower_optimizer=lo,
+        inner_steps=2, value_steps=3),
+    "alt_pbgd_restart": lambda f, g, hyper, uo, lo: jbl.alt_pbgd(
+        f, g, gamma=hyper, upper_optimizer=uo, lower_optimizer=lo,
+        inner_steps=2, y_gamma_start="y_g"),
+    "v_pbgd": lambda f, g, hyper, uo, lo: jbl.v_pbgd(
+        f, g, gamma=hyper, upper_optimizer=uo, lower_optimizer=lo,
+        value_steps=2, normalize=True),
+}
+
+NAMES = sorted(METHOD_CASES)
+HYPER = 4.0
+LR = 0.05
+
+
+def _matrix(dtype):
+  return jnp.asarray([[1.0, 0.5], [-0.3, 1.0], [0.2, -0.4]], dtype)
+
+
+def nested_problem(dtype):
+  """A strongly convex quadratic bilevel problem over nested-dict pytrees.
+
+  x = {"w": (2,), "b": {"c": ()}}, y = {"u": (3,), "v": (2,)}; f depends on
+  both levels, so every method applies.
+  """
+  m = _matrix(dtype)
+
+  def g(x, y, batch=None):
+    del batch
+    r_u = y["u"] - m @ x["w"]
+    r_v = y["v"] - x["b"]["c"]
+    return 0.5 * jnp.sum(r_u ** 2) + 0.5 * jnp.sum(r_v ** 2) + 0.1 * (
+        jnp.sum(y["u"] ** 2) + jnp.sum(y["v"] ** 2))
+
+  def f(x, y, batch=None):
+    del batch
+    return (0.5 * jnp.sum((y["u"] - 1.0) ** 2) + 0.5 * jnp.sum(y["v"] ** 2)
+            + 0.05 * (jnp.sum(x["w"] ** 2) + x["b"]["c"] ** 2)
+            + 0.1 * jnp.sum(x["w"]))
+
+  params = jbl.BilevelParams(
+      x={"w": jnp.asarray([0.3, -0.2], dtype),
+         "b": {"c": jnp.asarray(0.5, dtype)}},
+      y={"u": jnp.asarray([0.1, 0.0, -0.1], dtype),
+         "v": jnp.asarray([0.2, 0.2], dtype)})
+  return f, g, params
+
+
+def _build(name, hyper=HYPER, lr=LR, dtype=jnp.float64, uo=None, lo=None):
+  f, g, params = nested_problem(dtype)
+  uo = optax.sgd(lr) if uo is None else uo
+  lo = optax.sgd(lr) if lo is None else lo
+  return METHOD_CASES[name](f, g, hyper, uo, lo), params
+
+
+def _steps(tx, params, n, update=None, **extra):
+  update = tx.update if update is None else update
+  state = tx.init(params)
+  for _ in range(n):
+    updates, state = update(None, state, params, **extra)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def _assert_trees_close(a, b, rtol=1e-10, atol=1e-12):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol,
+                               atol=atol)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_matches_eager_and_moves(name):
+  tx, params = _build(name)
+  eager, _ = _steps(tx, params, 3)
+  jitted, state = _steps(tx, params, 3, update=jax.jit(tx.update))
+  _assert_trees_close(eager, jitted, rtol=1e-9)
+  moved = optax.tree_utils.tree_norm(optax.tree_utils.tree_sub(jitted, params))
+  assert float(moved) > 1e-4
+  for v in jax.tree.leaves((jitted, state)):
+    if jnp.issubdtype(jnp.result_type(v), jnp.floating):
+      assert np.all(np.isfinite(np.asarray(v)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_over_hyperparameters_does_not_recompile(name):
+  f, g, params = nested_problem(jnp.float64)
+  traces = []
+
+  @jax.jit
+  @jax.vmap
+  def sweep(hyper, lr):
+    traces.append(None)
+    tx = METHOD_CASES[name](f, g, hyper, optax.sgd(lr), optax.sgd(lr))
+    out, _, hist = jbl.scan_run(tx, params, num_steps=4)
+    return out, hist["f"]
+
+  hypers = jnp.asarray([2.0, 4.0, 8.0])
+  lrs = jnp.asarray([0.02, 0.05, 0.1])
+  out1, f1 = sweep(hypers, lrs)
+  out2, _ = sweep(hypers * 1.5, lrs * 0.5)
+  assert len(traces) == 1
+  assert sweep._cache_size() == 1  # pylint: disable=protected-access
+  # Each lane equals the corresponding single run.
+  for i in range(3):
+    tx = METHOD_CASES[name](f, g, float(hypers[i]), optax.sgd(float(lrs[i])),
+                            optax.sgd(float(lrs[i])))
+    single, _, hist = jbl.scan_run(tx, params, num_steps=4)
+    _assert_trees_close(jax.tree.map(lambda v, i=i: v[i], out1), single,
+                        rtol=1e-9)
+    np.testing.assert_allclose(f1[i], hist["f"], rtol=1e-9)
+  # The hyperparameters are used: different settings give different iterates.
+  lane0 = jax.tree.leaves(jax.tree.map(lambda v: v[0], out1))
+  lane2 = jax.tree.leaves(jax.tree.map(lambda v: v[2], out1))
+  assert any(not np.allclose(a, b) for a, b in zip(lane0, lane2))
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(out1),
+                                                   jax.tree.leaves(out2)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("name", NAMES)
+def test_dtype_is_preserved(name, dtype):
+  tx, params = _build(name, dtype=dtype)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(2):
+    updates, state = update(None, state, params)
+    for u in jax.tree.leaves(updates):
+      assert u.dtype == dtype
+    params = optax.apply_updates(params, updates)
+  for v in jax.tree.leaves(params):
+    assert v.dtype == dtype
+  for k, v in state.diagnostics.items():
+    assert v.dtype == dtype, k
+  for v in jax.tree.leaves(state):
+    if jnp.issubdtype(v.dtype, jnp.floating):
+      assert v.dtype == dtype
+  assert np.isfinite(float(state.diagnostics["f"]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_composes_with_optax_chain(name):
+  f, g, params = nested_problem(jnp.float64)
+  plain = METHOD_CASES[name](f, g, HYPER, optax.sgd(LR), optax.sgd(LR))
+  loose = METHOD_CASES[name](
+      f, g, HYPER, optax.chain(optax.clip_by_global_norm(1e6), optax.sgd(LR)),
+      optax.chain(optax.clip_by_global_norm(1e6), optax.sgd(LR)))
+  tight = METHOD_CASES[name](
+      f, g, HYPER, optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(LR)),
+      optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(LR)))
+  p_plain, _ = _steps(plain, params, 3)
+  p_loose, _ = _steps(loose, params, 3)
+  p_tight, _ = _steps(tight, params, 3)
+  _assert_trees_close(p_plain, p_loose)
+  # Clipping at 1e-3 bounds each level's step to lr * 1e-3 per optimizer step.
+  moved = optax.tree_utils.tree_norm(optax.tree_utils.tree_sub(p_tight.x,
+                                                               params.x))
+  assert float(moved) <= 3 * LR * 1e-3 * 1.0001
+  assert float(moved) > 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nested_and_flax_parameter_trees(name):
+  model = nn.Dense(3)
+  data = jnp.linspace(-1.0, 1.0, 8).reshape(4, 2)
+  x0 = model.init(jax.random.PRNGKey(0), data)
+
+  def g(x, y, batch):
+    feats = model.apply(x, batch)
+    return 0.5 * jnp.mean((feats @ y["head"] - 1.0) ** 2) + 0.05 * jnp.sum(
+        y["head"] ** 2)
+
+  def f(x, y, batch):
+    feats = model.apply(x, batch)
+    return 0.5 * jnp.mean((feats @ y["head"] + 0.5) ** 2) + 0.01 * sum(
+        jnp.sum(v ** 2) for v in jax.tree.leaves(x))
+
+  params = jbl.BilevelParams(x=x0, y={"head": jnp.zeros(3, jnp.float32)})
+  tx = METHOD_CASES[name](f, g, HYPER, optax.adam(1e-2), optax.sgd(0.1))
+  new, state, hist = jbl.run(tx, params, num_steps=5, batch=data)
+  assert jax.tree.structure(new) == jax.tree.structure(params)
+  assert hist["f"].shape == (5,)
+  assert np.all(np.isfinite(hist["f"]))
+  assert not np.allclose(new.y["head"], 0.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_extra_args_are_ignored(name):
+  tx, params = _build(name)
+  base, _ = _steps(tx, params, 2)
+  extra, _ = _steps(tx, params, 2, value_fn=lambda p: 0.0, unknown=3,
+                    something_else="ignored")
+  _assert_trees_close(base, extra, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_identical_results_for_identical_construction(name):
+  # Methods with a PRNG key fix it in their builder: rebuilding from scratch
+  # must reproduce the run bit for bit.
+  tx1, params = _build(name)
+  tx2, _ = _build(name)
+  p1, s1, h1 = jbl.run(tx1, params, num_steps=6)
+  p2, s2, h2 = jbl.run(tx2, params, num_steps=6)
+  _assert_trees_close(p1, p2, rtol=0, atol=0)
+  _assert_trees_close(s1, s2, rtol=0, atol=0)
+  np.testing.assert_array_equal(h1["f"], h2["f"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_is_a_pytree_of_arrays(name):
+  tx, params = _build(name)
+  state = tx.init(params)
+  assert hasattr(state, "_fields")  # a NamedTuple
+  assert "diagnostics" in state._fields
+  for key in jbl.COMMON_DIAGNOSTICS:
+    assert key in state.diagnostics
+  leaves = jax.tree.leaves(state)
+  assert all(isinstance(v, jax.Array) for v in leaves)
+  # Round trip through flatten/unflatten (what jit, vmap and checkpoints do).
+  flat, treedef = jax.tree.flatten(state)
+  again = jax.tree.unflatten(treedef, flat)
+  updates, _ = tx.update(None, again, params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
