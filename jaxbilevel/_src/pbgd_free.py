@@ -117,8 +117,8 @@ def pbgd_free(f: base.Objective,
     >>> state = tx.init(params)
     >>> updates, state = tx.update(None, state, params)
     >>> params = optax.apply_updates(params, updates)
-    >>> params.x
-    Array([0.8, 0.8], dtype=float32)
+    >>> [round(float(v), 6) for v in params.x]
+    [0.8, 0.8]
 
   References:
     L. Jiang, Q. Xiao, L. Chen, T. Chen. *Beyond Value Functions:

@@ -42,8 +42,8 @@ def box(lower=None, upper=None):
     >>> import jax.numpy as jnp
     >>> from jaxbilevel import projections
     >>> proj = projections.box(-8.0, 1.5)
-    >>> proj({"a": jnp.array([-10.0, 0.0, 3.0])})["a"]
-    Array([-8. ,  0. ,  1.5], dtype=float32)
+    >>> proj({"a": jnp.array([-10.0, 0.0, 3.0])})["a"].tolist()
+    [-8.0, 0.0, 1.5]
   """
   if lower is None and upper is None:
     raise BilevelValidationError("box() needs at least one of lower, upper.")
