@@ -6,6 +6,7 @@ A new method gets all of these checks by adding one entry to
 lambda_0, BOME's eta, ALRIGHT's probability, ...).
 """
 
+import functools
 
 import flax.linen as nn
 import jax
@@ -15,6 +16,14 @@ import optax
 import pytest
 
 import jaxbilevel as jbl
+
+
+def _sum_constraint(x, y, batch=None):
+  """c(x, y) = sum(y) - 1 - 0.1 sum(x) <= 0: one coupled constraint."""
+  del batch
+  return jnp.stack([sum(jnp.sum(v) for v in jax.tree.leaves(y)) - 1.0
+                    - 0.1 * sum(jnp.sum(v) for v in jax.tree.leaves(x))])
+
 
 # name -> builder(f, g, hyper, upper_optimizer, lower_optimizer) -> tx
 METHOD_CASES = {
@@ -30,6 +39,45 @@ METHOD_CASES = {
     "v_pbgd": lambda f, g, hyper, uo, lo: jbl.v_pbgd(
         f, g, gamma=hyper, upper_optimizer=uo, lower_optimizer=lo,
         value_steps=2, normalize=True),
+    # --- issue 3 methods ---
+    "aid_cg": lambda f, g, hyper, uo, lo: jbl.aid(
+        f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=3,
+        linear_steps=4, tol=1e-6 / hyper),
+    "aid_neumann": lambda f, g, hyper, uo, lo: jbl.aid(
+        f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=3,
+        solver="neumann", linear_steps=5, neumann_step=2.0 / hyper),
+    "itd": lambda f, g, hyper, uo, lo: jbl.itd(
+        f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=4),
+    "itd_checkpoint_truncated": lambda f, g, hyper, uo, lo: jbl.itd(
+        f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=5,
+        truncate=4, checkpoint=True),
+    "f2sa": lambda f, g, hyper, uo, lo: jbl.f2sa(
+        f, g, lambda0=hyper, upper_optimizer=uo, lower_optimizer=lo,
+        inner_steps=2, lambda_increment=0.5, lambda_max=2.0 * hyper),
+    "bome": lambda f, g, hyper, uo, lo: jbl.bome(
+        f, g, eta=hyper / 8.0, upper_optimizer=uo, lower_optimizer=lo,
+        inner_steps=3),
+    "fo_blo": lambda f, g, hyper, uo, lo: jbl.fo_blo(
+        f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=3,
+        init=lambda x, y: y),
+    "ufo_blo": lambda f, g, hyper, uo, lo: jbl.ufo_blo(
+        f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=3,
+        key=jax.random.PRNGKey(0), probability=1.0 / hyper,
+        init=lambda x, y: y),
+    "ufo_blo_telescope": lambda f, g, hyper, uo, lo: jbl.ufo_blo(
+        f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=3,
+        key=jax.random.PRNGKey(0), estimator="telescope",
+        init=lambda x, y: y),
+    # --- issue 4 methods (a coupled constraint sum(y) <= 1 on the lower level) ---
+    "pbgd_blocc": lambda f, g, hyper, uo, lo: jbl.pbgd_blocc(
+        f, g, _sum_constraint, gamma=hyper, upper_optimizer=uo,
+        lower_optimizer=lo, dual_step_size=0.1, dual_steps=3, primal_steps=2),
+    "pbgd_free_cc": lambda f, g, hyper, uo, lo: jbl.pbgd_free_cc(
+        f, g, _sum_constraint, gamma=hyper, upper_optimizer=uo,
+        lower_optimizer=lo, dual_step_size=0.1, dual_steps=3, primal_steps=2),
+    "alright": lambda f, g, hyper, uo, lo: jbl.alright(
+        f, g, probability=hyper / (1.0 + hyper), upper_optimizer=uo,
+        lower_optimizer=lo, key=jax.random.PRNGKey(1)),
 }
 
 NAMES = sorted(METHOD_CASES)
@@ -78,12 +126,22 @@ def _build(name, hyper=HYPER, lr=LR, dtype=jnp.float64, uo=None, lo=None):
 
 
 def _steps(tx, params, n, update=None, **extra):
+  """``n`` updates, eager unless ``update`` (e.g. ``jax.jit(tx.update)``) is given."""
   update = tx.update if update is None else update
   state = tx.init(params)
   for _ in range(n):
     updates, state = update(None, state, params, **extra)
     params = optax.apply_updates(params, updates)
   return params, state
+
+
+def _compiled_steps(make_tx, params, n):
+  """A jitted ``args -> (params, state)`` running ``n`` steps of ``make_tx(*args)``.
+
+  Hyperparameters passed as ``args`` are traced, so one compilation serves
+  every value.
+  """
+  return jax.jit(lambda *args: _steps(make_tx(*args), params, n))
 
 
 def _assert_trees_close(a, b, rtol=1e-10, atol=1e-12):
@@ -96,8 +154,8 @@ def _assert_trees_close(a, b, rtol=1e-10, atol=1e-12):
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_matches_eager_and_moves(name):
   tx, params = _build(name)
-  eager, _ = _steps(tx, params, 3)
-  jitted, state = _steps(tx, params, 3, update=jax.jit(tx.update))
+  eager, _ = _steps(tx, params, 2)
+  jitted, state = _steps(tx, params, 2, update=jax.jit(tx.update))
   _assert_trees_close(eager, jitted, rtol=1e-9)
   moved = optax.tree_utils.tree_norm(optax.tree_utils.tree_sub(jitted, params))
   assert float(moved) > 1e-4
@@ -125,11 +183,14 @@ def test_vmap_over_hyperparameters_does_not_recompile(name):
   out2, _ = sweep(hypers * 1.5, lrs * 0.5)
   assert len(traces) == 1
   assert sweep._cache_size() == 1  # pylint: disable=protected-access
-  # Each lane equals the corresponding single run.
+  # Each lane equals the corresponding single (unbatched) run.
+  @jax.jit
+  def single_run(hyper, lr):
+    tx = METHOD_CASES[name](f, g, hyper, optax.sgd(lr), optax.sgd(lr))
+    return jbl.scan_run(tx, params, num_steps=4)
+
   for i in range(3):
-    tx = METHOD_CASES[name](f, g, float(hypers[i]), optax.sgd(float(lrs[i])),
-                            optax.sgd(float(lrs[i])))
-    single, _, hist = jbl.scan_run(tx, params, num_steps=4)
+    single, _, hist = single_run(hypers[i], lrs[i])
     _assert_trees_close(jax.tree.map(lambda v, i=i: v[i], out1), single,
                         rtol=1e-9)
     np.testing.assert_allclose(f1[i], hist["f"], rtol=1e-9)
@@ -165,16 +226,18 @@ def test_dtype_is_preserved(name, dtype):
 @pytest.mark.parametrize("name", NAMES)
 def test_composes_with_optax_chain(name):
   f, g, params = nested_problem(jnp.float64)
-  plain = METHOD_CASES[name](f, g, HYPER, optax.sgd(LR), optax.sgd(LR))
-  loose = METHOD_CASES[name](
-      f, g, HYPER, optax.chain(optax.clip_by_global_norm(1e6), optax.sgd(LR)),
-      optax.chain(optax.clip_by_global_norm(1e6), optax.sgd(LR)))
-  tight = METHOD_CASES[name](
-      f, g, HYPER, optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(LR)),
-      optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(LR)))
-  p_plain, _ = _steps(plain, params, 3)
-  p_loose, _ = _steps(loose, params, 3)
-  p_tight, _ = _steps(tight, params, 3)
+  plain = _compiled_steps(
+      lambda: METHOD_CASES[name](f, g, HYPER, optax.sgd(LR), optax.sgd(LR)),
+      params, 3)
+  clipped = _compiled_steps(
+      lambda max_norm: METHOD_CASES[name](
+          f, g, HYPER,
+          optax.chain(optax.clip_by_global_norm(max_norm), optax.sgd(LR)),
+          optax.chain(optax.clip_by_global_norm(max_norm), optax.sgd(LR))),
+      params, 3)
+  p_plain, _ = plain()
+  p_loose, _ = clipped(jnp.asarray(1e6))
+  p_tight, _ = clipped(jnp.asarray(1e-3))
   _assert_trees_close(p_plain, p_loose)
   # Clipping at 1e-3 bounds each level's step to lr * 1e-3 per optimizer step.
   moved = optax.tree_utils.tree_norm(optax.tree_utils.tree_sub(p_tight.x,
@@ -211,9 +274,10 @@ def test_nested_and_flax_parameter_trees(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_extra_args_are_ignored(name):
   tx, params = _build(name)
-  base, _ = _steps(tx, params, 2)
-  extra, _ = _steps(tx, params, 2, value_fn=lambda p: 0.0, unknown=3,
-                    something_else="ignored")
+  base, _ = _steps(tx, params, 2, update=jax.jit(tx.update))
+  with_extra = functools.partial(tx.update, value_fn=lambda p: 0.0, unknown=3,
+                                 something_else="ignored")
+  extra, _ = _steps(tx, params, 2, update=jax.jit(with_extra))
   _assert_trees_close(base, extra, rtol=0, atol=0)
 
 

@@ -135,6 +135,9 @@ def alt_pbgd(f: base.Objective,
         f"{y_gamma_start!r}.")
   value_optimizer = lower_optimizer if value_optimizer is None else (
       value_optimizer)
+  base.check_optimizers(upper_optimizer=upper_optimizer,
+                        lower_optimizer=lower_optimizer,
+                        value_optimizer=value_optimizer)
   proj_x = base.optional_projection(proj_x, "proj_x")
   proj_y = base.optional_projection(proj_y, "proj_y")
   lower_objective = objectives.lower_penalized(f, g, has_aux=True)

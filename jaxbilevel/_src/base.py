@@ -262,6 +262,17 @@ def depends_on(fn: Callable[[PyTree], Array], arg: PyTree) -> bool:
              for v in jaxpr.outvars)
 
 
+def check_optimizers(**optimizers) -> None:
+  """Checks that each keyword argument is an optax gradient transformation."""
+  for name, opt in optimizers.items():
+    if not (callable(getattr(opt, "init", None))
+            and callable(getattr(opt, "update", None))):
+      raise BilevelValidationError(
+          f"{name} must be an optax GradientTransformation (e.g. "
+          f"optax.sgd(0.1), optax.adam(1e-3) or an optax.chain), got "
+          f"{opt!r} of type {type(opt).__name__}.")
+
+
 def optional_projection(proj: Optional[Projection], name: str) -> Projection:
   """Returns ``proj`` or the identity; fails clearly if it is not callable."""
   if proj is None:

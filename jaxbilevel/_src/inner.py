@@ -44,7 +44,17 @@ def projected_step(optimizer: optax.GradientTransformation, grads, opt_state,
   Returns:
     ``(new_params, new_opt_state)``.
   """
-  updates, opt_state = optimizer.update(grads, opt_state, params)
+  try:
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+  except (ValueError, TypeError) as err:
+    if isinstance(err, base.BilevelValidationError):
+      raise
+    raise base.BilevelValidationError(
+        "an optimizer could not update the variables: the structure of state "
+        "does not match params (was the state created by tx.init with "
+        "differently structured params, or restored for another model?). "
+        f"params: {jax.tree.structure(params)}. Original error: {err}"
+    ) from err
   new_params = optax.apply_updates(params, updates)
   if proj is not None:
     new_params = proj(new_params)

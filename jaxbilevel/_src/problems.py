@@ -287,3 +287,269 @@ def quadratic_a8(dtype=jnp.float64) -> BilevelProblem:
            x_star=np.array([-2.4112868747, -1.1457887986]),
            h_star=0.4777682770, lower_lipschitz=2.2071067811865475))
 
+
+
+# --- issue 4: coupled-constraint problems (PROBLEMS.md A4, A5) ---
+
+
+def _blocc_lower(x, y, batch=None):
+  del batch
+  return (y - 2.0 * x) ** 2
+
+
+def blocc_toy(variant: int = 1, dtype=jnp.float32) -> BilevelProblem:
+  r"""``PROBLEMS.md`` §A4: the BLOCC coupled-constraint toys.
+
+  Lower level :math:`g=(y-2x)^2` subject to :math:`c(x,y)=y-x\le0`, upper
+  variable :math:`x\in[0,3]`. For :math:`x\ge0` the constraint is active:
+  :math:`y_g^*=x`, :math:`\mu_g^*=2x`, :math:`v=x^2`,
+  :math:`\phi(x)=f(x,x)`.
+
+  * ``variant=1``: :math:`f=e^{-y+2}/(2+\cos4x)+\tfrac12\ln((4x-2)^2+1)+x^2`;
+    local minimisers of :math:`\phi` 0.30070 (global) and 1.16269.
+  * ``variant=2``: :math:`f=e^{-y+2}/(2+\cos6x)+\tfrac12\ln((4x-2)^2+1)`;
+    local minimisers 0.14889, 0.98622 (global), 2.01973, 2.99077.
+
+  ``info`` holds ``c`` (the constraint ``c(x, y, batch) -> (1,)``), ``box``,
+  ``minimisers``, ``phi_at_minimisers``, ``x_star`` (the global one) and the
+  closed forms ``phi``, ``y_g``, ``mu_g``, ``v``.
+  """
+  if variant not in (1, 2):
+    raise ValueError(f"blocc_toy: variant must be 1 or 2, got {variant!r}.")
+  freq = 4.0 if variant == 1 else 6.0
+  quad = 1.0 if variant == 1 else 0.0
+
+  def f(x, y, batch=None):
+    del batch
+    return (jnp.exp(2.0 - y) / (2.0 + jnp.cos(freq * x))
+            + 0.5 * jnp.log((4.0 * x - 2.0) ** 2 + 1.0) + quad * x ** 2)
+
+  def c(x, y, batch=None):
+    del batch
+    return jnp.atleast_1d(y - x)
+
+  if variant == 1:
+    minimisers, values = (0.30070, 1.16269), (2.6545, 3.5850)
+  else:
+    minimisers = (0.14889, 0.98622, 2.01973, 2.99077)
+    values = (2.9685, 1.72188, 2.15611, 2.44573)
+  info = dict(c=c, box=(0.0, 3.0), minimisers=minimisers,
+              phi_at_minimisers=values,
+              x_star=minimisers[int(np.argmin(values))],
+              phi=lambda x: f(x, x), y_g=lambda x: x, mu_g=lambda x: 2.0 * x,
+              v=lambda x: x ** 2)
+  return BilevelProblem(
+      f, _blocc_lower,
+      BilevelParams(jnp.asarray(0.5, dtype), jnp.asarray(0.5, dtype)), info)
+
+
+def multiplier_identity(dtype=jnp.float32) -> BilevelProblem:
+  r"""``PROBLEMS.md`` §A5: the value-function gradient needs the multiplier term.
+
+  Lower level only: :math:`g=(y-2x)^2` subject to :math:`c=3x-y\le0`. For
+  :math:`x>0` the constraint is active, :math:`y_g^*=3x`,
+  :math:`\mu_g^*=2x`, :math:`v=x^2`; the partial derivative
+  :math:`\nabla_xg(x,y_g^*)=-4x` is wrong and the multiplier term
+  :math:`\mu_g^*\nabla_xc=6x` corrects it to :math:`\nabla v=2x`. For
+  :math:`x\le0`: :math:`y_g^*=2x`, :math:`\mu^*=0`, :math:`v=0`.
+
+  The problem has no upper objective (``f`` is None). ``info`` holds ``c``
+  and the closed forms ``v`` (:math:`\max(x,0)^2`, traceable, so
+  ``jax.grad(info["v"])`` is the exact :math:`\nabla v`), ``y_g``, ``mu_g``.
+  """
+  def c(x, y, batch=None):
+    del batch
+    return jnp.atleast_1d(3.0 * x - y)
+
+  info = dict(c=c, v=lambda x: jnp.maximum(x, 0.0) ** 2,
+              y_g=lambda x: jnp.where(x > 0, 3.0 * x, 2.0 * x),
+              mu_g=lambda x: 2.0 * jnp.maximum(x, 0.0))
+  return BilevelProblem(
+      None, _blocc_lower,
+      BilevelParams(jnp.asarray(1.0, dtype), jnp.asarray(0.0, dtype)), info)
+
+
+# --- issue 3: ridge (A10), MAML counterexample (A9), coreset (A7a) ---
+
+# Ridge-regression hyperparameter instance (PROBLEMS.md §A10).
+_RIDGE_X_TRAIN = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0],
+                           [2.0, 1.0]])
+_RIDGE_Y_TRAIN = np.array([1.0, 2.0, 2.5, -0.5, 3.0])
+_RIDGE_X_VAL = np.array([[1.0, 2.0], [2.0, 0.0], [0.0, 1.0]])
+_RIDGE_Y_VAL = np.array([4.0, 2.0, 1.5])
+
+
+def ridge(dtype=jnp.float64, log_lambda: bool = True) -> BilevelProblem:
+  r"""``PROBLEMS.md`` §A10: ridge-regression hyperparameter selection.
+
+  :math:`g(x,w)=\tfrac1{2n}\|X_{tr}w-y_{tr}\|^2+\tfrac\lambda2\|w\|^2` and
+  :math:`f(x,w)=\tfrac1{2m}\|X_{va}w-y_{va}\|^2`, with :math:`\lambda=e^x`
+  (``log_lambda=True``) or :math:`\lambda=x`. ``f`` does not depend on ``x``:
+  the whole hypergradient is the implicit term.
+
+  ``batch`` may be ``None`` (the built-in 5 + 3 sample instance) or a dict
+  with keys ``X_train``, ``y_train``, ``X_val``, ``y_val`` (e.g. to
+  differentiate with respect to the data).
+
+  ``info`` holds the closed forms ``w(lam)``, ``F(lam)``, ``F_prime(lam)``
+  (:math:`F'(\lambda)=-(X_{va}^\top r/m)^\top A_\lambda^{-1}w(\lambda)`),
+  ``hypergradient(x)`` (in the chosen parametrisation), the data, and the
+  goldens ``F_prime_golden`` (:math:`F'(0.1)=0.4501177634`,
+  :math:`F'(1)=0.7820012019`), ``lam_star`` (0.006841) and ``F_star``.
+  """
+  data = {k: jnp.asarray(v, dtype) for k, v in (
+      ("X_train", _RIDGE_X_TRAIN), ("y_train", _RIDGE_Y_TRAIN),
+      ("X_val", _RIDGE_X_VAL), ("y_val", _RIDGE_Y_VAL))}
+
+  def lam_of(x):
+    return jnp.exp(x) if log_lambda else x
+
+  def g(x, y, batch=None):
+    d = data if batch is None else batch
+    n = d["X_train"].shape[0]
+    return (0.5 * jnp.sum((d["X_train"] @ y - d["y_train"]) ** 2) / n
+            + 0.5 * lam_of(x) * jnp.sum(y ** 2))
+
+  def f(x, y, batch=None):
+    del x
+    d = data if batch is None else batch
+    m = d["X_val"].shape[0]
+    return 0.5 * jnp.sum((d["X_val"] @ y - d["y_val"]) ** 2) / m
+
+  def a_mat(lam):
+    n = _RIDGE_X_TRAIN.shape[0]
+    return _RIDGE_X_TRAIN.T @ _RIDGE_X_TRAIN / n + lam * np.eye(2)
+
+  def w_of(lam):
+    n = _RIDGE_X_TRAIN.shape[0]
+    return np.linalg.solve(a_mat(lam), _RIDGE_X_TRAIN.T @ _RIDGE_Y_TRAIN / n)
+
+  def value(lam):
+    r = _RIDGE_X_VAL @ w_of(lam) - _RIDGE_Y_VAL
+    return 0.5 * float(r @ r) / len(r)
+
+  def f_prime(lam):
+    w = w_of(lam)
+    r = _RIDGE_X_VAL @ w - _RIDGE_Y_VAL
+    return float(-(_RIDGE_X_VAL.T @ r / len(r)) @ np.linalg.solve(a_mat(lam),
+                                                                  w))
+
+  def hypergradient(x):
+    lam = float(np.exp(x)) if log_lambda else float(x)
+    return lam * f_prime(lam) if log_lambda else f_prime(lam)
+
+  x0 = np.log(0.1) if log_lambda else 0.1
+  info = dict(w=w_of, F=value, F_prime=f_prime, hypergradient=hypergradient,
+              data=data, log_lambda=log_lambda,
+              F_prime_golden={0.1: 0.4501177634, 1.0: 0.7820012019},
+              dF_dlog_lambda_golden={0.1: 0.0450117763, 1.0: 0.7820012019},
+              lam_star=0.006841, log_lam_star=-4.98485, F_star=0.01951730)
+  return BilevelProblem(
+      f, g, BilevelParams(jnp.asarray(x0, dtype), jnp.zeros(2, dtype)), info)
+
+
+def maml_counterexample(dtype=jnp.float64) -> BilevelProblem:
+  r"""``PROBLEMS.md`` §A9: two 1-D tasks where first-order MAML (FO-BLO) is wrong.
+
+  Task :math:`\tau\in\{1,2\}`: inner loss
+  :math:`\tfrac12a_\tau(\varphi-c_\tau)^2`, outer loss
+  :math:`\tfrac12(\varphi-d_\tau)^2`, :math:`r=5` gradient steps of size
+  :math:`\alpha=0.2` from :math:`\varphi_0=x`; :math:`a=(1,4)`,
+  :math:`c=(0,2)`, :math:`d=(1,-1)`.
+
+  As a bilevel problem over :class:`BilevelParams`: ``x`` is the scalar
+  initialisation and ``y`` holds one adapted copy per task (shape ``(2,)``),
+  so ``g(x, y) = sum_tau 0.5 a_tau (y_tau - c_tau)^2`` (each coordinate takes
+  its own task's gradient step) and ``f(x, y) = sum_tau w_tau 0.5 (y_tau -
+  d_tau)^2``. ``batch`` is ``None`` (uniform task weights ``w = (1/2, 1/2)``,
+  the exact objective :math:`F`) or an array of two task weights (e.g.
+  ``(1, 0)`` for a one-task stochastic step). The inner problem starts at
+  :math:`y_0=(x,x)`: pass ``info["init"]`` as the ``init`` of
+  :func:`jaxbilevel.fo_blo`.
+
+  ``info`` holds ``alpha``, ``num_inner_steps``, ``init``, the closed forms
+  ``F(x)``, ``F_prime(x)`` (exact meta-gradient) and ``F_prime_first_order(x)``,
+  and the goldens ``x_star`` (3.042816), ``F_star`` (2.250503), ``x_fo``
+  (−6.095610), ``F_fo`` (4.492232).
+  """
+  a = np.array([1.0, 4.0])
+  c = np.array([0.0, 2.0])
+  d = np.array([1.0, -1.0])
+  alpha, r = 0.2, 5
+  s = (1.0 - alpha * a) ** r
+  a_j, c_j, d_j = (jnp.asarray(v, dtype) for v in (a, c, d))
+
+  def weights(batch):
+    return jnp.full((2,), 0.5, dtype) if batch is None else jnp.asarray(
+        batch, dtype)
+
+  def g(x, y, batch=None):
+    del x, batch
+    return 0.5 * jnp.sum(a_j * (y - c_j) ** 2)
+
+  def f(x, y, batch=None):
+    del x
+    return 0.5 * jnp.sum(weights(batch) * (y - d_j) ** 2)
+
+  def init(x, y):
+    del y
+    return jnp.broadcast_to(x, (2,)).astype(dtype)
+
+  def phi_r(x):
+    return c + s * (x - c)
+
+  def value(x):
+    return float(0.25 * np.sum((phi_r(x) - d) ** 2))
+
+  def f_prime(x):
+    return float(0.5 * np.sum(s * (phi_r(x) - d)))
+
+  def f_prime_first_order(x):
+    return float(0.5 * np.sum(phi_r(x) - d))
+
+  info = dict(alpha=alpha, num_inner_steps=r, init=init, contraction=s,
+              F=value, F_prime=f_prime,
+              F_prime_first_order=f_prime_first_order,
+              x_star=3.042816, F_star=2.250503, x_fo=-6.095610,
+              F_fo=4.492232)
+  return BilevelProblem(
+      f, g, BilevelParams(jnp.asarray(0.0, dtype), jnp.zeros(2, dtype)), info)
+
+
+_CORESET_POINTS = np.array([[1.0, 3.0], [3.0, 1.0], [-2.0, 2.0], [-3.0, -2.0]])
+
+
+def coreset(dtype=jnp.float64) -> BilevelProblem:
+  r"""``PROBLEMS.md`` §A7a: the BOME coreset toy.
+
+  The upper variable ``x`` (BOME's ``w``, shape ``(4,)``) weights four points
+  :math:`c_i` through a softmax; the lower variable ``y`` (shape ``(2,)``)
+  fits their weighted mean, :math:`g=\|\sum_i\mathrm{softmax}(x)_ic_i-y\|^2`,
+  and the upper objective pulls it towards :math:`(3,-2)`,
+  :math:`f=0.1\|y-(3,-2)\|^2` (``f`` does not depend on ``x``).
+
+  The infimum is the projection of :math:`(3,-2)` onto the convex hull,
+  :math:`y^*=(1.8,0.4)` with weights :math:`(0,0.8,0,0.2)` and
+  :math:`f^*=0.72`; it is approached only as :math:`x_1,x_3\to-\infty`.
+  ``info`` holds ``y_star``, ``f_star``, ``weights_star``, the official
+  starts ``starts`` and BOME's expected end point ``bome_end_point``
+  ((1.817, 0.385)).
+  """
+  points = jnp.asarray(_CORESET_POINTS, dtype)
+  target = jnp.asarray([3.0, -2.0], dtype)
+
+  def g(x, y, batch=None):
+    del batch
+    return jnp.sum((jax.nn.softmax(x) @ points - y) ** 2)
+
+  def f(x, y, batch=None):
+    del x, batch
+    return 0.1 * jnp.sum((y - target) ** 2)
+
+  info = dict(y_star=np.array([1.8, 0.4]), f_star=0.72,
+              weights_star=np.array([0.0, 0.8, 0.0, 0.2]),
+              starts=np.array([[0.0, 3.0], [-3.0, 1.0], [3.5, -1.0]]),
+              bome_end_point=np.array([1.817, 0.385]))
+  return BilevelProblem(
+      f, g, BilevelParams(jnp.zeros(4, dtype), jnp.asarray([0.0, 3.0], dtype)),
+      info)

@@ -116,6 +116,9 @@ def v_pbgd(f: base.Objective,
   value_steps = base.check_static_int(value_steps, "value_steps")
   value_optimizer = lower_optimizer if value_optimizer is None else (
       value_optimizer)
+  base.check_optimizers(upper_optimizer=upper_optimizer,
+                        lower_optimizer=lower_optimizer,
+                        value_optimizer=value_optimizer)
   proj_x = base.optional_projection(proj_x, "proj_x")
   proj_y = base.optional_projection(proj_y, "proj_y")
   penalty = objectives.value_gap_penalty(f, g, has_aux=True)

@@ -1,0 +1,474 @@
+"""Saving and restoring a whole run with orbax-checkpoint, and resuming it exactly.
+
+A run's state is everything a bilevel method's ``update`` needs (see the
+method's State NamedTuple: step count, one optax state per level and per
+tracker, the trackers themselves) plus the params, the number of steps
+taken, the history so far and, optionally, a PRNG key of the caller's.
+:func:`save` writes all of it as one orbax checkpoint ``<directory>/<step>``
+and :func:`restore` reads it back into the structure of a template, so the
+restored NamedTuples, optax states and dtypes are those of the template.
+
+Saves are atomic: orbax writes into a temporary directory and renames it to
+``<step>`` only when every item is written, and older checkpoints are
+deleted (``max_to_keep``) only after that. A save that is interrupted leaves
+at most a temporary directory, which :func:`latest_step` and
+:func:`restore` ignore, so the last complete checkpoint stays readable.
+
+:func:`resumable_run` is :func:`jaxbilevel.run` with a checkpoint every
+``save_every`` steps; started again with the same directory it continues
+from the latest checkpoint, and the result equals the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+# This module drives jaxbilevel.run's compiled chunks with a global step.
+# pylint: disable=protected-access
+
+import os
+import warnings
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+try:
+  import orbax.checkpoint as ocp
+except ImportError as _err:  # pragma: no cover - depends on the environment
+  raise ImportError(
+      "jaxbilevel.checkpoint needs orbax-checkpoint: pip install "
+      "'jaxbilevel[checkpoint]' (or pip install orbax-checkpoint).") from _err
+
+from jaxbilevel._src import base
+from jaxbilevel._src import run as run_lib
+
+_FORMAT = "jaxbilevel-run-checkpoint"
+_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, incomplete, corrupt or does not fit the template."""
+
+
+class RunCheckpoint(NamedTuple):
+  """A restored run.
+
+  Attributes:
+    params: the :class:`BilevelParams` (structure, dtypes and shardings of the
+      template).
+    state: the method's state (structure of the template).
+    step: the number of outer steps the run had taken when it was saved.
+    history: the history dict of NumPy arrays saved with it, or None
+      (containers inside ``history["record"]`` come back as dicts and
+      lists).
+    key: the PRNG key saved with it (typed if it was saved typed), or None.
+  """
+
+  params: Any
+  state: Any
+  step: int
+  history: Optional[dict]
+  key: Optional[jax.Array]
+
+
+def _directory(directory) -> str:
+  if not isinstance(directory, (str, os.PathLike)):
+    raise base.BilevelValidationError(
+        f"checkpoint directory must be a path (str or os.PathLike), got "
+        f"{type(directory).__name__}.")
+  return os.path.abspath(os.fspath(directory))
+
+
+def _steps(directory: str) -> list:
+  """The steps of the complete checkpoints (temporary directories excluded)."""
+  return sorted(ocp.path.step.checkpoint_steps(directory))
+
+
+def _leaf_signature(tree) -> list:
+  """``[path, shape, dtype]`` of every leaf, to check a template against."""
+  return [[jax.tree_util.keystr(path), list(np.shape(leaf)),
+           str(jnp.result_type(leaf))]
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _split_key(key):
+  """``(key data array, meta)`` for a typed or raw PRNG key."""
+  if key is None:
+    return None, None
+  if not isinstance(key, (jax.Array, np.ndarray)):
+    raise base.BilevelValidationError(
+        f"save: key must be a JAX PRNG key (jax.random.key or "
+        f"jax.random.PRNGKey), got {type(key).__name__}.")
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    data = jax.random.key_data(key)
+    impl = str(jax.random.key_impl(key))
+  else:
+    data, impl = key, None
+  return data, {"impl": impl, "shape": list(np.shape(data)),
+                "dtype": str(jnp.result_type(data))}
+
+
+def latest_step(directory) -> Optional[int]:
+  """The step of the newest complete checkpoint in ``directory``, or None.
+
+  Returns None when the directory does not exist or holds no complete
+  checkpoint (temporary directories of interrupted saves are ignored).
+  """
+  directory = _directory(directory)
+  if not os.path.isdir(directory):
+    return None
+  steps = _steps(directory)
+  return steps[-1] if steps else None
+
+
+def save(directory, params, state, *, step: int,
+         history: Optional[dict] = None, key: Optional[jax.Array] = None,
+         max_to_keep: Optional[int] = None) -> str:
+  """Saves a run as the checkpoint ``<directory>/<step>`` (atomically).
+
+  Args:
+    directory: the run's checkpoint directory (created if needed).
+    params: the current :class:`BilevelParams` (any pytree of arrays).
+    state: the method's state (all optimizer states and trackers).
+    step: the number of outer steps taken; it names the checkpoint and must
+      exceed every step already saved in ``directory``.
+    history: optional history dict (e.g. from :func:`jaxbilevel.run`); it is
+      stored as NumPy arrays.
+    key: optional PRNG key of the caller (typed or raw), e.g. the key that
+      the next steps' batches are drawn from.
+    max_to_keep: keep only this many newest checkpoints (older ones are
+      deleted after the new one is complete); None keeps all.
+
+  Returns:
+    The path of the checkpoint directory.
+
+  Raises:
+    CheckpointError: if ``step`` does not exceed the newest saved step or the
+      write fails.
+  """
+  directory = _directory(directory)
+  step = base.check_static_int(step, "step", minimum=0)
+  if max_to_keep is not None:
+    max_to_keep = base.check_static_int(max_to_keep, "max_to_keep")
+  if history is not None and not isinstance(history, dict):
+    raise base.BilevelValidationError(
+        f"save: history must be a dict of arrays (as returned by "
+        f"jaxbilevel.run) or None, got {type(history).__name__}.")
+  key_data, key_meta = _split_key(key)
+  arrays = {"params": params, "state": state}
+  if key_data is not None:
+    arrays["key"] = key_data
+  meta = {"format": _FORMAT, "version": _VERSION, "step": step,
+          "has_history": history is not None, "key": key_meta,
+          "params": _leaf_signature(params), "state": _leaf_signature(state)}
+  items = {"arrays": ocp.args.StandardSave(arrays),
+           "meta": ocp.args.JsonSave(meta)}
+  if history is not None:
+    items["history"] = ocp.args.PyTreeSave(jax.tree.map(np.asarray, history))
+
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                         enable_async_checkpointing=False)
+  manager = ocp.CheckpointManager(directory, options=options)
+  try:
+    latest = manager.latest_step()
+    if latest is not None and step <= latest:
+      raise CheckpointError(
+          f"cannot save step {step} in {directory}: it already holds a "
+          f"checkpoint for step {latest}, and steps must increase. Use a new "
+          "directory for a new run.")
+    try:
+      saved = manager.save(step, args=ocp.args.Composite(**items))
+      manager.wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"saving step {step} in {directory} failed ({_short(err)}); the "
+          "checkpoints saved before are untouched.") from err
+    if not saved:
+      raise CheckpointError(
+          f"orbax declined to save step {step} in {directory}.")
+  finally:
+    manager.close()
+  return os.path.join(directory, str(step))
+
+
+def _short(err: Exception, limit: int = 400) -> str:
+  text = f"{type(err).__name__}: {err}"
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _abstract(template):
+  """ShapeDtypeStructs with shardings (the default device where none is known)."""
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def leaf(value):
+    sharding = getattr(value, "sharding", None)
+    if not isinstance(sharding, jax.sharding.Sharding):
+      sharding = default
+    return jax.ShapeDtypeStruct(np.shape(value), jnp.result_type(value),
+                                sharding=sharding)
+
+  return jax.tree.map(leaf, template)
+
+
+def _check_template(saved: list, template, what: str, path: str):
+  """Raises a CheckpointError naming the first leaf where they differ."""
+  expected = _leaf_signature(template)
+  if saved == expected:
+    return
+  saved_paths = [s[0] for s in saved]
+  expected_paths = [e[0] for e in expected]
+  if saved_paths != expected_paths:
+    missing = [p for p in saved_paths if p not in expected_paths]
+    extra = [p for p in expected_paths if p not in saved_paths]
+    raise CheckpointError(
+        f"the {what} in {path} do not have the structure of the template: "
+        f"the checkpoint has {len(saved_paths)} leaves, the template "
+        f"{len(expected_paths)}; only in the checkpoint: {missing[:5]}, only "
+        f"in the template: {extra[:5]}. Restore with the same method, "
+        "optimizers and parameter tree that the run was saved with.")
+  for (p, shape, dtype), (_, shape_t, dtype_t) in zip(saved, expected):
+    if (shape, dtype) != (shape_t, dtype_t):
+      raise CheckpointError(
+          f"the {what} in {path} do not fit the template: {what}{p} was "
+          f"saved with shape {tuple(shape)} and dtype {dtype}, the template "
+          f"has shape {tuple(shape_t)} and dtype {dtype_t}.")
+
+
+def restore(directory, params, state, *,
+            step: Optional[int] = None) -> RunCheckpoint:
+  """Restores a run saved by :func:`save` into the structure of a template.
+
+  Args:
+    directory: the run's checkpoint directory.
+    params: template of the params: the initial :class:`BilevelParams` of the
+      run, or ``jax.ShapeDtypeStruct`` leaves. The restored arrays take the
+      template's dtypes and, where it has them, its shardings (so a run
+      saved on one device can be restored sharded, and vice versa).
+    state: template of the state, e.g. ``tx.init(params)`` or
+      ``jax.eval_shape(tx.init, params)``.
+    step: the step to restore (default: the newest complete checkpoint).
+
+  Returns:
+    A :class:`RunCheckpoint` ``(params, state, step, history, key)``.
+
+  Raises:
+    CheckpointError: if there is no such checkpoint, if it is incomplete or
+      corrupt, or if it does not fit the template.
+  """
+  directory = _directory(directory)
+  if not os.path.isdir(directory):
+    raise CheckpointError(
+        f"no checkpoint directory {directory}: nothing was saved there.")
+  steps = _steps(directory)
+  if step is None:
+    if not steps:
+      raise CheckpointError(
+          f"no complete checkpoint in {directory} (it holds "
+          f"{sorted(os.listdir(directory))[:10]}).")
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(
+        f"no checkpoint for step {step} in {directory}; the complete "
+        f"checkpoints are for steps {steps}.")
+  path = os.path.join(directory, str(step))
+  reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    try:
+      meta = reader.restore(path, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+    except Exception as err:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"the checkpoint {path} is corrupt or incomplete: its metadata "
+          f"cannot be read ({_short(err)}).") from err
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+      raise CheckpointError(
+          f"{path} is not a jaxbilevel run checkpoint (its metadata is "
+          f"{str(meta)[:200]}).")
+    if meta.get("version") != _VERSION:
+      raise CheckpointError(
+          f"{path} has checkpoint format version {meta.get('version')}; this "
+          f"jaxbilevel reads version {_VERSION}.")
+    _check_template(meta["params"], params, "params", path)
+    _check_template(meta["state"], state, "state", path)
+    arrays = {"params": params, "state": state}
+    key_meta = meta.get("key")
+    if key_meta is not None:
+      arrays["key"] = np.zeros(key_meta["shape"], key_meta["dtype"])
+    items = {"arrays": ocp.args.StandardRestore(_abstract(arrays))}
+    if meta.get("has_history"):
+      items["history"] = ocp.args.PyTreeRestore()
+    try:
+      restored = reader.restore(path, args=ocp.args.Composite(**items))
+    except Exception as err:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"the checkpoint {path} is corrupt or incomplete: its arrays cannot "
+          f"be read ({_short(err)}).") from err
+  finally:
+    reader.close()
+
+  arrays = restored.arrays
+  key = None
+  if key_meta is not None:
+    key = arrays["key"]
+    if key_meta["impl"] is not None:
+      key = jax.random.wrap_key_data(key, impl=key_meta["impl"])
+  history = None
+  if meta.get("has_history"):
+    history = jax.tree.map(np.asarray, restored.history)
+  return RunCheckpoint(params=arrays["params"], state=arrays["state"],
+                       step=int(meta["step"]), history=history, key=key)
+
+
+def resumable_run(tx: optax.GradientTransformationExtraArgs,
+                  params: base.BilevelParams,
+                  *,
+                  num_steps: int,
+                  directory,
+                  save_every: int,
+                  batch: Any = None,
+                  batches: Any = None,
+                  record: Optional[Callable] = None,
+                  on_nonfinite: str = "stop",
+                  max_to_keep: Optional[int] = 2):
+  """:func:`jaxbilevel.run` with a checkpoint every ``save_every`` steps, resuming from the latest.
+
+  If ``directory`` holds a checkpoint, the run continues from the newest one
+  (params, state, history and the step counter); otherwise it starts from
+  ``params``. Every ``save_every`` steps (and at ``num_steps``) the run is
+  saved with :func:`save`. Stopped at any point (a crash, a pre-empted job,
+  ``Ctrl-C``) and called again with the same arguments, it returns exactly
+  what the uninterrupted call returns: steps are numbered globally, so
+  ``batches`` given as an array is indexed by the global step and a callable
+  ``batches(step)`` receives the global step (e.g. draw batch ``t`` with
+  ``jax.random.fold_in(key, t)``). The global step is the number of executed
+  outer iterations; with ``on_nonfinite="skip"`` it can exceed
+  ``state.count``, which counts accepted steps only.
+
+  To extend a finished run, call again with a larger ``num_steps``. A run that
+  stops on a non-finite step saves nothing after its last finite checkpoint.
+
+  Args:
+    tx: a bilevel transformation.
+    params: initial :class:`BilevelParams` (also the template for restoring).
+    num_steps: total number of outer iterations of the run.
+    directory: the run's checkpoint directory.
+    save_every: steps between checkpoints (each segment is one compiled
+      ``lax.scan``, as a chunk of :func:`jaxbilevel.run`).
+    batch: a batch used at every step.
+    batches: per-step batches indexed by the global step: a pytree with a
+      leading axis of length ``>= num_steps`` or a callable ``step -> batch``.
+    record: optional ``(params, state) -> pytree`` recorded after each step.
+    on_nonfinite: as in :func:`jaxbilevel.run`.
+    max_to_keep: number of newest checkpoints kept (None: all).
+
+  Returns:
+    ``(params, state, history)`` as from :func:`jaxbilevel.run`, for the
+    whole run (``history`` includes the steps before the resume).
+
+  Examples:
+    >>> import tempfile, optax
+    >>> import jaxbilevel as jbl
+    >>> from jaxbilevel import checkpoint
+    >>> prob = jbl.problems.negative_example()
+    >>> tx = jbl.alt_pbgd(prob.f, prob.g, gamma=15.0,
+    ...                   upper_optimizer=optax.adam(0.01),
+    ...                   lower_optimizer=optax.sgd(0.1))
+    >>> p0 = prob.params0
+    >>> ckpt_dir = tempfile.mkdtemp()
+    >>> _ = checkpoint.resumable_run(tx, p0, num_steps=200,
+    ...                             directory=ckpt_dir, save_every=100)
+    >>> checkpoint.latest_step(ckpt_dir)
+    200
+    >>> # Later (or after a crash): continue the same run to 300 steps.
+    >>> params, state, history = checkpoint.resumable_run(
+    ...     tx, p0, num_steps=300, directory=ckpt_dir, save_every=100)
+    >>> history["step"][[0, -1]].tolist(), int(state.count)
+    ([0, 299], 300)
+  """
+  num_steps = base.check_static_int(num_steps, "num_steps")
+  save_every = base.check_static_int(save_every, "save_every")
+  if on_nonfinite not in run_lib._NONFINITE_MODES:
+    raise base.BilevelValidationError(
+        f"resumable_run: on_nonfinite must be one of "
+        f"{run_lib._NONFINITE_MODES}, got {on_nonfinite!r}.")
+  run_lib._check_batches(batch, batches, num_steps)
+  base.check_params(params, "resumable_run")
+  state = tx.init(params)
+  done, parts = 0, []
+  start = latest_step(directory)
+  if start is not None:
+    ckpt = restore(directory, params, state, step=start)
+    if ckpt.step > num_steps:
+      raise CheckpointError(
+          f"resumable_run: the checkpoint in {_directory(directory)} is at "
+          f"step {ckpt.step}, beyond num_steps={num_steps}.")
+    if ckpt.history is None and ckpt.step > 0:
+      raise CheckpointError(
+          f"resumable_run: the checkpoint for step {ckpt.step} in "
+          f"{_directory(directory)} has no history, so the returned history "
+          "could not cover the whole run; resume from checkpoints written by "
+          "resumable_run or by save(..., history=history).")
+    params, state, done = ckpt.params, ckpt.state, ckpt.step
+    if ckpt.history is not None:
+      parts.append(ckpt.history)
+
+  scan_mode = "stop" if on_nonfinite == "raise" else on_nonfinite
+  stopped = jnp.asarray(False)
+  failed = False
+  while done < num_steps:
+    length = min(save_every, num_steps - done)
+    params, state, stopped, hist = run_lib._jit_chunk(
+        tx, params, state, batch,
+        run_lib._slice_batches(batches, done, length),
+        jnp.asarray(done, jnp.int32), length, scan_mode, record, stopped)
+    hist = jax.tree.map(np.asarray, hist)
+    if parts and jax.tree.structure(parts[0]) != jax.tree.structure(hist):
+      parts[0] = _conform_history(parts[0], hist, directory)
+    if scan_mode == "stop" and bool(stopped):
+      parts.append(jax.tree.map(
+          lambda v: v[:int(np.argmin(hist["finite"])) + 1], hist))
+      failed = True
+      break
+    parts.append(hist)
+    done += length
+    save(directory, params, state, step=done,
+         history=jax.tree.map(lambda *v: np.concatenate(v), *parts),
+         max_to_keep=max_to_keep)
+  history = jax.tree.map(lambda *v: np.concatenate(v), *parts)
+  _report_nonfinite(history, on_nonfinite, failed)
+  return params, state, history
+
+
+def _conform_history(saved, new, directory):
+  """Gives the restored history the structure of this run's (tuples, ...).
+
+  Orbax restores containers without a template as dicts and lists, so a
+  ``record`` that returns tuples or NamedTuples comes back as lists.
+  """
+  leaves, treedef = jax.tree.leaves(saved), jax.tree.structure(new)
+  if len(leaves) != treedef.num_leaves:
+    raise CheckpointError(
+        f"resumable_run: the history saved in {_directory(directory)} does "
+        f"not match this run's (keys {sorted(saved)} vs {sorted(new)}); was "
+        "the run saved with another record= function?")
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _report_nonfinite(history, on_nonfinite, failed):
+  """Warns or raises about non-finite steps, as :func:`jaxbilevel.run` does."""
+  if failed:
+    step, what, hint = run_lib._nonfinite_report(
+        history, len(history["step"]) - 1)
+    message = (
+        f"jaxbilevel.checkpoint.resumable_run: non-finite {what} at step "
+        f"{step}{hint}. The run stopped with the iterate after step "
+        f"{step - 1}; the checkpoints hold at most that iterate.")
+    if on_nonfinite == "raise":
+      raise base.NonFiniteError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+  elif on_nonfinite == "skip" and not history["finite"].all():
+    warnings.warn(
+        f"jaxbilevel.checkpoint.resumable_run: skipped "
+        f"{int(np.sum(~history['finite']))} non-finite step(s).",
+        RuntimeWarning, stacklevel=3)

@@ -1,0 +1,394 @@
+"""Checkpointing: full run state round trips, exact resume, clear errors, atomic saves."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxbilevel as jbl
+from jaxbilevel import checkpoint
+from jaxbilevel._src import checkpoint as checkpoint_src
+
+# Reading a corrupt checkpoint makes orbax's background tasks complain after
+# the error has been raised; the error itself is what the tests check.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def _noisy_toy():
+  """The DPO/SFT toy with a small per-step noise term drawn from a PRNG key."""
+  prob = jbl.problems.dpo_sft_toy()
+  key = jax.random.key(0)
+
+  def batches(t):
+    return {"noise": jax.random.normal(jax.random.fold_in(key, t), (),
+                                       jnp.float32)}
+
+  def f(x, y, batch):
+    return prob.f(x, y) + 1e-2 * batch["noise"] * x
+
+  def g(x, y, batch):
+    return prob.g(x, y) + 1e-2 * batch["noise"] * y
+
+  return f, g, prob.params0, batches
+
+
+def _method(f, g):
+  """ALT-PBGD with chained optimizers: clipping, a schedule, momentum, Adam."""
+  upper = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adam(optax.cosine_decay_schedule(0.3, 400)))
+  lower = optax.chain(optax.clip(5.0), optax.sgd(0.5, momentum=0.9))
+  return jbl.alt_pbgd(f, g, gamma=16.0, upper_optimizer=upper,
+                      lower_optimizer=lower, inner_steps=1)
+
+
+def _assert_identical(a, b):
+  """Same structure, same dtypes, bitwise-equal values."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    u, v = np.asarray(u), np.asarray(v)
+    assert u.dtype == v.dtype
+    np.testing.assert_array_equal(u, v)
+
+
+# One method object for the module, so that tests share compiled chunks
+# (jaxbilevel.run and resumable_run compile once per (tx, chunk length)).
+_F, _G, _P0, _BATCHES = _noisy_toy()
+_TX = _method(_F, _G)
+
+
+@pytest.fixture(name="toy")
+def toy_fixture():
+  return _TX, _P0, _BATCHES
+
+
+def test_round_trip_restores_every_part_of_the_run(toy, tmp_path):
+  tx, p0, batches = toy
+  params, state, history = jbl.run(tx, p0, num_steps=20, batches=batches)
+  key = jax.random.split(jax.random.key(3))[1]
+  path = checkpoint.save(tmp_path, params, state, step=20, history=history,
+                         key=key)
+  assert path == os.path.join(str(tmp_path), "20")
+  assert checkpoint.latest_step(tmp_path) == 20
+
+  restored = checkpoint.restore(tmp_path, p0, jax.eval_shape(tx.init, p0))
+  assert isinstance(restored, checkpoint.RunCheckpoint)
+  assert restored.step == 20
+  assert type(restored.state) is jbl.ALTPBGDState  # pylint: disable=unidiomatic-typecheck
+  _assert_identical(restored.params, params)
+  _assert_identical(restored.state, state)  # all optimizer states + trackers
+  _assert_identical(restored.history, history)
+  assert jax.dtypes.issubdtype(restored.key.dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(restored.key),
+                                jax.random.key_data(key))
+  # The restored state continues exactly like the original one.
+  _assert_identical(
+      jbl.run(tx, restored.params, state=restored.state, num_steps=20,
+              batches=batches)[:2],
+      jbl.run(tx, params, state=state, num_steps=20, batches=batches)[:2])
+
+
+def test_raw_key_and_no_history(tmp_path):
+  f = lambda x, y, batch: x ** 2 + 10.0 * y
+  g = lambda x, y, batch: (y - x + 1.0) ** 2
+  tx = jbl.pbgd_free(f, g, gamma=15.0, upper_optimizer=optax.sgd(0.01),
+                     lower_optimizer=optax.sgd(0.01))
+  p0 = jbl.BilevelParams(jnp.asarray(2.0, jnp.float32),
+                         jnp.asarray(3.0, jnp.float32))
+  checkpoint.save(tmp_path, p0, tx.init(p0), step=0,
+                  key=jax.random.PRNGKey(5))
+  restored = checkpoint.restore(tmp_path, p0, tx.init(p0))
+  assert restored.history is None and restored.step == 0
+  np.testing.assert_array_equal(restored.key, jax.random.PRNGKey(5))
+  assert restored.params.x.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("batch_kind", ["callable", "array"])
+def test_resumed_run_equals_uninterrupted_run(toy, tmp_path, batch_kind):
+  tx, p0, batches = toy
+  if batch_kind == "array":
+    batches = jax.vmap(batches)(jnp.arange(300))
+  reference = jbl.run(tx, p0, num_steps=300, batches=batches, chunk_size=50)
+
+  # A run stopped at step 150 and resumed (one compiled chunk of 50 steps).
+  first = checkpoint.resumable_run(tx, p0, num_steps=150, directory=tmp_path,
+                                   save_every=50, batches=batches)
+  assert sorted(os.listdir(tmp_path)) == ["100", "150"]  # max_to_keep=2
+  _assert_identical(first, jbl.run(tx, p0, num_steps=150, batches=batches,
+                                   chunk_size=50))
+  resumed = checkpoint.resumable_run(tx, p0, num_steps=300,
+                                     directory=tmp_path, save_every=50,
+                                     batches=batches)
+  _assert_identical(resumed, reference)
+  assert checkpoint.latest_step(tmp_path) == 300
+  # Calling again once finished returns the saved run without new steps.
+  _assert_identical(
+      checkpoint.resumable_run(tx, p0, num_steps=300, directory=tmp_path,
+                               save_every=50, batches=batches), reference)
+
+
+def test_crash_between_checkpoints_then_resume_is_exact(toy, tmp_path,
+                                                        monkeypatch):
+  tx, p0, batches = toy
+  reference = jbl.run(tx, p0, num_steps=120, batches=batches, chunk_size=20)
+  real_save = checkpoint_src.save
+  calls = []
+
+  def save_then_die(*args, **kwargs):
+    calls.append(kwargs["step"])
+    if len(calls) == 3:  # the job dies at step 60, after saving steps 20, 40
+      raise KeyboardInterrupt
+    return real_save(*args, **kwargs)
+
+  monkeypatch.setattr(checkpoint_src, "save", save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.resumable_run(tx, p0, num_steps=120, directory=tmp_path,
+                             save_every=20, batches=batches)
+  monkeypatch.setattr(checkpoint_src, "save", real_save)
+  assert checkpoint.latest_step(tmp_path) == 40
+  resumed = checkpoint.resumable_run(tx, p0, num_steps=120,
+                                     directory=tmp_path, save_every=20,
+                                     batches=batches)
+  _assert_identical(resumed, reference)
+
+
+def test_documented_manual_resume_with_run_and_sliced_batches(toy, tmp_path):
+  """The pattern of docs/scaling.md with jaxbilevel.run and save/restore."""
+  tx, p0, batches_fn = toy
+  batches = jax.vmap(batches_fn)(jnp.arange(150))
+  params, state, hist = jbl.run(tx, p0, num_steps=100, batches=batches,
+                                chunk_size=50)
+  checkpoint.save(tmp_path, params, state, step=100, history=hist)
+
+  ckpt = checkpoint.restore(tmp_path, p0, tx.init(p0))
+  rest = jax.tree.map(lambda b: b[ckpt.step:], batches)  # run counts from 0
+  params, state, hist = jbl.run(tx, ckpt.params, state=ckpt.state,
+                                num_steps=150 - ckpt.step, batches=rest)
+  ref_params, ref_state, ref_hist = jbl.run(tx, p0, num_steps=150,
+                                            batches=batches, chunk_size=50)
+  _assert_identical((params, state), (ref_params, ref_state))
+  for name in ("f", "g", "upper_grad_norm"):
+    np.testing.assert_array_equal(
+        np.concatenate([ckpt.history[name], hist[name]]), ref_hist[name])
+
+
+# PBGD-Free whose upper objective reads a per-step number from the batch.
+_DATA_TX = jbl.pbgd_free(
+    lambda x, y, batch: jnp.sum(x ** 2) + batch * jnp.sum(y),
+    lambda x, y, batch: jnp.sum((y - x) ** 2), gamma=10.0,
+    upper_optimizer=optax.sgd(0.1), lower_optimizer=optax.sgd(0.2))
+
+
+def test_skip_mode_counts_global_steps(tmp_path):
+  """With skipped steps, batches stay indexed by the executed step."""
+  tx, p0 = _DATA_TX, jbl.BilevelParams(jnp.ones(2), jnp.zeros(2))
+  data = jnp.linspace(0.1, 1.0, 60).at[jnp.array([5, 33])].set(jnp.nan)
+  # A record with a tuple: restored as a list by orbax, given back as a tuple.
+  record = lambda params, state: (params.x[0], state.count)
+  with pytest.warns(RuntimeWarning, match="skipped 2 non-finite"):
+    reference = jbl.run(tx, p0, num_steps=60, batches=data,
+                        on_nonfinite="skip", chunk_size=10, record=record)
+  with pytest.warns(RuntimeWarning, match="skipped"):
+    checkpoint.resumable_run(tx, p0, num_steps=30, directory=tmp_path,
+                             save_every=10, batches=data, on_nonfinite="skip",
+                             record=record)
+  with pytest.warns(RuntimeWarning, match="skipped 2 non-finite"):
+    resumed = checkpoint.resumable_run(tx, p0, num_steps=60,
+                                       directory=tmp_path, save_every=10,
+                                       batches=data, on_nonfinite="skip",
+                                       record=record)
+  _assert_identical(resumed, reference)
+  assert isinstance(resumed[2]["record"], tuple)
+  assert int(resumed[1].count) == 58  # two rejected steps
+  assert resumed[2]["step"][-1] == 59
+
+
+def test_nonfinite_stop_keeps_last_good_checkpoint(tmp_path):
+  tx, p0 = _DATA_TX, jbl.BilevelParams(jnp.ones(2), jnp.zeros(2))
+  data = jnp.ones(40).at[27].set(jnp.inf)
+  with pytest.raises(jbl.NonFiniteError, match=r"non-finite .*at step 27"):
+    checkpoint.resumable_run(tx, p0, num_steps=40, directory=tmp_path,
+                             save_every=10, batches=data,
+                             on_nonfinite="raise")
+  assert checkpoint.latest_step(tmp_path) == 20
+  with pytest.warns(RuntimeWarning, match="at step 27"):
+    params, _, hist = checkpoint.resumable_run(
+        tx, p0, num_steps=40, directory=tmp_path, save_every=10,
+        batches=data)
+  assert hist["step"][-1] == 27 and not hist["finite"][-1]
+  _assert_identical(params, jbl.run(tx, p0, num_steps=27, batches=data)[0])
+
+
+# PBGD-Free with Adam on the negative example (the same in _CRASH_SCRIPT).
+_SMALL_TX = jbl.pbgd_free(lambda x, y, batch: x ** 2 + 10.0 * y,
+                          lambda x, y, batch: (y - x + 1.0) ** 2, gamma=15.0,
+                          upper_optimizer=optax.adam(0.01),
+                          lower_optimizer=optax.sgd(0.01))
+_SMALL_P0 = jbl.BilevelParams(jnp.asarray(2.0, jnp.float32),
+                              jnp.asarray(3.0, jnp.float32))
+
+
+def _saved_run(directory):
+  params, state, hist = jbl.run(_SMALL_TX, _SMALL_P0, num_steps=10)
+  checkpoint.save(directory, params, state, step=5, history=hist)
+  return _SMALL_TX, _SMALL_P0
+
+
+def _garble(path):
+  with open(path, "r+b") as fh:
+    data = fh.read()
+    fh.seek(0)
+    fh.write(bytes(255 - b for b in data))
+
+
+def _garble_all(pattern):
+  def corrupt(step_dir):
+    files = glob.glob(os.path.join(step_dir, pattern), recursive=True)
+    assert files
+    for name in files:
+      _garble(name)
+  return corrupt
+
+
+CORRUPTIONS = [
+    ("metadata garbled", _garble_all("meta/metadata"),
+     "corrupt or incomplete: its metadata cannot be read"),
+    ("metadata emptied", lambda d: open(os.path.join(d, "meta", "metadata"),
+                                        "w").close(),
+     "corrupt or incomplete: its metadata cannot be read"),
+    ("array data garbled", _garble_all("arrays/**/d/*"),
+     "corrupt or incomplete: its arrays cannot be read"),
+    ("array data truncated",
+     lambda d: [open(p, "r+b").truncate(8) for p in glob.glob(
+         os.path.join(d, "arrays", "**", "d", "*"), recursive=True)],
+     "corrupt or incomplete: its arrays cannot be read"),
+    ("arrays removed", lambda d: shutil.rmtree(os.path.join(d, "arrays")),
+     "corrupt or incomplete: its arrays cannot be read"),
+    ("history garbled", _garble_all("history/**/d/*"),
+     "corrupt or incomplete: its arrays cannot be read"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,message", CORRUPTIONS,
+                         ids=[c[0] for c in CORRUPTIONS])
+def test_corrupt_checkpoint_gives_clear_error(tmp_path, name, corrupt,
+                                              message):
+  del name
+  tx, p0 = _saved_run(tmp_path)
+  corrupt(os.path.join(tmp_path, "5"))
+  with pytest.raises(checkpoint.CheckpointError, match=message):
+    checkpoint.restore(tmp_path, p0, tx.init(p0))
+
+
+def test_missing_or_mismatched_checkpoint_errors(tmp_path):
+  tx, p0 = _saved_run(tmp_path / "run")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="no checkpoint directory .*nothing was saved"):
+    checkpoint.restore(tmp_path / "elsewhere", p0, tx.init(p0))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="no complete checkpoint in"):
+    checkpoint.restore(tmp_path / "empty", p0, tx.init(p0))
+  assert checkpoint.latest_step(tmp_path / "empty") is None
+  assert checkpoint.latest_step(tmp_path / "elsewhere") is None
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"no checkpoint for step 9 .*steps \[5\]"):
+    checkpoint.restore(tmp_path / "run", p0, tx.init(p0), step=9)
+  other = jbl.BilevelParams(jnp.zeros(3, jnp.float32), p0.y)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"params.x was saved with shape \(\) .*\(3,\)"):
+    checkpoint.restore(tmp_path / "run", other, tx.init(p0))
+  sgd_tx = jbl.pbgd_free(lambda x, y, b: x ** 2 + y,
+                         lambda x, y, b: (y - x) ** 2, gamma=1.0,
+                         upper_optimizer=optax.sgd(0.1),
+                         lower_optimizer=optax.sgd(0.1))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"structure of the template.*upper_state\[0\]\.mu"):
+    checkpoint.restore(tmp_path / "run", p0, sgd_tx.init(p0))
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="already holds a checkpoint for step 5"):
+    checkpoint.save(tmp_path / "run", p0, tx.init(p0), step=5)
+  with pytest.raises(checkpoint.CheckpointError, match="beyond num_steps=3"):
+    checkpoint.resumable_run(tx, p0, num_steps=3, directory=tmp_path / "run",
+                             save_every=1)
+  checkpoint.save(tmp_path / "bare", p0, tx.init(p0), step=4)
+  with pytest.raises(checkpoint.CheckpointError, match="has no history"):
+    checkpoint.resumable_run(tx, p0, num_steps=8, directory=tmp_path / "bare",
+                             save_every=4)
+
+
+_CRASH_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import jax, jax.numpy as jnp, optax
+    jax.config.update("jax_enable_x64", True)  # as in tests/conftest.py
+    import jaxbilevel as jbl
+    from jaxbilevel import checkpoint
+    from orbax.checkpoint._src.path import async_path
+
+    f = lambda x, y, batch: x ** 2 + 10.0 * y
+    g = lambda x, y, batch: (y - x + 1.0) ** 2
+    tx = jbl.pbgd_free(f, g, gamma=15.0, upper_optimizer=optax.adam(0.01),
+                       lower_optimizer=optax.sgd(0.01))
+    p0 = jbl.BilevelParams(jnp.float32(2.0), jnp.float32(3.0))
+    params, state, hist = jbl.run(tx, p0, num_steps=10)
+    checkpoint.save(sys.argv[1], params, state, step=10, history=hist,
+                    max_to_keep=1)
+    real_rename = async_path.rename
+
+    async def die_at_commit(src, dst):
+      if os.path.basename(str(dst)) == "20":  # the final rename of step 20
+        os._exit(17)                         # the process is killed here
+      return await real_rename(src, dst)
+
+    async_path.rename = die_at_commit
+    params, state, hist = jbl.run(tx, params, state=state, num_steps=10)
+    checkpoint.save(sys.argv[1], params, state, step=20, history=hist,
+                    max_to_keep=1)
+""")
+
+
+def test_killed_save_keeps_last_good_checkpoint(tmp_path):
+  """A process killed while writing step 20 leaves step 10 intact (max_to_keep=1)."""
+  directory = str(tmp_path / "run")
+  proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, directory],
+                        capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert proc.returncode == 17, proc.stderr[-2000:]
+  assert sorted(os.listdir(directory)) == ["10", "20.orbax-checkpoint-tmp"]
+  assert checkpoint.latest_step(directory) == 10
+
+  tx, p0 = _SMALL_TX, _SMALL_P0
+  restored = checkpoint.restore(directory, p0, tx.init(p0))
+  expected = jbl.run(tx, p0, num_steps=10)
+  assert restored.step == 10
+  _assert_identical((restored.params, restored.state),
+                    (expected[0], expected[1]))
+  # The run goes on: the next save replaces the debris of the killed one.
+  final = checkpoint.resumable_run(tx, p0, num_steps=20, directory=directory,
+                                   save_every=10, max_to_keep=1)
+  assert sorted(os.listdir(directory)) == ["20"]
+  _assert_identical(final, jbl.run(tx, p0, num_steps=20, chunk_size=10))
+
+
+def test_failed_save_in_process_keeps_previous(tmp_path, monkeypatch):
+  tx, p0 = _saved_run(tmp_path)
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+
+  async def broken(src, dst):
+    raise OSError(f"disk full while renaming {src} -> {dst}")
+
+  monkeypatch.setattr(async_path, "rename", broken)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="saving step 6 .* failed .*disk full.*untouched"):
+    checkpoint.save(tmp_path, p0, tx.init(p0), step=6, max_to_keep=1)
+  monkeypatch.undo()
+  assert checkpoint.latest_step(tmp_path) == 5
+  assert checkpoint.restore(tmp_path, p0, tx.init(p0)).step == 5
