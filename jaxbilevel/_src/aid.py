@@ -125,20 +125,14 @@ def aid(f: base.Objective,
   proj_y = base.optional_projection(proj_y, "proj_y")
 
   def init_fn(params):
-    params = base.check_params(params, "aid")
     return AIDState(
-        count=jnp.zeros([], jnp.int32),
-        upper_state=upper_optimizer.init(params.x),
-        lower_state=lower_optimizer.init(params.y),
-        diagnostics=base.empty_diagnostics(DIAGNOSTICS,
-                                           base.params_dtype(params)))
+        **base.init_state_fields(params, "aid", DIAGNOSTICS, upper_optimizer,
+                                 lower_optimizer))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params = base.check_params(params, "aid")
-    base.check_updates_structure(updates, params, "aid")
+    params, dtype = base.begin_update(updates, params, "aid")
     x, y = params
-    dtype = base.params_dtype(params)
     tol_t = base.resolve_hyperparameter(tol, state.count, dtype,
                                         allow_zero=True)
     step_t = None if solver == "cg" else base.resolve_hyperparameter(

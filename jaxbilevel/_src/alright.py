@@ -134,21 +134,15 @@ def alright(f: base.Objective,
   grad_g = jax.grad(g, argnums=(0, 1))
 
   def init_fn(params):
-    params = base.check_params(params, "alright")
     return ALRIGHTState(
-        count=jnp.zeros([], jnp.int32),
-        upper_state=upper_optimizer.init(params.x),
-        lower_state=lower_optimizer.init(params.y),
-        key=key,
-        diagnostics=base.empty_diagnostics(DIAGNOSTICS,
-                                           base.params_dtype(params)))
+        **base.init_state_fields(params, "alright", DIAGNOSTICS,
+                                 upper_optimizer, lower_optimizer),
+        key=key)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params = base.check_params(params, "alright")
-    base.check_updates_structure(updates, params, "alright")
+    params, dtype = base.begin_update(updates, params, "alright")
     x, y = params
-    dtype = base.params_dtype(params)
     lam = base.resolve_hyperparameter(probability, state.count, dtype,
                                       allow_zero=True)
     lam = jnp.where(lam <= 1, lam, jnp.nan)

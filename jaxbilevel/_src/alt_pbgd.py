@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
@@ -144,24 +143,17 @@ def alt_pbgd(f: base.Objective,
   penalty = objectives.value_gap_penalty(f, g, has_aux=True)
 
   def init_fn(params):
-    params = base.check_params(params, "alt_pbgd")
     return ALTPBGDState(
-        count=jnp.zeros([], jnp.int32),
-        upper_state=upper_optimizer.init(params.x),
-        lower_state=lower_optimizer.init(params.y),
+        **base.init_state_fields(params, "alt_pbgd", DIAGNOSTICS,
+                                 upper_optimizer, lower_optimizer),
         value_state=value_optimizer.init(params.y),
-        y_g=params.y,
-        diagnostics=base.empty_diagnostics(DIAGNOSTICS,
-                                           base.params_dtype(params)))
+        y_g=params.y)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params = base.check_params(params, "alt_pbgd")
-    base.check_updates_structure(updates, params, "alt_pbgd")
-    base.check_same_structure(state.y_g, params.y, "state.y_g", "params.y",
-                              "alt_pbgd")
+    params, dtype = base.begin_update(updates, params, "alt_pbgd",
+                                      y_g=state.y_g)
     x, y = params
-    dtype = base.params_dtype(params)
     gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype)
 
     # K_g steps of the value tracker y_g on g.

@@ -289,6 +289,39 @@ def optional_projection(proj: Optional[Projection], name: str) -> Projection:
 # ---------------------------------------------------------------------------
 
 
+def init_state_fields(params, method: str, diagnostics_keys, upper_optimizer,
+                      lower_optimizer=None) -> dict:
+  """Checks ``params`` and returns the fields every method's state starts with.
+
+  ``count`` (0), ``upper_state`` (and ``lower_state`` when a lower optimizer
+  is given) initialised on ``params``, and zero ``diagnostics`` with the keys
+  the method's update writes. Use as ``State(**init_state_fields(...),
+  other_field=...)``.
+  """
+  params = check_params(params, method)
+  fields = dict(count=jnp.zeros([], jnp.int32),
+                upper_state=upper_optimizer.init(params.x))
+  if lower_optimizer is not None:
+    fields["lower_state"] = lower_optimizer.init(params.y)
+  fields["diagnostics"] = empty_diagnostics(diagnostics_keys,
+                                            params_dtype(params))
+  return fields
+
+
+def begin_update(updates, params, method: str, **trackers):
+  """The checks every ``update`` starts with; returns ``(params, dtype)``.
+
+  Validates ``params`` and the incoming ``updates`` and checks that each
+  lower-level tracker kept in the state (given as ``name=tree``) has the
+  structure of ``params.y``.
+  """
+  params = check_params(params, method)
+  check_updates_structure(updates, params, method)
+  for name, tree in trackers.items():
+    check_same_structure(tree, params.y, f"state.{name}", "params.y", method)
+  return params, params_dtype(params)
+
+
 def level_updates(params: BilevelParams, x_new, y_new) -> BilevelParams:
   """The updates that ``optax.apply_updates`` turns ``params`` into the new ones."""
   sub = optax.tree_utils.tree_sub

@@ -163,24 +163,17 @@ def bome(f: base.Objective,
   penalty_grad = jax.grad(penalty, argnums=(0, 1), has_aux=True)
 
   def init_fn(params):
-    params = base.check_params(params, "bome")
     return BOMEState(
-        count=jnp.zeros([], jnp.int32),
-        upper_state=upper_optimizer.init(params.x),
-        lower_state=lower_optimizer.init(params.y),
+        **base.init_state_fields(params, "bome", DIAGNOSTICS, upper_optimizer,
+                                 lower_optimizer),
         value_state=value_optimizer.init(params.y),
-        y_hat=params.y,
-        diagnostics=base.empty_diagnostics(DIAGNOSTICS,
-                                           base.params_dtype(params)))
+        y_hat=params.y)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params = base.check_params(params, "bome")
-    base.check_updates_structure(updates, params, "bome")
-    base.check_same_structure(state.y_hat, params.y, "state.y_hat",
-                              "params.y", "bome")
+    params, dtype = base.begin_update(updates, params, "bome",
+                                      y_hat=state.y_hat)
     x, y = params
-    dtype = base.params_dtype(params)
     eta_t = base.resolve_hyperparameter(eta, state.count, dtype)
     eps_t = base.resolve_hyperparameter(eps, state.count, dtype,
                                         allow_zero=True)

@@ -165,26 +165,19 @@ def f2sa(f: base.Objective,
   lagrangian = objectives.value_gap_penalty(f, g, has_aux=True)
 
   def init_fn(params):
-    params = base.check_params(params, "f2sa")
-    dtype = base.params_dtype(params)
+    fields = base.init_state_fields(params, "f2sa", DIAGNOSTICS,
+                                    upper_optimizer, lower_optimizer)
     return F2SAState(
-        count=jnp.zeros([], jnp.int32),
-        upper_state=upper_optimizer.init(params.x),
-        lower_state=lower_optimizer.init(params.y),
+        **fields,
         value_state=value_optimizer.init(params.y),
         z=params.y,
         lagrange_multiplier=base.resolve_hyperparameter(
-            lambda0, jnp.zeros([], jnp.int32), dtype),
-        diagnostics=base.empty_diagnostics(DIAGNOSTICS, dtype))
+            lambda0, fields["count"], base.params_dtype(params)))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params = base.check_params(params, "f2sa")
-    base.check_updates_structure(updates, params, "f2sa")
-    base.check_same_structure(state.z, params.y, "state.z", "params.y",
-                              "f2sa")
+    params, dtype = base.begin_update(updates, params, "f2sa", z=state.z)
     x, y = params
-    dtype = base.params_dtype(params)
     lam = jnp.asarray(state.lagrange_multiplier, dtype)
 
     # T steps of z on g (tracks y*(x_k)).

@@ -98,22 +98,16 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
   keys = DIAGNOSTICS if correction is None else UFO_DIAGNOSTICS
 
   def init_fn(params):
-    params = base.check_params(params, method)
-    fields = dict(count=jnp.zeros([], jnp.int32),
-                  upper_state=upper_optimizer.init(params.x),
-                  diagnostics=base.empty_diagnostics(
-                      keys, base.params_dtype(params)))
+    fields = base.init_state_fields(params, method, keys, upper_optimizer)
     if correction is None:
       return FOBLOState(**fields)
     return UFOBLOState(key=key, **fields)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params = base.check_params(params, method)
-    base.check_updates_structure(updates, params, method)
+    params, dtype = base.begin_update(updates, params, method)
     x, y = params
     start = _check_init(init, params, method)
-    dtype = base.params_dtype(params)
 
     # FO-BLO: r inner steps recorded by nothing, d y_r / d y0 := I.
     (f_t, y_r), direction = meta_gradient(x, y, batch, start, 0, "identity")

@@ -132,23 +132,16 @@ def itd(f: base.Objective,
   proj_y = base.optional_projection(proj_y, "proj_y")
 
   def init_fn(params):
-    params = base.check_params(params, "itd")
     return ITDState(
-        count=jnp.zeros([], jnp.int32),
-        upper_state=upper_optimizer.init(params.x),
-        lower_state=lower_optimizer.init(params.y),
-        y_init=params.y,
-        diagnostics=base.empty_diagnostics(DIAGNOSTICS,
-                                           base.params_dtype(params)))
+        **base.init_state_fields(params, "itd", DIAGNOSTICS, upper_optimizer,
+                                 lower_optimizer),
+        y_init=params.y)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params = base.check_params(params, "itd")
-    base.check_updates_structure(updates, params, "itd")
-    base.check_same_structure(state.y_init, params.y, "state.y_init",
-                              "params.y", "itd")
+    params, dtype = base.begin_update(updates, params, "itd",
+                                      y_init=state.y_init)
     x, y = params
-    dtype = base.params_dtype(params)
     if warm_start:
       y0, lower_state0 = y, state.lower_state
     else:

@@ -104,11 +104,6 @@ def _saddle_diagnostics(dtype, trace, direction, gamma, **extra):
       constraint_violation=trace.violation[-1], **extra)
 
 
-def _check_dtype(params, method):
-  params = base.check_params(params, method)
-  return params, base.params_dtype(params)
-
-
 def pbgd_blocc(f: base.Objective,
                g: base.Objective,
                c: constrained.Constraint,
@@ -240,23 +235,18 @@ def pbgd_blocc(f: base.Objective,
   penalty = constrained.coupled_value_gap_penalty(f, g, c, has_aux=True)
 
   def init_fn(params):
-    params, dtype = _check_dtype(params, "pbgd_blocc")
+    fields = base.init_state_fields(params, "pbgd_blocc", BLOCC_DIAGNOSTICS,
+                                    upper_optimizer, settings.optimizer)
     mu = constrained.init_multipliers(c, params, num_constraints,
                                       "pbgd_blocc")
     return PBGDBLOCCState(
-        count=jnp.zeros([], jnp.int32),
-        upper_state=upper_optimizer.init(params.x),
-        lower_state=settings.optimizer.init(params.y),
-        value_state=value_settings.optimizer.init(params.y),
-        y_g=params.y, mu_g=mu, mu_F=mu,
-        diagnostics=base.empty_diagnostics(BLOCC_DIAGNOSTICS, dtype))
+        **fields, value_state=value_settings.optimizer.init(params.y),
+        y_g=params.y, mu_g=mu, mu_F=mu)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params, dtype = _check_dtype(params, "pbgd_blocc")
-    base.check_updates_structure(updates, params, "pbgd_blocc")
-    base.check_same_structure(state.y_g, params.y, "state.y_g", "params.y",
-                              "pbgd_blocc")
+    params, dtype = base.begin_update(updates, params, "pbgd_blocc",
+                                      y_g=state.y_g)
     x, y = params
     gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype)
 
@@ -413,19 +403,15 @@ def pbgd_free_cc(f: base.Objective,
     return value
 
   def init_fn(params):
-    params, dtype = _check_dtype(params, "pbgd_free_cc")
     return PBGDFreeCCState(
-        count=jnp.zeros([], jnp.int32),
-        upper_state=upper_optimizer.init(params.x),
-        lower_state=settings.optimizer.init(params.y),
+        **base.init_state_fields(params, "pbgd_free_cc", FREE_CC_DIAGNOSTICS,
+                                 upper_optimizer, settings.optimizer),
         mu_F=constrained.init_multipliers(c, params, num_constraints,
-                                          "pbgd_free_cc"),
-        diagnostics=base.empty_diagnostics(FREE_CC_DIAGNOSTICS, dtype))
+                                          "pbgd_free_cc"))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params, dtype = _check_dtype(params, "pbgd_free_cc")
-    base.check_updates_structure(updates, params, "pbgd_free_cc")
+    params, dtype = base.begin_update(updates, params, "pbgd_free_cc")
     x, y = params
     gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype)
     if not base.depends_on(

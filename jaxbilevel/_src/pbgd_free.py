@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
@@ -136,21 +135,15 @@ def pbgd_free(f: base.Objective,
   lower_objective = objectives.lower_penalized(f, g, has_aux=True)
 
   def init_fn(params):
-    params = base.check_params(params, "pbgd_free")
     return PBGDFreeState(
-        count=jnp.zeros([], jnp.int32),
-        upper_state=upper_optimizer.init(params.x),
-        lower_state=lower_optimizer.init(params.y),
-        diagnostics=base.empty_diagnostics(DIAGNOSTICS,
-                                           base.params_dtype(params)))
+        **base.init_state_fields(params, "pbgd_free", DIAGNOSTICS,
+                                 upper_optimizer, lower_optimizer))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params = base.check_params(params, "pbgd_free")
-    base.check_updates_structure(updates, params, "pbgd_free")
+    params, dtype = base.begin_update(updates, params, "pbgd_free")
     x, y = params
     check_upper_depends_on_x(f, x, y, batch, "pbgd_free")
-    dtype = base.params_dtype(params)
     gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype)
 
     # K lower steps on f / gamma + g, warm-started from the previous y.

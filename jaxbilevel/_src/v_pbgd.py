@@ -124,24 +124,17 @@ def v_pbgd(f: base.Objective,
   penalty = objectives.value_gap_penalty(f, g, has_aux=True)
 
   def init_fn(params):
-    params = base.check_params(params, "v_pbgd")
     return VPBGDState(
-        count=jnp.zeros([], jnp.int32),
-        upper_state=upper_optimizer.init(params.x),
-        lower_state=lower_optimizer.init(params.y),
+        **base.init_state_fields(params, "v_pbgd", DIAGNOSTICS, upper_optimizer,
+                                 lower_optimizer),
         value_state=value_optimizer.init(params.y),
-        omega=params.y,
-        diagnostics=base.empty_diagnostics(DIAGNOSTICS,
-                                           base.params_dtype(params)))
+        omega=params.y)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params = base.check_params(params, "v_pbgd")
-    base.check_updates_structure(updates, params, "v_pbgd")
-    base.check_same_structure(state.omega, params.y, "state.omega",
-                              "params.y", "v_pbgd")
+    params, dtype = base.begin_update(updates, params, "v_pbgd",
+                                      omega=state.omega)
     x, y = params
-    dtype = base.params_dtype(params)
     gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
                                           allow_zero=True)
 
