@@ -62,6 +62,10 @@ from jaxbilevel._src.fo_blo import UFOBLOState
 from jaxbilevel._src.itd import itd
 from jaxbilevel._src.itd import ITDState
 
+# --- issue 5 exports ---
+from jaxbilevel import applications
+from jaxbilevel import lora
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -110,6 +114,9 @@ __all__ = (
     "hypergradient",
     "itd",
     "ufo_blo",
+    # --- issue 5 exports ---
+    "applications",
+    "lora",
     # --- issue 6 exports ---
     "flax_utils",
     "product_grid",

@@ -35,7 +35,7 @@ def notebook_source(path: pathlib.Path) -> str:
 
 def test_notebooks_exist_with_badge_and_install_cell():
   names = {p.name for p in NOTEBOOKS}
-  assert {"quickstart.ipynb", "sweep.ipynb"} <= names
+  assert {"quickstart.ipynb", "sweep.ipynb", "fine_tuning.ipynb"} <= names
   for path in NOTEBOOKS:
     nb = json.loads(path.read_text())
     first = "".join(nb["cells"][0]["source"])
