@@ -119,10 +119,8 @@ def aid(f: base.Objective,
   linear_steps = base.check_static_int(linear_steps, "linear_steps")
   tol = base.check_hyperparameter(tol, "tol", allow_zero=True)
   hypergradient.check_solver(solver, linear_steps, neumann_step, "aid")
-  base.check_optimizers(upper_optimizer=upper_optimizer,
-                        lower_optimizer=lower_optimizer)
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
+  _, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, None, proj_x, proj_y)
 
   def init_fn(params):
     return AIDState(

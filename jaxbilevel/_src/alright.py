@@ -126,10 +126,8 @@ def alright(f: base.Objective,
   if key is None:
     raise base.BilevelValidationError(
         "alright: key must be a jax.random key (e.g. jax.random.PRNGKey(0)).")
-  base.check_optimizers(upper_optimizer=upper_optimizer,
-                        lower_optimizer=lower_optimizer)
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
+  _, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, None, proj_x, proj_y)
   grad_f = jax.grad(f, argnums=(0, 1))
   grad_g = jax.grad(g, argnums=(0, 1))
 

@@ -132,13 +132,8 @@ def alt_pbgd(f: base.Objective,
     raise base.BilevelValidationError(
         f"alt_pbgd: y_gamma_start must be one of {_Y_GAMMA_STARTS}, got "
         f"{y_gamma_start!r}.")
-  value_optimizer = lower_optimizer if value_optimizer is None else (
-      value_optimizer)
-  base.check_optimizers(upper_optimizer=upper_optimizer,
-                        lower_optimizer=lower_optimizer,
-                        value_optimizer=value_optimizer)
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
+  value_optimizer, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
   lower_objective = objectives.lower_penalized(f, g, has_aux=True)
   penalty = objectives.value_gap_penalty(f, g, has_aux=True)
 

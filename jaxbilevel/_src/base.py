@@ -273,6 +273,23 @@ def check_optimizers(**optimizers) -> None:
           f"{opt!r} of type {type(opt).__name__}.")
 
 
+def level_arguments(upper_optimizer, lower_optimizer, value_optimizer, proj_x,
+                    proj_y):
+  """Validates the per-level arguments every method takes.
+
+  Returns ``(value_optimizer, proj_x, proj_y)``: the value tracker's
+  optimizer defaults to ``lower_optimizer`` (with its own state), and missing
+  projections become the identity.
+  """
+  value_optimizer = lower_optimizer if value_optimizer is None else (
+      value_optimizer)
+  check_optimizers(upper_optimizer=upper_optimizer,
+                   lower_optimizer=lower_optimizer,
+                   value_optimizer=value_optimizer)
+  return (value_optimizer, optional_projection(proj_x, "proj_x"),
+          optional_projection(proj_y, "proj_y"))
+
+
 def optional_projection(proj: Optional[Projection], name: str) -> Projection:
   """Returns ``proj`` or the identity; fails clearly if it is not callable."""
   if proj is None:

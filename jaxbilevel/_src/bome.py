@@ -152,13 +152,8 @@ def bome(f: base.Objective,
     raise base.BilevelValidationError(
         f"bome: inner_start must be one of {_INNER_STARTS}, got "
         f"{inner_start!r}.")
-  value_optimizer = lower_optimizer if value_optimizer is None else (
-      value_optimizer)
-  base.check_optimizers(upper_optimizer=upper_optimizer,
-                        lower_optimizer=lower_optimizer,
-                        value_optimizer=value_optimizer)
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
+  value_optimizer, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
   penalty = objectives.value_gap_penalty(f, g, has_aux=True)
   penalty_grad = jax.grad(penalty, argnums=(0, 1), has_aux=True)
 

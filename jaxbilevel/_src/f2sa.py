@@ -155,13 +155,8 @@ def f2sa(f: base.Objective,
   if lambda_max is not None:
     lambda_max = base.check_hyperparameter(lambda_max, "lambda_max")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
-  value_optimizer = lower_optimizer if value_optimizer is None else (
-      value_optimizer)
-  base.check_optimizers(upper_optimizer=upper_optimizer,
-                        lower_optimizer=lower_optimizer,
-                        value_optimizer=value_optimizer)
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
+  value_optimizer, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
   lagrangian = objectives.value_gap_penalty(f, g, has_aux=True)
 
   def init_fn(params):

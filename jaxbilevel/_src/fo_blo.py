@@ -89,10 +89,8 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
     raise base.BilevelValidationError(
         f"{method}: init must be a callable (x, y) -> y0, got "
         f"{type(init).__name__}.")
-  base.check_optimizers(upper_optimizer=upper_optimizer,
-                        lower_optimizer=lower_optimizer)
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
+  _, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, None, proj_x, proj_y)
   meta_gradient = _meta_gradient_fn(f, g, lower_optimizer, inner_steps,
                                     proj_y)
   keys = DIAGNOSTICS if correction is None else UFO_DIAGNOSTICS

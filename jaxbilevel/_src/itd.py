@@ -126,10 +126,8 @@ def itd(f: base.Objective,
     if truncate > inner_steps:
       raise base.BilevelValidationError(
           f"itd: truncate={truncate} exceeds inner_steps={inner_steps}.")
-  base.check_optimizers(upper_optimizer=upper_optimizer,
-                        lower_optimizer=lower_optimizer)
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
+  _, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, None, proj_x, proj_y)
 
   def init_fn(params):
     return ITDState(

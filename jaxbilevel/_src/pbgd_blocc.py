@@ -215,21 +215,17 @@ def pbgd_blocc(f: base.Objective,
   g = base.scalar_objective(g, "g")
   c = constrained.check_constraint(c)
   gamma = base.check_hyperparameter(gamma, "gamma")
+  value_optimizer, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
   settings = constrained.SaddleSettings.create(
       lower_optimizer, dual_step_size, dual_steps, primal_steps,
       multiplier_floor)
   value_settings = constrained.SaddleSettings.create(
-      lower_optimizer if value_optimizer is None else value_optimizer,
+      value_optimizer,
       dual_step_size if value_dual_step_size is None else value_dual_step_size,
       dual_steps if value_dual_steps is None else value_dual_steps,
       primal_steps if value_primal_steps is None else value_primal_steps,
       multiplier_floor, prefix="value_")
-  base.check_optimizers(
-      upper_optimizer=upper_optimizer, lower_optimizer=lower_optimizer,
-      value_optimizer=(lower_optimizer if value_optimizer is None else
-                       value_optimizer))
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
   saddle = _PenalizedSaddle(
       objectives.lower_penalized(f, g, has_aux=True), c, settings, proj_y)
   penalty = constrained.coupled_value_gap_penalty(f, g, c, has_aux=True)
@@ -387,10 +383,8 @@ def pbgd_free_cc(f: base.Objective,
   settings = constrained.SaddleSettings.create(
       lower_optimizer, dual_step_size, dual_steps, primal_steps,
       multiplier_floor)
-  base.check_optimizers(upper_optimizer=upper_optimizer,
-                        lower_optimizer=lower_optimizer)
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
+  _, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, None, proj_x, proj_y)
   saddle = _PenalizedSaddle(
       objectives.lower_penalized(f, g, has_aux=True), c, settings, proj_y)
 

@@ -128,10 +128,8 @@ def pbgd_free(f: base.Objective,
   g = base.scalar_objective(g, "g")
   gamma = base.check_hyperparameter(gamma, "gamma")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
-  base.check_optimizers(upper_optimizer=upper_optimizer,
-                        lower_optimizer=lower_optimizer)
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
+  _, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, None, proj_x, proj_y)
   lower_objective = objectives.lower_penalized(f, g, has_aux=True)
 
   def init_fn(params):

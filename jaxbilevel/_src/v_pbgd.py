@@ -114,13 +114,8 @@ def v_pbgd(f: base.Objective,
   g = base.scalar_objective(g, "g")
   gamma = base.check_hyperparameter(gamma, "gamma", allow_zero=True)
   value_steps = base.check_static_int(value_steps, "value_steps")
-  value_optimizer = lower_optimizer if value_optimizer is None else (
-      value_optimizer)
-  base.check_optimizers(upper_optimizer=upper_optimizer,
-                        lower_optimizer=lower_optimizer,
-                        value_optimizer=value_optimizer)
-  proj_x = base.optional_projection(proj_x, "proj_x")
-  proj_y = base.optional_projection(proj_y, "proj_y")
+  value_optimizer, proj_x, proj_y = base.level_arguments(
+      upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
   penalty = objectives.value_gap_penalty(f, g, has_aux=True)
 
   def init_fn(params):
