@@ -157,6 +157,50 @@ def test_nlsy_objectives_match_numpy_and_batches_are_without_replacement():
       metrics["upper_loss"] + metrics["lower_loss"]), rtol=1e-6)
 
 
+def _parity_gap_loop(p0, t0, p1, t1, num=33):
+  """The gap written as a plain loop over percentiles with numpy."""
+  curves = []
+  for pred, target in ((p0, t0), (p1, t1)):
+    curve = []
+    for level in np.linspace(0, 100, num):
+      q = np.percentile(pred, level)
+      curve.append(sum(1 for t in target if t <= q) / len(target))
+    curves.append(np.array(curve))
+  return float(np.mean(np.abs(curves[0] - curves[1])))
+
+
+def test_nlsy_predictive_parity_gap():
+  # Hand-computed: predictions 0..4, targets 2.5 each; the curve steps from
+  # 0 to 1 once the percentile of the predictions passes 2.5.
+  levels = np.linspace(0, 100, 33)
+  expected = np.mean(np.percentile(np.arange(5.0), levels) >= 2.5)
+  curve = nlsy.calibration_curve(jnp.arange(5.0), jnp.full(7, 2.5))
+  np.testing.assert_allclose(curve, (np.percentile(np.arange(5.0), levels)
+                                     >= 2.5).astype(float))
+  np.testing.assert_allclose(
+      nlsy.predictive_parity_gap(jnp.arange(5.0), jnp.full(7, 2.5),
+                                 jnp.arange(5.0), jnp.full(3, 10.0)),
+      expected)  # the second curve is all zeros
+  # Identical groups have no gap; a random pair matches the numpy loop.
+  rng = np.random.default_rng(0)
+  p0, t0 = rng.normal(size=40), rng.normal(size=40)
+  p1, t1 = rng.normal(1.0, 2.0, size=57), rng.normal(size=57)
+  assert float(nlsy.predictive_parity_gap(p0, t0, p0, t0)) == 0.0
+  np.testing.assert_allclose(nlsy.predictive_parity_gap(p0, t0, p1, t1),
+                             _parity_gap_loop(p0, t0, p1, t1), rtol=1e-12)
+  # The application reports it for the test split.
+  app = nlsy.problem(nlsy.sample_path(), batch_size=20, hidden=8)
+  x, y = app.params
+  parts = nlsy.split(nlsy.load_csv(nlsy.sample_path()))
+  pred = [np.asarray(nlsy.predict(x, y, jnp.asarray(parts[f"test_a{k}"],
+                                                    jnp.float32)))
+          for k in (0, 1)]
+  np.testing.assert_allclose(
+      app.evaluate(app.params)["parity_gap"],
+      _parity_gap_loop(pred[0], parts["test_t0"], pred[1], parts["test_t1"]),
+      atol=1e-6)
+
+
 def test_nlsy_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="nlsy79_processed.csv"):
     nlsy.load_csv(tmp_path / "missing.csv")

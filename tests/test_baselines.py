@@ -259,24 +259,86 @@ def test_itd_converges_and_checkpointing_changes_nothing():
   np.testing.assert_allclose(runs[1], runs[0], rtol=1e-12)
 
 
-def test_itd_cold_start_matches_unrolled_closed_form():
-  """With warm_start=False every step differentiates the same T-step map."""
+def _a8_unroll(c, eta, steps, x, start_map):
+  """y_T and dy_T/dx of T SGD steps on A8's g from y_0 = start_map @ x.
+
+  y_T = M^T y_0 - eta sum_j M^j (C^T x + a), M = I - eta A: affine in x.
+  """
+  m = np.eye(2) - eta * c.A
+  s = sum(np.linalg.matrix_power(m, j) for j in range(steps))
+  jac = np.linalg.matrix_power(m, steps) @ start_map - eta * s @ c.C.T
+  return jac @ np.asarray(x) - eta * s @ c.a, jac
+
+
+@pytest.mark.parametrize("start", ["cold", "init_zero", "init_linear"])
+def test_itd_restarted_unroll_matches_closed_form(start):
+  """Restarted unrolls differentiate the same T-step map, through init too."""
   prob = problems.quadratic_a8()
   c = prob.info["coefficients"]
   eta, steps = 0.3, 5
+  start_map = (np.array([[0.5, -1.0], [0.25, 2.0]]) if start == "init_linear"
+               else np.zeros((2, 2)))
+  kwargs = (dict(warm_start=False) if start == "cold" else
+            dict(init=lambda x, y: jnp.asarray(start_map) @ x))
   tx = jbl.itd(prob.f, prob.g, upper_optimizer=optax.sgd(1.0),
-               lower_optimizer=optax.sgd(eta), inner_steps=steps,
-               warm_start=False)
+               lower_optimizer=optax.sgd(eta), inner_steps=steps, **kwargs)
   x = jnp.asarray([0.7, -0.2])
-  params = jbl.BilevelParams(x, jnp.zeros(2))
+  # params.y is ignored by every restarted start (cold: the zeros of init).
+  y = jnp.zeros(2) if start == "cold" else jnp.asarray([3.0, -4.0])
+  params = jbl.BilevelParams(x, y)
   updates, _ = tx.update(None, tx.init(params), params)
-  # y_T = M y_0 + sum_j M^j eta (-(C^T x + a)), M = I - eta A: affine in x.
-  m = np.eye(2) - eta * c.A
-  jac = -eta * sum(np.linalg.matrix_power(m, j) for j in range(steps)) @ c.C.T
-  y_t = jac @ np.asarray(x) - eta * sum(
-      np.linalg.matrix_power(m, j) for j in range(steps)) @ c.a
+  y_t, jac = _a8_unroll(c, eta, steps, x, start_map)
   exact = 0.1 * np.asarray(x) + jac.T @ (y_t - c.y_t)
   np.testing.assert_allclose(-np.asarray(updates.x), exact, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(y + updates.y), y_t, atol=1e-12)
+
+
+def test_aid_init_restarts_every_inner_solve():
+  """init=...: each step solves from init(x, y) with a fresh inner state."""
+  prob = problems.quadratic_a8()
+  c = prob.info["coefficients"]
+  eta, steps = 0.3, 4
+  tx = jbl.aid(prob.f, prob.g, upper_optimizer=optax.sgd(0.5),
+               lower_optimizer=optax.sgd(eta), inner_steps=steps,
+               init=lambda x, y: jnp.zeros_like(y))
+  warm = jbl.aid(prob.f, prob.g, upper_optimizer=optax.sgd(0.5),
+                 lower_optimizer=optax.sgd(eta), inner_steps=steps)
+  params = jbl.BilevelParams(jnp.asarray([0.7, -0.2]),
+                             jnp.asarray([3.0, -4.0]))
+  state = tx.init(params)
+  for _ in range(2):
+    x = params.x
+    updates, state = tx.update(None, state, params)
+    y_t, _ = _a8_unroll(c, eta, steps, x, np.zeros((2, 2)))
+    np.testing.assert_allclose(np.asarray(params.y + updates.y), y_t,
+                               atol=1e-12)
+    exact = jbl.hypergradient.implicit_hypergradient(prob.f, prob.g, x,
+                                                     jnp.asarray(y_t))
+    np.testing.assert_allclose(-np.asarray(updates.x) / 0.5, exact,
+                               atol=1e-10)
+    params = optax.apply_updates(params, updates)
+  # The default warm start continues from params.y instead.
+  params0 = jbl.BilevelParams(jnp.asarray([0.7, -0.2]),
+                              jnp.asarray([3.0, -4.0]))
+  updates, _ = warm.update(None, warm.init(params0), params0)
+  y_warm = np.linalg.matrix_power(np.eye(2) - eta * c.A, steps) @ [3.0, -4.0]
+  y_warm = y_warm + _a8_unroll(c, eta, steps, params0.x, np.zeros((2, 2)))[0]
+  np.testing.assert_allclose(np.asarray(params0.y + updates.y), y_warm,
+                             atol=1e-12)
+
+
+def test_aid_and_itd_init_validation():
+  prob = problems.quadratic_a8()
+  common = dict(upper_optimizer=optax.sgd(1.0),
+                lower_optimizer=optax.sgd(0.3), inner_steps=3)
+  for method in (jbl.aid, jbl.itd):
+    with pytest.raises(jbl.BilevelValidationError, match="init must be a"):
+      method(prob.f, prob.g, init=0.0, **common)
+    tx = method(prob.f, prob.g, init=lambda x, y: jnp.zeros(3), **common)
+    with pytest.raises(jbl.BilevelValidationError, match=r"init\(x, y\)"):
+      tx.update(None, tx.init(prob.params0), prob.params0)
+  with pytest.raises(jbl.BilevelValidationError, match="warm_start=True"):
+    jbl.itd(prob.f, prob.g, init=lambda x, y: y, warm_start=True, **common)
 
 
 # ---------------------------------------------------------------------------

@@ -87,3 +87,21 @@ def test_markdown_plots_and_sweep(quick_run):
     png = out / f"{name}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"({name}.png)" in table
+
+
+def test_nlsy_parity_gap_and_sinusoid_implicit_check(quick_run):
+  _, results = quick_run
+  nlsy_rows = [row for row in results["applications"]["nlsy"]["rows"]
+               if "final" in row]
+  for row in nlsy_rows:
+    assert 0.0 <= row["final"]["parity_gap"] <= 1.0
+  check = results["sinusoid_implicit"]
+  assert [row["proximal"] for row in check] == [1.0, 20.0]
+  for row in check:
+    assert row["relative_residual"] >= 0
+    assert -1.0 <= row["cos_aid_itd"] <= 1.0
+    assert -1.0 <= row["cos_fo_itd"] <= 1.0
+  # lambda = 1/(r alpha) makes the lower Hessian positive definite here: CG
+  # converges and AID points where exact MAML does.
+  assert check[1]["relative_residual"] < 1e-3
+  assert check[1]["cos_aid_itd"] > 0.9

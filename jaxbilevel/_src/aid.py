@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +22,12 @@ class AIDState(NamedTuple):
   Attributes:
     count: number of outer steps taken.
     upper_state: state of the upper optimizer (for ``x``).
-    lower_state: state of the inner optimizer (for ``y``), carried across
-      outer steps (warm start).
+    lower_state: state of the inner optimizer (for ``y``) after the last
+      inner solve; the start of the next one unless ``init`` is given.
     diagnostics: dict of scalars from the last step: ``f`` and ``g`` at
       :math:`(x_t, y_{t+1})` (the point where the hypergradient is taken),
       ``upper_grad_norm`` (norm of the hypergradient), ``lower_grad_norm``
-      (norm of :math:`\\nabla_y g` at the incoming iterate), ``gamma`` (always
+      (norm of :math:`\\nabla_y g` at the start of the inner solve), ``gamma`` (always
       0: AID has no penalty constant) and ``linear_residual``
       :math:`\\|\\nabla_y f - Hv\\|`.
   """
@@ -48,6 +48,7 @@ def aid(f: base.Objective,
         linear_steps: int = 10,
         tol: base.ScalarOrSchedule = 1e-10,
         neumann_step: Optional[base.ScalarOrSchedule] = None,
+        init: Optional[Callable] = None,
         proj_x: Optional[base.Projection] = None,
         proj_y: Optional[base.Projection] = None,
         ) -> optax.GradientTransformationExtraArgs:
@@ -58,7 +59,7 @@ def aid(f: base.Objective,
   .. math::
 
     y &\leftarrow \mathrm{Proj}_\mathcal{Y}(y - \eta_y\nabla_y g(x_t, y))
-        \quad (T \text{ steps, warm-started}) \\
+        \quad (T \text{ steps from } y \text{ or from init}(x_t, y)) \\
     H v &= \nabla_y f(x_t, y), \quad H = \nabla^2_{yy} g(x_t, y)
         \quad (K \text{ CG steps from } v_0 = 0, \text{ or } K
         \text{ Neumann terms}) \\
@@ -66,8 +67,14 @@ def aid(f: base.Objective,
         [\nabla_x f(x_t, y) - \nabla^2_{xy} g(x_t, y)\, v]\big)
 
   The inner loop is :func:`jaxbilevel.inner_solve` with
-  ``lower_optimizer`` (its state is carried across outer steps, never reset);
-  the hypergradient is :func:`jaxbilevel.hypergradient.implicit_hypergradient`
+  ``lower_optimizer``. By default it is warm-started: it starts from the
+  previous ``y`` with the previous optimizer state. ``init=lambda x, y: ...``
+  restarts every inner solve from ``init(x_t, y)`` with a fresh optimizer
+  state instead. Use this when consecutive outer steps see different lower
+  problems, e.g. the tasks of meta-learning (iMAML: ``init=lambda x, y:
+  zeros``, the offsets from the meta-parameters). The hypergradient is the
+  implicit one at the inner solution, so it ignores how ``init`` depends on
+  ``x``. The hypergradient is :func:`jaxbilevel.hypergradient.implicit_hypergradient`
   at the new ``y`` (a constant: the inner loop is not differentiated).
   Hessian-vector products are forward-over-reverse; CG stops early (by
   masking) once the residual norm is below ``tol``. The sign convention is
@@ -93,6 +100,9 @@ def aid(f: base.Objective,
     tol: CG early-exit tolerance on the residual norm (float, array or
       schedule).
     neumann_step: :math:`\eta_N` (required for ``solver="neumann"``).
+    init: optional ``(x, y) -> y0``, the start of every inner solve (with a
+      fresh ``lower_optimizer`` state); ``None`` (default) warm-starts from
+      the previous ``y`` and optimizer state.
     proj_x: optional projection for ``x``.
     proj_y: optional projection for ``y`` (applied after each inner step).
 
@@ -119,6 +129,7 @@ def aid(f: base.Objective,
   linear_steps = base.check_static_int(linear_steps, "linear_steps")
   tol = base.check_hyperparameter(tol, "tol", allow_zero=True)
   hypergradient.check_solver(solver, linear_steps, neumann_step, "aid")
+  init = base.check_init(init, "aid")
   _, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, None, proj_x, proj_y)
 
@@ -136,9 +147,14 @@ def aid(f: base.Objective,
     step_t = None if solver == "cg" else base.resolve_hyperparameter(
         neumann_step, state.count, dtype)
 
-    # T inner steps on g, warm-started from the previous y.
+    # T inner steps on g, from the previous y (warm start) or from init(x, y).
+    if init is None:
+      y0, lower_state0 = y, state.lower_state
+    else:
+      y0 = base.inner_start(init, x, y, "aid")
+      lower_state0 = lower_optimizer.init(y0)
     y_new, lower_state, trace = inner.inner_solve(
-        lambda y_: g(x, y_, batch), y, state.lower_state,
+        lambda y_: g(x, y_, batch), y0, lower_state0,
         optimizer=lower_optimizer, num_steps=inner_steps, proj=proj_y)
     # Implicit hypergradient (G3) at the new y: K HVPs and one cross product.
     direction, info = hypergradient.implicit_hypergradient(

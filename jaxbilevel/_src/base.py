@@ -290,6 +290,22 @@ def level_arguments(upper_optimizer, lower_optimizer, value_optimizer, proj_x,
           optional_projection(proj_y, "proj_y"))
 
 
+def check_init(init, method: str):
+  """Checks an optional inner start ``init(x, y) -> y0`` (``None`` passes)."""
+  if init is not None and not callable(init):
+    raise BilevelValidationError(
+        f"{method}: init must be a callable (x, y) -> y0 (the start of the "
+        f"inner problem), got {type(init).__name__}.")
+  return init
+
+
+def inner_start(init, x, y, method: str):
+  """``init(x, y)``, checked to have the structure, shapes and dtypes of ``y``."""
+  y0 = init(x, y)
+  check_same_structure(y0, y, "init(x, y)", "params.y", method)
+  return jax.tree.map(lambda a, b: jnp.asarray(a).astype(b.dtype), y0, y)
+
+
 def optional_projection(proj: Optional[Projection], name: str) -> Projection:
   """Returns ``proj`` or the identity; fails clearly if it is not callable."""
   if proj is None:

@@ -54,10 +54,10 @@ class UFOBLOState(NamedTuple):
   diagnostics: dict
 
 
-def _check_init(init, params, method):
+def _start(init, params, method):
   """The start of the inner problem ``y0 = init(x, y)``; MAML's ``x`` by default."""
   if init is not None:
-    return init
+    return lambda x, y: base.inner_start(init, x, y, method)
   base.check_same_structure(
       params.x, params.y, "params.x", "params.y",
       f"{method} (default init: the inner problem starts at y0 = x, as in "
@@ -85,10 +85,7 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
-  if init is not None and not callable(init):
-    raise base.BilevelValidationError(
-        f"{method}: init must be a callable (x, y) -> y0, got "
-        f"{type(init).__name__}.")
+  init = base.check_init(init, method)
   _, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, None, proj_x, proj_y)
   meta_gradient = _meta_gradient_fn(f, g, lower_optimizer, inner_steps,
@@ -105,7 +102,7 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
     del extra_args
     params, dtype = base.begin_update(updates, params, method)
     x, y = params
-    start = _check_init(init, params, method)
+    start = _start(init, params, method)
 
     # FO-BLO: r inner steps recorded by nothing, d y_r / d y0 := I.
     (f_t, y_r), direction = meta_gradient(x, y, batch, start, 0, "identity")

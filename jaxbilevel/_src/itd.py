@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ class ITDState(NamedTuple):
     count: number of outer steps taken.
     upper_state: state of the upper optimizer (for ``x``).
     lower_state: state of the inner optimizer after the last unroll (the
-      starting state of the next one when ``warm_start=True``).
+      starting state of the next one when warm-started).
     y_init: the fixed starting point of the unroll (used when
       ``warm_start=False``).
     diagnostics: dict of scalars from the last step: ``f`` and ``g`` at
@@ -45,7 +45,8 @@ def itd(f: base.Objective,
         upper_optimizer: optax.GradientTransformation,
         lower_optimizer: optax.GradientTransformation,
         inner_steps: int = 10,
-        warm_start: bool = True,
+        warm_start: Optional[bool] = None,
+        init: Optional[Callable] = None,
         truncate: Optional[int] = None,
         checkpoint: Union[bool, int] = False,
         proj_x: Optional[base.Projection] = None,
@@ -67,10 +68,19 @@ def itd(f: base.Objective,
   ``lax.scan`` of ``lower_optimizer`` steps). ``params.y`` becomes
   :math:`y_T`.
 
-  * ``warm_start=True`` starts each unroll from the previous :math:`y_T` and
-    inner optimizer state (standard; the hypergradient ignores the dependence
-    of the start on earlier ``x``). ``False`` restarts every unroll from the
-    initial ``params.y`` with a fresh optimizer state.
+  The start of each unroll:
+
+  * by default (``warm_start=None`` or ``True``) the previous :math:`y_T`
+    and inner optimizer state (standard; the hypergradient ignores the
+    dependence of the start on earlier ``x``);
+  * ``warm_start=False``: the initial ``params.y`` with a fresh optimizer
+    state, every time;
+  * ``init=lambda x, y: ...``: :math:`y_0 = \mathrm{init}(x, y)` with a
+    fresh optimizer state, and the hypergradient *includes* the derivative
+    through ``init`` (``init=lambda x, y: x`` with ``y`` the adapted
+    parameters is exact MAML). ``init`` cannot be combined with
+    ``warm_start=True``.
+
   * ``truncate=K`` back-propagates through the last K steps only (T-RHG).
   * ``checkpoint=True`` rematerialises the unroll in :math:`\sqrt T` chunks so
     memory does not grow linearly in T (an int sets the chunk length).
@@ -91,7 +101,11 @@ def itd(f: base.Objective,
     upper_optimizer: optax optimizer for ``x``.
     lower_optimizer: the unrolled inner optax optimizer.
     inner_steps: T (static int).
-    warm_start: start each unroll from the previous lower iterate.
+    warm_start: start each unroll from the previous lower iterate (default
+      ``True`` unless ``init`` is given); ``False`` restarts from the initial
+      ``params.y``.
+    init: optional ``(x, y) -> y0``, the start of every unroll, differentiated
+      through.
     truncate: K, number of final inner steps differentiated (static int or
       None for all).
     checkpoint: ``False``, ``True`` or a chunk length.
@@ -121,6 +135,12 @@ def itd(f: base.Objective,
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
+  init = base.check_init(init, "itd")
+  if init is not None and warm_start:
+    raise base.BilevelValidationError(
+        "itd: init=... restarts every unroll from init(x, y), which "
+        "contradicts warm_start=True; leave warm_start unset.")
+  warm_start = init is None and warm_start is not False
   if truncate is not None:
     truncate = base.check_static_int(truncate, "truncate", minimum=0)
     if truncate > inner_steps:
@@ -141,11 +161,16 @@ def itd(f: base.Objective,
                                       y_init=state.y_init)
     x, y = params
     if warm_start:
-      y0, lower_state0 = y, state.lower_state
+      start = lambda x_: (y, state.lower_state)
+    elif init is None:
+      start = lambda x_: (state.y_init, lower_optimizer.init(state.y_init))
     else:
-      y0, lower_state0 = state.y_init, lower_optimizer.init(state.y_init)
+      def start(x_):
+        y0 = base.inner_start(init, x_, y, "itd")
+        return y0, lower_optimizer.init(y0)
 
     def upper_of_unroll(x_):
+      y0, lower_state0 = start(x_)
       y_t, lower_state = hypergradient.unrolled_solve(
           g, x_, y0, batch, optimizer=lower_optimizer, num_steps=inner_steps,
           opt_state=lower_state0, proj=proj_y, truncate=truncate,

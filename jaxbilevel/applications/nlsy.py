@@ -158,6 +158,41 @@ def mse(x, y, a, t) -> jax.Array:
   return jnp.mean((predict(x, y, a) - t) ** 2)
 
 
+def calibration_curve(pred, target, num_percentiles: int = 33) -> jax.Array:
+  r"""Fraction of targets at or below each percentile of the predictions.
+
+  At the ``num_percentiles`` levels :math:`p_k` evenly spaced in
+  :math:`[0, 100]`, :math:`c_k = \frac1n\#\{i: t_i \le
+  q_{p_k}(\hat y)\}` with :math:`q_p` the linearly interpolated percentile
+  of the predictions (``numpy.percentile``'s default). A model whose
+  predictions are calibrated in distribution has :math:`c_k \approx
+  p_k/100`.
+  """
+  pred, target = jnp.asarray(pred), jnp.asarray(target)
+  if pred.ndim != 1 or target.ndim != 1:
+    raise base.BilevelValidationError(
+        "calibration_curve: predictions and targets must be vectors, got "
+        f"shapes {pred.shape} and {target.shape}.")
+  levels = jnp.linspace(0.0, 100.0, num_percentiles,
+                        dtype=jnp.promote_types(pred.dtype, jnp.float32))
+  quantiles = jnp.percentile(pred, levels)
+  below = target[None, :] <= quantiles[:, None]
+  return jnp.mean(below.astype(quantiles.dtype), axis=1)
+
+
+def predictive_parity_gap(pred0, t0, pred1, t1,
+                          num_percentiles: int = 33) -> jax.Array:
+  """The predictive-parity gap of ``PROBLEMS.md`` §B4.
+
+  The mean absolute difference of the two groups' calibration curves
+  (:func:`calibration_curve`) at ``num_percentiles`` percentiles (33, as in
+  the authors' evaluation). 0 means that the predictions of both groups
+  relate to their targets alike.
+  """
+  return jnp.mean(jnp.abs(calibration_curve(pred0, t0, num_percentiles)
+                          - calibration_curve(pred1, t1, num_percentiles)))
+
+
 def upper_objective(x, y, batch):
   """:math:`f`: MSE on the group-0 batch."""
   return mse(x, y, batch["a0"], batch["t0"])
@@ -185,7 +220,8 @@ def problem(path, *, seed: int = 0, batch_size: int = 500, hidden: int = 200,
   Returns:
     An :class:`~jaxbilevel.applications.Application`; ``evaluate`` returns
     ``upper_loss`` (test MSE of group 0), ``lower_loss`` (test MSE of group
-    1) and ``test_mse`` (their mean, the metric of ``PROBLEMS.md`` §B4).
+    1), ``test_mse`` (their mean) and ``parity_gap``
+    (:func:`predictive_parity_gap`), the two metrics of ``PROBLEMS.md`` §B4.
 
   Examples:
     >>> import jax, optax, jaxbilevel as jbl
@@ -198,7 +234,7 @@ def problem(path, *, seed: int = 0, batch_size: int = 500, hidden: int = 200,
     ...     tx, app.params, num_steps=20,
     ...     batches=batch_stream(app, jax.random.PRNGKey(0)))
     >>> sorted(app.evaluate(params))
-    ['lower_loss', 'test_mse', 'upper_loss']
+    ['lower_loss', 'parity_gap', 'test_mse', 'upper_loss']
   """
   data = load_csv(path)
   parts = split(data, seed=seed, test_fraction=test_fraction,
@@ -219,10 +255,14 @@ def problem(path, *, seed: int = 0, batch_size: int = 500, hidden: int = 200,
 
   def evaluate(params):
     x, y = params
-    upper = mse(x, y, arrays["test_a0"], arrays["test_t0"])
-    lower = mse(x, y, arrays["test_a1"], arrays["test_t1"])
+    pred0 = predict(x, y, arrays["test_a0"])
+    pred1 = predict(x, y, arrays["test_a1"])
+    upper = jnp.mean((pred0 - arrays["test_t0"]) ** 2)
+    lower = jnp.mean((pred1 - arrays["test_t1"]) ** 2)
     return dict(upper_loss=upper, lower_loss=lower,
-                test_mse=0.5 * (upper + lower))
+                test_mse=0.5 * (upper + lower),
+                parity_gap=predictive_parity_gap(
+                    pred0, arrays["test_t0"], pred1, arrays["test_t1"]))
 
   info = dict(path=os.fspath(path), seed=seed, batch_size=size, hidden=hidden,
               standardize=standardize, rows=len(data["income"]),

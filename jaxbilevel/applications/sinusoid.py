@@ -25,9 +25,9 @@ method of jaxbilevel sees the same ``f`` and ``g``:
   unbiased correction;
 * :func:`jaxbilevel.itd` with ``warm_start=False`` (every unroll restarts
   from :math:`\delta=0`): exact MAML, differentiated through the r steps;
-* :func:`jaxbilevel.aid`: the implicit hypergradient of the proximal
-  (iMAML-style) problem; ``aid`` warm-starts its inner solve from the previous
-  meta-batch's offsets.
+* :func:`jaxbilevel.aid` with ``init=info["init"]``: the implicit
+  hypergradient of the proximal (iMAML-style) problem at the r-step
+  adaptation from :math:`\delta=0`.
 
 Decisions: the proximal weight λ (default 1) makes the lower Hessian positive
 definite, which implicit differentiation needs; with the MAML step α = 0.01
@@ -156,7 +156,8 @@ def problem(*, seed: int = 0, meta_batch: int = 25, num_shots: int = 10,
     and returns ``upper_loss`` (mean meta-test query MSE), ``ci95`` (half
     width of its 95% confidence interval) and ``unadapted_loss`` (query MSE
     of :math:`\\theta_0` itself). ``info`` holds ``init`` (the
-    ``init=`` of :func:`jaxbilevel.fo_blo`), ``inner_steps`` and
+    ``init=`` of :func:`jaxbilevel.fo_blo` and :func:`jaxbilevel.aid`),
+    ``inner_steps`` and
     ``inner_lr``.
 
   Examples:
