@@ -22,3 +22,44 @@ def test_readme_python_blocks_run():
   # ALT-PBGD approaches the bilevel solution 1 / 1.1 as gamma grows.
   err = np.abs(np.asarray(swept.x) - 1 / 1.1).max(axis=1)
   assert err[-1] < 2e-3 and err[0] > err[-1]
+
+
+def _rows(results, app):
+  return {row["method"]: row for row in
+          results["applications"][app]["rows"]}
+
+
+def test_readme_benchmark_numbers_come_from_the_results_files():
+  """Every benchmark number the README quotes is the one the scripts wrote."""
+  import json  # pylint: disable=import-outside-toplevel
+  results_dir = README.parent / "benchmarks" / "results"
+  text = " ".join(README.read_text().split())
+  apps = json.loads((results_dir / "applications.json").read_text())
+  assert apps["quick"] is False  # the committed results are a full run
+  nlsy = _rows(apps, "nlsy")["PBGD-Free"]
+  dpo = _rows(apps, "dpo_sft")
+  start = apps["applications"]["dpo_sft"]["start"]
+  quoted = [
+      f"{nlsy['floor_ratio']:.2f}x (NLSY MLP)",
+      f"{dpo['PBGD-Free']['floor_ratio']:.2f}x (transformer)",
+      f"DPO loss {dpo['PBGD-Free']['final']['upper_loss']:.3f}",
+      f"preference accuracy "
+      f"{dpo['PBGD-Free']['final']['preference_accuracy']:.2f}",
+      f"SFT loss rose from {start['lower_loss']:.2f} to "
+      f"{dpo['PBGD-Free']['final']['lower_loss']:.2f}",
+      f"BOME kept SFT at {dpo['BOME']['final']['lower_loss']:.2f}",
+  ]
+  svm = json.loads((results_dir / "svm.json").read_text())
+  cc = svm["results"]["diabetes"]["pbgd_free_cc"]
+  quoted.append(f"{cc['test_accuracy_mean']:.4f} ± "
+                f"{cc['test_accuracy_std']:.4f}")
+  for phrase in quoted:
+    assert phrase in text, phrase
+  # The README's comparisons: lowest DPO loss on DPO/SFT, highest group-0 MSE
+  # on NLSY, among the bilevel methods (the floor excluded).
+  def finals(app):
+    return {name: row["final"]["upper_loss"] for name, row in
+            _rows(apps, app).items()
+            if row.get("role") == "method" and "final" in row}
+  assert min(finals("dpo_sft"), key=finals("dpo_sft").get) == "PBGD-Free"
+  assert max(finals("nlsy"), key=finals("nlsy").get) == "PBGD-Free"
