@@ -29,11 +29,18 @@ method of jaxbilevel sees the same ``f`` and ``g``:
   hypergradient of the proximal (iMAML-style) problem at the r-step
   adaptation from :math:`\delta=0`.
 
-Decisions: the proximal weight λ (default 1) makes the lower Hessian positive
-definite, which implicit differentiation needs; with the MAML step α = 0.01
+Decisions: the proximal weight λ (default 1) keeps the lower problem close
+to MAML's (``PROBLEMS.md`` §B7 has no proximal term): with the step α = 0.01
 and r = 5 steps it shrinks the adaptation by :math:`(1-\alpha\lambda)^r
-\approx 0.95` only. r = 5, α = 0.01 and a meta-batch of 25 tasks follow the
-learn2learn / MAML settings (``PROBLEMS.md`` §B7). Initialisation: PyTorch's
+\approx 0.95` only. It does *not* make the support Hessian of the MLP
+positive definite, which implicit differentiation needs: at λ = 1, CG does
+not converge and AID's direction is unrelated to the exact MAML gradient,
+while at λ = 1/(rα) = 20 CG converges and the two agree (measured by
+``benchmarks/run.py``, table "AID's implicit meta-gradient against exact
+MAML" in ``benchmarks/results/README.md``). Pass ``proximal=20.0`` for
+AID-style methods; that changes the adaptation for every method.
+r = 5, α = 0.01 and a meta-batch of 25 tasks follow the learn2learn / MAML
+settings (``PROBLEMS.md`` §B7). Initialisation: PyTorch's
 ``nn.Linear`` default.
 """
 
