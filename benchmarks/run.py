@@ -523,19 +523,13 @@ def _with_target(rows):
               rule=f"start - {TARGET_FRACTION} x (start - best final)")
 
 
-def run_application(name, app, methods, budget, seed, peers=(),
-                    max_methods=None, repeats=7, after=None):
+def run_application(name, app, methods, budget, seed, peers=(), repeats=7,
+                    after=None):
   """All rows of one application: the floor, every method, the peers.
 
-  With ``max_methods`` only that many runnable methods run (quick mode);
-  the others are listed as not timed. ``after(params) -> dict`` adds
-  metrics computed from each method's final params (DPO/SFT's stage 2).
+  ``after(params) -> dict`` adds metrics computed from each method's final
+  params (DPO/SFT's stage 2).
   """
-  if max_methods is not None:
-    runnable = [m.name for m in methods if m.make is not None][:max_methods]
-    methods = [m if m.make is None or m.name in runnable else
-               m._replace(make=None, reason="not timed in quick mode (runs in "
-                          "the full benchmark)") for m in methods]
   key = jax.random.PRNGKey(seed)
   evaluate = jax.jit(app.evaluate)
   start_metrics = _floats(evaluate(app.params))
@@ -927,7 +921,6 @@ class Mode(NamedTuple):
   sweep_steps: int
   scaling_rs: tuple
   scaling_steps: int
-  max_methods: Optional[int] = None
   implicit_batches: int = 20
   repeats: int = 7
   stage2_steps: int = 300
@@ -960,7 +953,7 @@ QUICK = Mode(
              num_train=64, num_eval=32, batch_size=8),
     sinusoid=dict(meta_batch=4, num_eval_tasks=50, hidden=16),
     sweep_axis=16, sweep_steps=10, scaling_rs=(2,), scaling_steps=5,
-    max_methods=2, implicit_batches=2, repeats=3, stage2_steps=5)
+    implicit_batches=2, repeats=3, stage2_steps=5)
 
 
 def build_app(name, mode: Mode, args):
@@ -1276,7 +1269,7 @@ def main(argv=None):
         after = lambda p: {f"s2_{k}": v for k, v in transfer(p).items()
                            if k != "params"}
       out = run_application(name, app, methods, mode.budgets[name], args.seed,
-                            app_peers, mode.max_methods, mode.repeats, after)
+                            app_peers, mode.repeats, after)
       out.update(description=DESCRIPTIONS[name], notes=notes,
                  budget=mode.budgets[name]._asdict(),
                  info={k: v for k, v in app.info.items()
