@@ -37,8 +37,9 @@ positive definite, which implicit differentiation needs: at λ = 1, CG does
 not converge and AID's direction is unrelated to the exact MAML gradient,
 while at λ = 1/(rα) = 20 CG converges and the two agree (measured by
 ``benchmarks/run.py``, table "AID's implicit meta-gradient against exact
-MAML" in ``benchmarks/results/README.md``). Pass ``proximal=20.0`` for
-AID-style methods; that changes the adaptation for every method.
+MAML" in ``benchmarks/results/README.md``). Implicit methods therefore
+need a larger λ (e.g. ``proximal=20.0``, which changes the adaptation for
+every method); the benchmark keeps λ = 1 for all of them.
 r = 5, α = 0.01 and a meta-batch of 25 tasks follow the learn2learn / MAML
 settings (``PROBLEMS.md`` §B7). Initialisation: PyTorch's
 ``nn.Linear`` default.
