@@ -214,33 +214,56 @@ def check_same_structure(a, b, what_a: str, what_b: str, method: str):
           f"{what_b} has shape {jnp.shape(lb)}.")
 
 
-def scalar_objective(fn: Objective, name: str) -> Objective:
-  """Wraps ``fn`` so that a non-scalar or non-floating output fails clearly."""
+def checked_output(fn: Callable, name: str, *, expects: str, floating: str,
+                   what: str, shape_error: Callable[[tuple], Optional[str]],
+                   marker: str) -> Callable:
+  """Wraps ``fn(x, y, batch)`` so its output is checked at trace time.
+
+  The shared mechanism of :func:`scalar_objective` and
+  ``constrained.check_constraint``: ``shape_error(shape)`` returns the message
+  for a wrong output shape (``None`` when it is right), and the output must
+  be floating. ``expects`` completes "must be a callable name(x, y, batch) ->
+  ..." for a non-callable ``fn`` and ``floating`` completes "must return ..."
+  for a non-floating output; ``what`` names the function in messages
+  ("the objective"); ``marker`` is the attribute that marks a wrapped
+  function so that wrapping twice is a no-op.
+  """
   if not callable(fn):
     raise BilevelValidationError(
-        f"{name} must be a callable {name}(x, y, batch) -> scalar, got "
+        f"{name} must be a callable {name}(x, y, batch) -> {expects}, got "
         f"{type(fn).__name__}.")
-  if getattr(fn, "_jaxbilevel_checked", False):
+  if getattr(fn, marker, False):
     return fn
 
   def wrapped(x, y, batch=None):
     out = fn(x, y, batch)
-    shape = jnp.shape(out)
-    if shape != ():
+    message = shape_error(jnp.shape(out))
+    if message is not None:
       raise BilevelValidationError(
-          f"the objective {name}(x, y, batch) must return a scalar, but it "
-          f"returned an array of shape {shape}. Reduce it, e.g. with "
-          "jnp.mean, before returning.")
+          f"{what} {name}(x, y, batch) must return {message}")
     if not jnp.issubdtype(jnp.result_type(out), jnp.floating):
       raise BilevelValidationError(
-          f"the objective {name}(x, y, batch) must return a floating scalar, "
-          f"got dtype {jnp.result_type(out)}.")
+          f"{what} {name}(x, y, batch) must return {floating}, got dtype "
+          f"{jnp.result_type(out)}.")
     return out
 
-  wrapped._jaxbilevel_checked = True  # pylint: disable=protected-access
+  setattr(wrapped, marker, True)
   wrapped.__name__ = getattr(fn, "__name__", name)
   wrapped.__wrapped__ = fn
   return wrapped
+
+
+def scalar_objective(fn: Objective, name: str) -> Objective:
+  """Wraps ``fn`` so that a non-scalar or non-floating output fails clearly."""
+  def shape_error(shape):
+    if shape == ():
+      return None
+    return (f"a scalar, but it returned an array of shape {shape}. Reduce it, "
+            "e.g. with jnp.mean, before returning.")
+
+  return checked_output(fn, name, expects="scalar",
+                        floating="a floating scalar", what="the objective",
+                        shape_error=shape_error, marker="_jaxbilevel_checked")
 
 
 def depends_on(fn: Callable[[PyTree], Array], arg: PyTree) -> bool:

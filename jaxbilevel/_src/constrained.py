@@ -63,32 +63,18 @@ def check_constraint(c: Constraint, name: str = "c") -> Constraint:
   Returns:
     The wrapped constraint (unchanged values).
   """
-  if not callable(c):
-    raise base.BilevelValidationError(
-        f"{name} must be a callable {name}(x, y, batch) -> 1-D array of "
-        f"constraint values (feasible where <= 0), got {type(c).__name__}.")
-  if getattr(c, "_jaxbilevel_constraint", False):
-    return c
+  def shape_error(shape):
+    if len(shape) == 1:
+      return None
+    return ("a 1-D vector of constraint values (one per constraint, feasible "
+            f"where <= 0), but it returned shape {shape}. Use jnp.atleast_1d "
+            "for a single constraint and .ravel() for a matrix of "
+            "constraints.")
 
-  def wrapped(x, y, batch=None):
-    out = c(x, y, batch)
-    shape = jnp.shape(out)
-    if len(shape) != 1:
-      raise base.BilevelValidationError(
-          f"the constraint {name}(x, y, batch) must return a 1-D vector of "
-          f"constraint values (one per constraint, feasible where <= 0), but "
-          f"it returned shape {shape}. Use jnp.atleast_1d for a single "
-          "constraint and .ravel() for a matrix of constraints.")
-    if not jnp.issubdtype(jnp.result_type(out), jnp.floating):
-      raise base.BilevelValidationError(
-          f"the constraint {name}(x, y, batch) must return floating values, "
-          f"got dtype {jnp.result_type(out)}.")
-    return out
-
-  wrapped._jaxbilevel_constraint = True  # pylint: disable=protected-access
-  wrapped.__name__ = getattr(c, "__name__", name)
-  wrapped.__wrapped__ = c
-  return wrapped
+  return base.checked_output(
+      c, name, expects="1-D array of constraint values (feasible where <= 0)",
+      floating="floating values", what="the constraint",
+      shape_error=shape_error, marker="_jaxbilevel_constraint")
 
 
 def _dot(mu, values):
