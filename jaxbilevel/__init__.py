@@ -4,123 +4,180 @@ Upper objective ``f(x, y, batch)``, lower objective ``g(x, y, batch)``;
 ``min_x f(x, y*(x))`` with ``y*(x) in argmin_y g(x, y)``. Each method is a
 function returning an ``optax.GradientTransformationExtraArgs`` over
 :class:`BilevelParams`.
+
+``import jaxbilevel`` loads jax, optax and numpy only. The modules that need
+optional dependencies load on first use: ``jaxbilevel.checkpoint``
+(orbax-checkpoint, extra ``checkpoint``), ``jaxbilevel.flax_utils`` and
+``jaxbilevel.lora`` (flax, extra ``flax``), ``jaxbilevel.applications``,
+``jaxbilevel.datasets``, ``jaxbilevel.svm`` and ``jaxbilevel.demo`` (the
+application and benchmark material; extras ``flax`` and ``examples``).
 """
 
+# pylint: disable=g-importing-member
+# pylint: disable=g-bad-import-order
+
+import importlib as _importlib
+
+# Public sub-modules without optional dependencies.
+from jaxbilevel import constrained
+from jaxbilevel import evaluation
+from jaxbilevel import flatness
+from jaxbilevel import hypergradient
 from jaxbilevel import objectives
 from jaxbilevel import problems
 from jaxbilevel import projections
-from jaxbilevel._src.alt_pbgd import alt_pbgd
-from jaxbilevel._src.alt_pbgd import ALTPBGDState
+
+# Parameters, validation errors and shared diagnostics.
 from jaxbilevel._src.base import BilevelParams
 from jaxbilevel._src.base import BilevelValidationError
 from jaxbilevel._src.base import COMMON_DIAGNOSTICS
 from jaxbilevel._src.base import NonFiniteError
+
+# Inner loops.
 from jaxbilevel._src.inner import inner_solve
 from jaxbilevel._src.inner import InnerTrace
 from jaxbilevel._src.inner import projected_step
+
+# Penalty-based methods.
 from jaxbilevel._src.pbgd_free import pbgd_free
 from jaxbilevel._src.pbgd_free import PBGDFreeState
-from jaxbilevel._src.run import run
-from jaxbilevel._src.run import scan_run
+from jaxbilevel._src.alt_pbgd import alt_pbgd
+from jaxbilevel._src.alt_pbgd import ALTPBGDState
 from jaxbilevel._src.v_pbgd import v_pbgd
 from jaxbilevel._src.v_pbgd import VPBGDState
-# --- issue 6 exports ---
-# jaxbilevel.checkpoint (orbax-checkpoint, an optional dependency) is not
-# imported here: use `from jaxbilevel import checkpoint`.
-from jaxbilevel import flax_utils
-from jaxbilevel._src.sharding import replicate
-from jaxbilevel._src.sharding import shard_batch
-from jaxbilevel._src.sweep import product_grid
-from jaxbilevel._src.sweep import sweep
 
-# --- issue 4 exports ---
-from jaxbilevel import constrained
-from jaxbilevel import datasets
-from jaxbilevel import flatness
-from jaxbilevel import svm
+# Penalty-based methods for coupled lower-level constraints.
 from jaxbilevel._src.pbgd_blocc import pbgd_blocc
 from jaxbilevel._src.pbgd_blocc import pbgd_free_cc
 from jaxbilevel._src.pbgd_blocc import PBGDBLOCCState
 from jaxbilevel._src.pbgd_blocc import PBGDFreeCCState
 
-# --- issue 3 exports ---
-from jaxbilevel import hypergradient
-from jaxbilevel._src.aid import aid
-from jaxbilevel._src.aid import AIDState
-from jaxbilevel._src.alright import alright
-from jaxbilevel._src.alright import ALRIGHTState
+# Value-function and first-order methods.
 from jaxbilevel._src.bome import bome
 from jaxbilevel._src.bome import BOMEState
 from jaxbilevel._src.f2sa import f2sa
 from jaxbilevel._src.f2sa import f2sa_schedules
 from jaxbilevel._src.f2sa import F2SASchedules
 from jaxbilevel._src.f2sa import F2SAState
+from jaxbilevel._src.alright import alright
+from jaxbilevel._src.alright import ALRIGHTState
 from jaxbilevel._src.fo_blo import fo_blo
 from jaxbilevel._src.fo_blo import FOBLOState
 from jaxbilevel._src.fo_blo import ufo_blo
 from jaxbilevel._src.fo_blo import UFOBLOState
+
+# Hypergradient (implicit and unrolled) methods.
+from jaxbilevel._src.aid import aid
+from jaxbilevel._src.aid import AIDState
 from jaxbilevel._src.itd import itd
 from jaxbilevel._src.itd import ITDState
 
-# --- issue 5 exports ---
-from jaxbilevel import applications
-from jaxbilevel import lora
+# Drivers.
+from jaxbilevel._src.run import run
+from jaxbilevel._src.run import scan_run
+
+# Evaluation at the lower-level solution.
+from jaxbilevel._src.evaluation import lower_level_evaluation
+
+# Sweeps and sharding.
+from jaxbilevel._src.sweep import product_grid
+from jaxbilevel._src.sweep import sweep
+from jaxbilevel._src.sharding import replicate
+from jaxbilevel._src.sharding import shard_batch
 
 __version__ = "0.1.0"
 
+# Sub-modules that need optional dependencies (or hold application and
+# benchmark material): imported on first attribute access, so that
+# `import jaxbilevel` loads jax, optax and numpy only, while
+# `jaxbilevel.flax_utils` etc. keep working. They are not in __all__, so that
+# `from jaxbilevel import *` does not import them either.
+_LAZY_SUBMODULES = (
+    "applications",  # flax, scikit-learn (extras `flax`, `examples`)
+    "checkpoint",  # orbax-checkpoint (extra `checkpoint`)
+    "datasets",  # LIBSVM readers and downloader; samples in jaxbilevel/data
+    "demo",  # scikit-learn (extra `examples`)
+    "flax_utils",  # flax (extra `flax`)
+    "lora",  # flax (extra `flax`)
+    "svm",  # the SVM benchmark with the authors' settings
+)
+
+
+def __getattr__(name):
+  if name in _LAZY_SUBMODULES:
+    module = _importlib.import_module(f"{__name__}.{name}")
+    globals()[name] = module
+    return module
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
+
 __all__ = (
-    # --- issue 4 exports ---
-    "PBGDBLOCCState",
-    "PBGDFreeCCState",
+    # Sub-modules.
     "constrained",
-    "datasets",
+    "evaluation",
     "flatness",
-    "pbgd_blocc",
-    "pbgd_free_cc",
-    "svm",
-    "ALTPBGDState",
+    "hypergradient",
+    "objectives",
+    "problems",
+    "projections",
+    # base
     "BilevelParams",
     "BilevelValidationError",
     "COMMON_DIAGNOSTICS",
-    "InnerTrace",
     "NonFiniteError",
-    "PBGDFreeState",
-    "VPBGDState",
-    "alt_pbgd",
+    # inner
+    "InnerTrace",
     "inner_solve",
-    "objectives",
-    "pbgd_free",
-    "problems",
     "projected_step",
-    "projections",
-    "run",
-    "scan_run",
+    # pbgd_free
+    "PBGDFreeState",
+    "pbgd_free",
+    # alt_pbgd
+    "ALTPBGDState",
+    "alt_pbgd",
+    # v_pbgd
+    "VPBGDState",
     "v_pbgd",
-    # --- issue 3 exports ---
-    "AIDState",
-    "ALRIGHTState",
+    # pbgd_blocc
+    "PBGDBLOCCState",
+    "PBGDFreeCCState",
+    "pbgd_blocc",
+    "pbgd_free_cc",
+    # bome
     "BOMEState",
+    "bome",
+    # f2sa
     "F2SASchedules",
     "F2SAState",
-    "FOBLOState",
-    "ITDState",
-    "UFOBLOState",
-    "aid",
-    "alright",
-    "bome",
     "f2sa",
     "f2sa_schedules",
+    # alright
+    "ALRIGHTState",
+    "alright",
+    # fo_blo
+    "FOBLOState",
+    "UFOBLOState",
     "fo_blo",
-    "hypergradient",
-    "itd",
     "ufo_blo",
-    # --- issue 5 exports ---
-    "applications",
-    "lora",
-    # --- issue 6 exports ---
-    "flax_utils",
+    # aid
+    "AIDState",
+    "aid",
+    # itd
+    "ITDState",
+    "itd",
+    # run
+    "run",
+    "scan_run",
+    # evaluation
+    "lower_level_evaluation",
+    # sweep
     "product_grid",
+    "sweep",
+    # sharding
     "replicate",
     "shard_batch",
-    "sweep",
 )

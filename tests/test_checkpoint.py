@@ -1,11 +1,14 @@
 """Checkpointing: full run state round trips, exact resume, clear errors, atomic saves."""
 
 import glob
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -392,3 +395,224 @@ def test_failed_save_in_process_keeps_previous(tmp_path, monkeypatch):
   monkeypatch.undo()
   assert checkpoint.latest_step(tmp_path) == 5
   assert checkpoint.restore(tmp_path, p0, tx.init(p0)).step == 5
+
+
+# ---------------------------------------------------------------------------
+# Interrupts and untrusted checkpoints.
+# ---------------------------------------------------------------------------
+
+
+class _InterruptInFinalizer:
+  """Sends SIGINT to this process from ``__del__`` and waits for it there.
+
+  Python runs the signal handler inside ``__del__``, where the
+  ``KeyboardInterrupt`` it raises is printed and dropped: the way a Ctrl-C
+  that lands in a finalizer or in one of orbax's ``except BaseException``
+  blocks used to be swallowed.
+  """
+
+  def __del__(self):
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):
+      time.sleep(0.001)
+
+
+def _rename_hook(monkeypatch, step, action):
+  """Runs ``action()`` when orbax renames the temporary dir of ``step``."""
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+  real_rename = async_path.rename
+
+  async def rename(src, dst):
+    if os.path.basename(str(dst)) == str(step):
+      action()
+    return await real_rename(src, dst)
+
+  monkeypatch.setattr(async_path, "rename", rename)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_sigint_during_save_stops_the_run(tmp_path, monkeypatch):
+  tx, p0 = _SMALL_TX, _SMALL_P0
+  _rename_hook(monkeypatch, 20, lambda: _InterruptInFinalizer() and None)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.resumable_run(tx, p0, num_steps=40, directory=tmp_path,
+                             save_every=10)
+  monkeypatch.undo()
+  # Held back until step 20 was complete, then raised: the run stopped there.
+  assert sorted(os.listdir(tmp_path)) == ["10", "20"]
+  expected = jbl.run(tx, p0, num_steps=20, chunk_size=10)
+  restored = checkpoint.restore(tmp_path, p0, tx.init(p0))
+  assert restored.step == 20
+  _assert_identical((restored.params, restored.state), expected[:2])
+  _assert_identical(checkpoint.restore(tmp_path, p0, tx.init(p0),
+                                       step=10).params,
+                    jbl.run(tx, p0, num_steps=10)[0])
+
+
+def test_keyboard_interrupt_inside_save_cleans_up(tmp_path, monkeypatch):
+  tx, p0 = _saved_run(tmp_path)
+
+  def interrupt():
+    raise KeyboardInterrupt
+
+  _rename_hook(monkeypatch, 6, interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.save(tmp_path, p0, tx.init(p0), step=6)
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ["5"]  # no temporary debris
+  assert checkpoint.restore(tmp_path, p0, tx.init(p0)).step == 5
+
+
+def _edit_meta(step_dir, edit, *, rehash):
+  path = os.path.join(step_dir, "meta", "metadata")
+  with open(path, encoding="utf-8") as fh:
+    meta = json.load(fh)
+  edit(meta)
+  if rehash:  # an editor who also recomputes the checksum
+    # pylint: disable-next=protected-access
+    meta["checksum"] = checkpoint_src._meta_digest(meta)
+  with open(path, "w", encoding="utf-8") as fh:
+    json.dump(meta, fh)
+
+
+def _set(key, value):
+  def edit(meta):
+    meta[key] = value
+  return edit
+
+
+def _set_key(field, value):
+  def edit(meta):
+    meta["key"][field] = value
+  return edit
+
+
+HOSTILE_META = [
+    ("step edited", _set("step", 500), False,
+     "invalid metadata .*meta/metadata.*checksum does not match"),
+    ("step edited, checksum redone", _set("step", 500), True,
+     "invalid metadata .*meta/metadata.*records step 500 but is stored as "
+     "step 5"),
+    ("huge key shape", _set_key("shape", [10 ** 12, 2]), True,
+     "key shape .* larger than any PRNG key"),
+    ("object key dtype", _set_key("dtype", "object"), True,
+     "key dtype 'object' is not an integer dtype"),
+    ("unknown PRNG", _set_key("impl", "no_such_prng"), True,
+     "PRNG implementation 'no_such_prng' is unknown"),
+    ("key shape of another PRNG", _set_key("shape", [4]), True,
+     r"key data of shape \[4\] .* do not fit the PRNG implementation"),
+    ("params missing", lambda meta: meta.pop("params"), True,
+     "the params entry is missing or malformed"),
+    ("state malformed", _set("state", [["x", [-1], "float32"]]), True,
+     "the state entry is missing or malformed"),
+    ("has_history not a bool", _set("has_history", "yes"), True,
+     "has_history is 'yes'"),
+]
+
+
+@pytest.mark.parametrize("name,edit,rehash,message", HOSTILE_META,
+                         ids=[h[0] for h in HOSTILE_META])
+def test_edited_or_hostile_metadata_is_refused(tmp_path, name, edit, rehash,
+                                               message):
+  del name
+  tx, p0 = _SMALL_TX, _SMALL_P0
+  checkpoint.save(tmp_path, p0, tx.init(p0), step=5,
+                  key=jax.random.key(1))
+  _edit_meta(os.path.join(tmp_path, "5"), edit, rehash=rehash)
+  with pytest.raises(checkpoint.CheckpointError, match=message):
+    checkpoint.restore(tmp_path, p0, tx.init(p0))
+
+
+def test_resuming_with_another_method_names_the_method(tmp_path):
+  tx, p0 = _saved_run(tmp_path)  # PBGD-Free
+  other = jbl.alt_pbgd(lambda x, y, batch: x ** 2 + 10.0 * y,
+                       lambda x, y, batch: (y - x + 1.0) ** 2, gamma=15.0,
+                       upper_optimizer=optax.adam(0.01),
+                       lower_optimizer=optax.sgd(0.01))
+  del tx
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="another method: it was saved with a "
+                     "PBGDFreeState, the template state is a ALTPBGDState"):
+    checkpoint.restore(tmp_path, p0, other.init(p0))
+  with pytest.raises(checkpoint.CheckpointError, match="another method"):
+    checkpoint.resumable_run(other, p0, num_steps=10, directory=tmp_path,
+                             save_every=5)
+
+
+def test_incomplete_step_directories_are_ignored(tmp_path):
+  tx, p0 = _saved_run(tmp_path)
+  os.mkdir(os.path.join(tmp_path, "9"))  # empty, named like a step
+  os.makedirs(os.path.join(tmp_path, "12", "arrays"))  # a half copy
+  assert checkpoint.latest_step(tmp_path) == 5
+  assert checkpoint.restore(tmp_path, p0, tx.init(p0)).step == 5
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"steps \[5\] \(incomplete ones, ignored: "
+                     r"\[9, 12\]"):
+    checkpoint.restore(tmp_path, p0, tx.init(p0), step=9)
+  # Orbax would refuse to save below them: the half copy is reported, an
+  # empty one is removed.
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="12 is named like a checkpoint but is not a "
+                     "complete one"):
+    checkpoint.save(tmp_path, p0, tx.init(p0), step=9)
+  shutil.rmtree(os.path.join(tmp_path, "12"))
+  checkpoint.save(tmp_path, p0, tx.init(p0), step=9)
+  assert checkpoint.restore(tmp_path, p0, tx.init(p0)).step == 9
+  assert sorted(os.listdir(tmp_path)) == ["5", "9"]
+
+
+_SIGINT_TRIALS_SCRIPT = textwrap.dedent("""
+    import os, random, signal, sys, tempfile, threading, time
+    import jax, jax.numpy as jnp, optax
+    jax.config.update("jax_enable_x64", True)  # as in tests/conftest.py
+    import jaxbilevel as jbl
+    from jaxbilevel import checkpoint
+    from orbax.checkpoint._src.path import async_path
+
+    f = lambda x, y, batch: x ** 2 + 10.0 * y
+    g = lambda x, y, batch: (y - x + 1.0) ** 2
+    tx = jbl.pbgd_free(f, g, gamma=15.0, upper_optimizer=optax.adam(0.01),
+                       lower_optimizer=optax.sgd(0.01))
+    p0 = jbl.BilevelParams(jnp.float32(2.0), jnp.float32(3.0))
+    real_rename = async_path.rename
+    armed = []
+
+    async def rename(src, dst):  # SIGINT a few ms into the 2nd save's commit
+      if os.path.basename(str(dst)) == "20" and not armed:
+        armed.append(True)
+        delay = random.uniform(0.0, 0.02)
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
+      return await real_rename(src, dst)
+
+    async_path.rename = rename
+    random.seed(0)
+    outcomes = []
+    for trial in range(8):
+      armed.clear()
+      directory = tempfile.mkdtemp()
+      try:
+        checkpoint.resumable_run(tx, p0, num_steps=60, directory=directory,
+                                 save_every=10)
+        outcomes.append("went-on")
+      except KeyboardInterrupt:
+        time.sleep(0.05)
+        step = checkpoint.latest_step(directory)
+        checkpoint.restore(directory, p0, tx.init(p0))
+        debris = [n for n in os.listdir(directory) if "tmp" in n]
+        outcomes.append(f"stopped@{step}" + ("+debris" if debris else ""))
+    print("OUTCOMES", " ".join(outcomes))
+""")
+
+
+@pytest.mark.slow
+def test_sigint_at_random_moments_of_a_save_always_stops_the_run():
+  """8 real SIGINTs during saves: every run stops with a readable checkpoint."""
+  proc = subprocess.run([sys.executable, "-c", _SIGINT_TRIALS_SCRIPT],
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  outcomes = proc.stdout.split("OUTCOMES")[-1].split()
+  assert len(outcomes) == 8
+  # Stopped (at the save that the signal hit, or at the next one if it came
+  # during the computation), with no temporary directory left behind.
+  assert all(o in ("stopped@20", "stopped@30") for o in outcomes), outcomes

@@ -118,11 +118,21 @@ def test_directory_name_lookup_download_and_offline_error(tmp_path,
   assert z.shape == (30, 45)
   # "Download" from a file:// URL into a cache directory, then reuse it.
   url = "file://" + datasets.sample_path("diabetes")
-  path = datasets.download("diabetes", tmp_path / "cache", url=url)
-  assert os.path.basename(path) == "diabetes_libsvm_scaled.txt"
-  z, _ = datasets.load_diabetes("diabetes", cache_dir=tmp_path / "cache",
-                                download_if_missing=False)
+  path = datasets.download("diabetes_sample.txt", tmp_path / "cache", url=url)
+  assert os.path.basename(path) == "diabetes_sample.txt"
+  z, _ = datasets.load_diabetes(path)
   assert z.shape == (30, 45)
+  # The sample is not the published "diabetes" file: refused, not cached.
+  with pytest.raises(datasets.DatasetError, match="not the 'diabetes' data"):
+    datasets.download("diabetes", tmp_path / "cache2", url=url)
+  assert os.listdir(tmp_path / "cache2") == []
+  if HAS_DATA:  # the real file passes its size and SHA-256 check
+    url = "file://" + os.path.join(DATA_DIR, "diabetes_libsvm_scaled.txt")
+    path = datasets.download("diabetes", tmp_path / "cache", url=url)
+    assert os.path.basename(path) == "diabetes_libsvm_scaled.txt"
+    z, _ = datasets.load_diabetes("diabetes", cache_dir=tmp_path / "cache",
+                                  download_if_missing=False)
+    assert z.shape == (768, 45)
   # Offline: a clear error, and nothing half-written is left behind.
 
   def offline(*args, **kwargs):

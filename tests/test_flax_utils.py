@@ -65,12 +65,12 @@ def test_nnx_state_split_by_variable_type_and_merge():
   graphdef, state = _nnx_model()
   split = flax_utils.split_params(state, flax_utils.is_lora)
   assert isinstance(split.x, nnx.State) and isinstance(split.y, nnx.State)
-  x_vars = list(split.x.flat_state())
+  x_vars = list(nnx.to_flat_state(split.x))
   assert [p for p, _ in x_vars] == [("backbone", "lora", "lora_a"),
                                     ("backbone", "lora", "lora_b")]
   assert all(isinstance(v, nnx.LoRAParam) for _, v in x_vars)
   assert not any(isinstance(v, nnx.LoRAParam)
-                 for _, v in split.y.flat_state())
+                 for _, v in nnx.to_flat_state(split.y))
   by_type = flax_utils.split_params(
       state, lambda path, leaf: isinstance(leaf, nnx.LoRAParam))
   assert _tree_equal(by_type, split)

@@ -151,3 +151,56 @@ def test_merge_errors():
     lora.merge(params, bad)
   with pytest.raises(jbl.BilevelValidationError, match="nested dict"):
     lora.merge([1, 2], adapters)
+
+
+class FusedAttentionProjections(nn.Module):
+  """DenseGeneral kernels: [d, heads, head_dim] in, [heads, head_dim, d] out."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    h = nn.DenseGeneral((2, 3), name="qkv")(inputs)         # [B, 2, 3]
+    return nn.DenseGeneral(4, axis=(-2, -1), name="out")(jnp.tanh(h))
+
+
+@pytest.mark.parametrize("target, in_axes", [("qkv", 1), ("out", 2)])
+def test_dense_general_kernels_match_explicit_reshape(target, in_axes):
+  model = FusedAttentionProjections()
+  inputs = jax.random.normal(jax.random.PRNGKey(0), (5, 4), jnp.float32)
+  params = model.init(jax.random.PRNGKey(1), inputs)["params"]
+  adapter = lora.lora(target, rank=2, alpha=3.0, in_axes=in_axes)
+  adapters = adapter.init(jax.random.PRNGKey(2), params)
+  kernel = params[target]["kernel"]
+  d_in = int(np.prod(kernel.shape[:in_axes]))
+  d_out = int(np.prod(kernel.shape[in_axes:]))
+  assert adapters[target]["lora_a"].shape == (d_in, 2)
+  assert adapters[target]["lora_b"].shape == (2, d_out)
+  np.testing.assert_array_equal(
+      model.apply({"params": adapter.merge(params, adapters)}, inputs),
+      model.apply({"params": params}, inputs))
+  b = jax.random.normal(jax.random.PRNGKey(3), (2, d_out), jnp.float32)
+  adapters = {target: {"lora_a": adapters[target]["lora_a"], "lora_b": b}}
+  merged = adapter.merge(params, adapters)
+  # Explicit computation: the kernel as the matrix [d_in, d_out] it applies.
+  matrix = (kernel.reshape(d_in, d_out)
+            + 1.5 * adapters[target]["lora_a"] @ b)
+  np.testing.assert_allclose(merged[target]["kernel"].reshape(d_in, d_out),
+                             matrix, rtol=1e-6, atol=1e-7)
+  qkv = params["qkv"]["kernel"].reshape(4, 6)
+  out = params["out"]["kernel"].reshape(6, 4)
+  if target == "qkv":
+    qkv = matrix
+  else:
+    out = matrix
+  hidden = jnp.tanh(inputs @ qkv + params["qkv"]["bias"].reshape(6))
+  expected = hidden @ out + params["out"]["bias"]
+  np.testing.assert_allclose(model.apply({"params": merged}, inputs),
+                             expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_general_errors():
+  params = {"qkv": {"kernel": jnp.ones((4, 2, 3))}}
+  with pytest.raises(jbl.BilevelValidationError, match="in_axes must be 1"):
+    lora.init(jax.random.PRNGKey(0), params, target="qkv", rank=2, in_axes=3)
+  bad = {"qkv": {"lora_a": jnp.ones((5, 2)), "lora_b": jnp.ones((2, 6))}}
+  with pytest.raises(jbl.BilevelValidationError, match="do not give"):
+    lora.merge(params, bad)

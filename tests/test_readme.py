@@ -1,5 +1,7 @@
 """The README's Python examples run as written."""
 
+import contextlib
+import io
 import pathlib
 import re
 
@@ -12,12 +14,21 @@ def test_readme_python_blocks_run():
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
   assert len(blocks) >= 2
   namespace = {}
-  for block in blocks:
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    exec(compile(blocks[0], str(README), "exec"), namespace)  # pylint: disable=exec-used
+  # The quickstart's problem: y* = x, and F(x) = |x - 1|^2 + 0.1 |x|^2 is
+  # minimised at x* = 1/1.1 with F(x*) = 3 * 0.1 / 1.1.
+  numbers = [float(v) for v in re.findall(r"-?\d+\.\d+", printed.getvalue())]
+  assert len(numbers) == 4, printed.getvalue()
+  np.testing.assert_allclose(numbers[:3], 1 / 1.1, atol=1e-3)
+  np.testing.assert_allclose(numbers[3], 0.3 / 1.1, atol=1e-4)
+  # The numbers the README says it prints are the ones it prints.
+  assert "# prints: " + printed.getvalue().strip() in blocks[0]
+  x = np.asarray(namespace["params"].x)
+  np.testing.assert_allclose(x, 1 / 1.1, atol=2e-4)   # ALT-PBGD, O(1/gamma)
+  for block in blocks[1:]:
     exec(compile(block, str(README), "exec"), namespace)  # pylint: disable=exec-used
-  params = namespace["params"]
-  # The quickstart's problem: y* = x, and min_x |x - 1|^2 + 0.1 |x|^2 -> 1/1.1.
-  # PBGD-Free is biased here (f is not flat in y); it stays finite and moves.
-  assert np.all(np.isfinite(np.asarray(params.x)))
   swept = namespace["sweep"](np.logspace(0, 3, 4), np.full(4, 0.1))
   # ALT-PBGD approaches the bilevel solution 1 / 1.1 as gamma grows.
   err = np.abs(np.asarray(swept.x) - 1 / 1.1).max(axis=1)

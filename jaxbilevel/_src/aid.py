@@ -13,7 +13,7 @@ from jaxbilevel._src import hypergradient
 from jaxbilevel._src import inner
 from jaxbilevel._src import tree as tree_lib
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("linear_residual",)
+DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("linear_residual", "tol")
 
 
 class AIDState(NamedTuple):
@@ -28,8 +28,10 @@ class AIDState(NamedTuple):
       :math:`(x_t, y_{t+1})` (the point where the hypergradient is taken),
       ``upper_grad_norm`` (norm of the hypergradient), ``lower_grad_norm``
       (norm of :math:`\\nabla_y g` at the start of the inner solve), ``gamma`` (always
-      0: AID has no penalty constant) and ``linear_residual``
-      :math:`\\|\\nabla_y f - Hv\\|`.
+      0: AID has no penalty constant), ``linear_residual``
+      :math:`\\|\\nabla_y f - Hv\\|` and ``tol`` (the CG tolerance of
+      the step: NaN when a traced or scheduled ``tol`` was negative, so that
+      the run reports it by name).
   """
 
   count: jax.Array
@@ -167,7 +169,8 @@ def aid(f: base.Objective,
         dtype, f=info.value, g=g(x, y_new, batch),
         upper_grad_norm=tree_lib.tree_norm(direction),
         lower_grad_norm=inner.first_step(trace).grad_norm,
-        gamma=jnp.zeros((), dtype), linear_residual=info.residual_norm)
+        gamma=jnp.zeros((), dtype), linear_residual=info.residual_norm,
+        tol=tol_t)
     new_state = AIDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, diagnostics=diag)

@@ -15,7 +15,9 @@ Conventions (see ``ALGORITHMS.md`` §0.2):
 
 from __future__ import annotations
 
+import functools
 import numbers
+import re
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -71,6 +73,54 @@ def _is_concrete(value) -> bool:
   return False
 
 
+def _not_a_number(value, name: str, fix: Optional[str] = None
+                  ) -> Optional[str]:
+  """The message for a hyperparameter that is not a real number, else None.
+
+  Strings are the common case (``gamma="10"`` read from a config file): JAX
+  would parse them silently, so they are rejected before any conversion.
+  ``fix`` replaces the suggested conversion ``name=float(value)``.
+  """
+  if isinstance(value, (str, bytes)):
+    fix = fix or f"Convert it first, e.g. {name}=float({value!r})."
+    return f"{name} must be a number, got the string {value!r}. {fix}"
+  if isinstance(value, (bool, np.bool_)):
+    return f"{name} must be a number, got {value!r}."
+  if not isinstance(value, (numbers.Number, np.ndarray, np.generic,
+                            jax.Array)):
+    return (f"{name} must be a number, an array or a schedule step -> value, "
+            f"got {value!r} of type {type(value).__name__}.")
+  try:
+    kind = jnp.result_type(value).kind
+  except TypeError:  # e.g. fractions.Fraction: a Number JAX cannot convert
+    kind = "O"
+  if kind not in "iuf":
+    return (f"{name} must be a real number, got a value of dtype "
+            f"{jnp.result_type(value)}.")
+  return None
+
+
+_SCHEDULE_FIX = "Return a number or an array, e.g. float(value)."
+
+
+def _named_schedule(schedule: Schedule, name: str) -> Schedule:
+  """Wraps a schedule so that a non-numeric output is reported by name."""
+  if getattr(schedule, "_jaxbilevel_name", None) == name:
+    return schedule
+
+  def checked(count):
+    value = schedule(count)
+    message = _not_a_number(value, f"the value of the schedule {name}",
+                            _SCHEDULE_FIX)
+    if message is not None:
+      raise BilevelValidationError(message)
+    return value
+
+  checked._jaxbilevel_name = name  # pylint: disable=protected-access
+  checked.__wrapped__ = schedule
+  return checked
+
+
 def check_hyperparameter(value: ScalarOrSchedule, name: str, *,
                          positive: bool = True,
                          allow_zero: bool = False) -> ScalarOrSchedule:
@@ -88,14 +138,16 @@ def check_hyperparameter(value: ScalarOrSchedule, name: str, *,
     allow_zero: whether zero is admissible (e.g. a penalty ramp starting at 0).
 
   Returns:
-    ``value`` unchanged.
+    ``value`` unchanged, or a schedule wrapped so that a non-numeric value
+    (e.g. a string) it returns is reported by ``name``.
   """
   if callable(value):
-    return value
+    return _named_schedule(value, name)
   if value is None:
     raise BilevelValidationError(f"{name} must be given, got None.")
-  if isinstance(value, (bool, np.bool_)):
-    raise BilevelValidationError(f"{name} must be a number, got {value!r}.")
+  message = _not_a_number(value, name)
+  if message is not None:
+    raise BilevelValidationError(message)
   if _is_concrete(value):
     arr = np.asarray(value)
     if arr.ndim != 0:
@@ -127,6 +179,13 @@ def resolve_hyperparameter(value: ScalarOrSchedule, count: Array, dtype, *,
   wrong answer.
   """
   v = value(count) if callable(value) else value
+  label = getattr(value, "_jaxbilevel_name", None)
+  label = (f"the value of the schedule {label}" if label else
+           "the value of a hyperparameter schedule" if callable(value) else
+           "a hyperparameter")
+  message = _not_a_number(v, label, _SCHEDULE_FIX)
+  if message is not None:
+    raise BilevelValidationError(message)
   v = jnp.asarray(v, dtype=dtype)
   if jnp.ndim(v) != 0:
     raise BilevelValidationError(
@@ -169,6 +228,17 @@ def check_params(params, method: str) -> BilevelParams:
           f"{method}: params.{level} has no array leaves.")
     for path, leaf in jax.tree_util.tree_leaves_with_path(
         getattr(params, level)):
+      # jnp.result_type("float32") is float32: a string leaf would pass the
+      # dtype test below, so only array-like leaves are accepted.
+      if isinstance(leaf, (str, bytes)) or not (
+          isinstance(leaf, (numbers.Number, np.ndarray, np.generic,
+                            jax.Array))
+          or (hasattr(leaf, "shape") and hasattr(leaf, "dtype"))):
+        raise BilevelValidationError(
+            f"{method}: params.{level}{jax.tree_util.keystr(path)} is "
+            f"{leaf!r} of type {type(leaf).__name__}, not an array; bilevel "
+            "variables must be floating point arrays, e.g. "
+            "jnp.zeros(3, jnp.float32).")
       dtype = jnp.result_type(leaf)
       if not jnp.issubdtype(dtype, jnp.floating):
         raise BilevelValidationError(
@@ -214,6 +284,26 @@ def check_same_structure(a, b, what_a: str, what_b: str, method: str):
           f"{what_b} has shape {jnp.shape(lb)}.")
 
 
+def _non_array_output(out) -> Optional[str]:
+  """Describes an output that is not an array (None, a string, a container).
+
+  ``jnp.shape`` would turn a tuple of scalars into a shape and fail with a
+  raw error on a dict or a string, so these are named before any shape test.
+  """
+  if out is None:
+    return "None (is a `return` statement missing?)."
+  if isinstance(out, (str, bytes)):
+    return f"the string {out!r}."
+  if isinstance(out, (tuple, list, dict)):
+    kind = type(out).__name__
+    return (f"a {kind} ({len(out)} element(s)). Return the value alone as an "
+            "array: bilevel methods take no auxiliary outputs from f and g.")
+  if not (isinstance(out, (numbers.Number, np.ndarray, np.generic, jax.Array))
+          or (hasattr(out, "shape") and hasattr(out, "dtype"))):
+    return f"an object of type {type(out).__name__}, not an array."
+  return None
+
+
 def checked_output(fn: Callable, name: str, *, expects: str, floating: str,
                    what: str, shape_error: Callable[[tuple], Optional[str]],
                    marker: str) -> Callable:
@@ -237,6 +327,11 @@ def checked_output(fn: Callable, name: str, *, expects: str, floating: str,
 
   def wrapped(x, y, batch=None):
     out = fn(x, y, batch)
+    got = _non_array_output(out)
+    if got is not None:
+      raise BilevelValidationError(
+          f"{what} {name}(x, y, batch) must return a {expects}, but it "
+          f"returned {got}")
     message = shape_error(jnp.shape(out))
     if message is not None:
       raise BilevelValidationError(
@@ -294,6 +389,112 @@ def check_optimizers(**optimizers) -> None:
           f"{name} must be an optax GradientTransformation (e.g. "
           f"optax.sgd(0.1), optax.adam(1e-3) or an optax.chain), got "
           f"{opt!r} of type {type(opt).__name__}.")
+    message = _probe_optimizer(opt, name)
+    if message is not None:
+      raise BilevelValidationError(message)
+
+
+def optimizer_failure(optimizer, err: Exception, name: str) -> Optional[str]:
+  """Explains why ``optimizer.update`` raised ``err``, when the cause is known.
+
+  Two causes are recognised: an optimizer that needs extra arguments (e.g.
+  ``optax.lbfgs`` needs ``value``, ``grad`` and ``value_fn``; a bilevel
+  method passes none), and a hyperparameter given as a string (e.g.
+  ``optax.sgd("0.1")``), found among the values its functions close over.
+  Returns the message, or None when the cause is something else.
+  """
+  missing = re.search(r"missing \d+ required keyword-only arguments?: (.*)",
+                      str(err))
+  if isinstance(err, TypeError) and missing:
+    args = ", ".join(re.findall(r"'(\w+)'", missing.group(1)))
+    return (
+        f"{name} needs extra arguments ({args}) that a bilevel method does "
+        "not pass to its optimizers, so it is not supported (optax.lbfgs "
+        "needs value, grad and value_fn; optax.contrib.reduce_on_plateau "
+        "needs value). Use a first-order optimizer such as optax.sgd or "
+        "optax.adam, with an optax schedule to change the learning rate. "
+        f"Original error: {err}")
+  strings = _closure_strings(optimizer)
+  if isinstance(err, (TypeError, ValueError)) and strings:
+    held = ", ".join(f"{k}={v!r}" for k, v in strings)
+    empty = (" (optax.sgd(\"0.1\") keeps -1 * \"0.1\", which is '')"
+             if any(v == "" for _, v in strings) else "")
+    return (
+        f"{name} holds a string where optax expects a number ({held}){empty}:"
+        " a learning rate or another hyperparameter was given as a string. "
+        "Pass numbers, e.g. optax.sgd(0.1) instead of optax.sgd(\"0.1\"). "
+        f"Original error: {err}")
+  return None
+
+
+def _closure_strings(obj, depth: int = 0) -> list:
+  """``(name, value)`` of the strings that ``obj``'s functions close over.
+
+  Follows optax's transformations (named tuples of closures, chains holding
+  tuples of them) a few levels down. Only strings that spell a number are
+  reported (see :func:`_numeric_string`), and not inside containers (e.g. the
+  labels of ``optax.partition``).
+  """
+  if depth > 8:
+    return []
+  found = []
+  if isinstance(obj, (tuple, list)):
+    for item in obj:
+      found += _closure_strings(item, depth + 1)
+  elif isinstance(obj, dict):
+    for item in obj.values():
+      if not isinstance(item, str):
+        found += _closure_strings(item, depth + 1)
+  elif isinstance(obj, functools.partial):
+    found += _closure_strings(obj.func, depth + 1)
+  elif callable(obj) and getattr(obj, "__closure__", None):
+    for var, cell in zip(obj.__code__.co_freevars, obj.__closure__):
+      try:
+        value = cell.cell_contents
+      except ValueError:  # an empty cell
+        continue
+      if isinstance(value, str):
+        if _numeric_string(value):
+          found.append((var, value))
+      else:
+        found += _closure_strings(value, depth + 1)
+  # The same closure is reached through init and update: report it once.
+  return list(dict.fromkeys(found))
+
+
+def _numeric_string(text: str) -> bool:
+  """Whether ``text`` is a number written as a string (or ``''``).
+
+  ``''`` is what ``optax.sgd("0.1")`` keeps: it negates the learning rate as
+  ``-1 * "0.1"``, which Python evaluates to the empty string. Other strings
+  (``mode="hard"``) are legitimate options and are not reported.
+  """
+  if not text:
+    return True
+  try:
+    float(text)
+    return True
+  except ValueError:
+    return False
+
+
+def _probe_optimizer(opt, name: str) -> Optional[str]:
+  """Tries ``opt`` on a scalar variable (abstractly) at construction time.
+
+  Catches optimizers that can never work in a bilevel method (see
+  :func:`optimizer_failure`) before any params are given. Only the
+  recognised causes are reported: an optimizer that fails on a scalar for
+  other reasons (e.g. ``optax.partition`` with labels for a pytree) is left
+  to the check at trace time, where the real params are known.
+  """
+  def step(p):
+    return opt.update(p, opt.init(p), p)
+
+  try:
+    jax.eval_shape(step, jax.ShapeDtypeStruct((), jnp.float32))
+  except Exception as err:  # pylint: disable=broad-except
+    return optimizer_failure(opt, err, name)
+  return None
 
 
 def level_arguments(upper_optimizer, lower_optimizer, value_optimizer, proj_x,
@@ -337,7 +538,48 @@ def optional_projection(proj: Optional[Projection], name: str) -> Projection:
     raise BilevelValidationError(
         f"{name} must be a callable pytree -> pytree (see "
         f"jaxbilevel.projections), got {type(proj).__name__}.")
-  return proj
+  return checked_projection(proj, name)
+
+
+def checked_projection(proj: Projection, name: str) -> Projection:
+  """Wraps ``proj`` so that its output is checked against its input.
+
+  A projection must return the structure, shapes and dtypes of the variables
+  it projects: a scalar returned for a vector would otherwise be broadcast
+  silently by the update, and another shape or dtype fails inside
+  ``lax.scan`` with an error that does not name the projection. The check
+  reads only static shapes, so it costs nothing at run time.
+  """
+  if getattr(proj, "_jaxbilevel_projection", False):
+    return proj
+
+  def wrapped(tree):
+    out = proj(tree)
+    fix = (f" {name} must return a pytree with the structure, shapes and "
+           "dtypes of its input (project each leaf, e.g. jax.tree.map("
+           "lambda v: jnp.clip(v, lo, hi).astype(v.dtype), tree)).")
+    s_in, s_out = jax.tree.structure(tree), jax.tree.structure(out)
+    if s_in != s_out:
+      raise BilevelValidationError(
+          f"{name} changed the structure of the variables:\n  input:  "
+          f"{s_in}\n  output: {s_out}\n" + fix)
+    for path, a, b in zip(
+        [p for p, _ in jax.tree_util.tree_leaves_with_path(tree)],
+        jax.tree.leaves(tree), jax.tree.leaves(out)):
+      where = f"the leaf {jax.tree_util.keystr(path)}" if path else "a leaf"
+      if jnp.shape(a) != jnp.shape(b):
+        raise BilevelValidationError(
+            f"{name} returned shape {jnp.shape(b)} for {where} of shape "
+            f"{jnp.shape(a)}." + fix)
+      if jnp.result_type(a) != jnp.result_type(b):
+        raise BilevelValidationError(
+            f"{name} returned dtype {jnp.result_type(b)} for {where} of "
+            f"dtype {jnp.result_type(a)}." + fix)
+    return out
+
+  wrapped._jaxbilevel_projection = True  # pylint: disable=protected-access
+  wrapped.__wrapped__ = proj
+  return wrapped
 
 
 # ---------------------------------------------------------------------------

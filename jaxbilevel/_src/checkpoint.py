@@ -12,7 +12,15 @@ Saves are atomic: orbax writes into a temporary directory and renames it to
 ``<step>`` only when every item is written, and older checkpoints are
 deleted (``max_to_keep``) only after that. A save that is interrupted leaves
 at most a temporary directory, which :func:`latest_step` and
-:func:`restore` ignore, so the last complete checkpoint stays readable.
+:func:`restore` ignore, so the last complete checkpoint stays readable. A
+``Ctrl-C`` (SIGINT) during a save is held back until the save is complete and
+then raised as ``KeyboardInterrupt`` (a second ``Ctrl-C`` aborts the save at
+once); a save stopped by an exception removes its temporary directory.
+
+The metadata of a checkpoint are checked before anything is allocated from
+them: they carry a SHA-256 of their own content (so an edited step is
+detected), the step must equal the directory's name, and the type name of
+the method's state is stored so that resuming with another method says so.
 
 :func:`resumable_run` is :func:`jaxbilevel.run` with a checkpoint every
 ``save_every`` steps; started again with the same directory it continues
@@ -24,7 +32,14 @@ from __future__ import annotations
 # This module drives jaxbilevel.run's compiled chunks with a global step.
 # pylint: disable=protected-access
 
+import contextlib
+import glob
+import hashlib
+import json
 import os
+import shutil
+import signal
+import threading
 import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -44,7 +59,9 @@ from jaxbilevel._src import base
 from jaxbilevel._src import run as run_lib
 
 _FORMAT = "jaxbilevel-run-checkpoint"
-_VERSION = 1
+_VERSION = 2
+# Largest saved PRNG key (elements) that restore allocates.
+_MAX_KEY_SIZE = 2 ** 20
 
 
 class CheckpointError(RuntimeError):
@@ -80,9 +97,94 @@ def _directory(directory) -> str:
   return os.path.abspath(os.fspath(directory))
 
 
+def _is_complete(path: str) -> bool:
+  """Whether ``path`` is a finished checkpoint written by :func:`save`.
+
+  Orbax writes ``_CHECKPOINT_METADATA`` when it finalises a step and our
+  ``meta`` item holds ``meta/metadata``; a directory that merely has a step
+  number as its name (left by a copy, a crash or a user) lacks them.
+  """
+  return (os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA"))
+          and os.path.isfile(os.path.join(path, "meta", "metadata")))
+
+
 def _steps(directory: str) -> list:
-  """The steps of the complete checkpoints (temporary directories excluded)."""
-  return sorted(ocp.path.step.checkpoint_steps(directory))
+  """The steps of the complete checkpoints (temporary and incomplete excluded)."""
+  return sorted(
+      step for step in ocp.path.step.checkpoint_steps(directory)
+      if _is_complete(os.path.join(directory, str(step))))
+
+
+def _meta_digest(meta: dict) -> str:
+  """SHA-256 of the metadata without its ``checksum`` entry (canonical JSON)."""
+  body = {k: v for k, v in meta.items() if k != "checksum"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+  """Holds a SIGINT back until the block ends, then raises KeyboardInterrupt.
+
+  Python raises a SIGINT's ``KeyboardInterrupt`` wherever the main thread
+  happens to be, and during a save that can be a finalizer (``__del__``),
+  where it is printed and dropped, or one of orbax's ``except BaseException``
+  blocks, which log it: the run went on. While the block runs, the first
+  SIGINT is only recorded; a second one raises at once. Only the main thread
+  can own signal handlers, and a handler the caller installed is left alone.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  received = []
+
+  def handler(signum, frame):
+    del signum, frame
+    if received:
+      raise KeyboardInterrupt
+    received.append(True)
+
+  signal.signal(signal.SIGINT, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:  # also when the block failed: the user asked to stop
+      raise KeyboardInterrupt  # pylint: disable=lost-exception
+
+
+def _incomplete_steps(directory: str) -> list:
+  """Steps of directories named like checkpoints that are not complete."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(step for step in ocp.path.step.checkpoint_steps(directory)
+                if not _is_complete(os.path.join(directory, str(step))))
+
+
+def _clear_incomplete(directory: str, step: int):
+  """Removes empty step directories at or after ``step``; refuses others.
+
+  Orbax counts any directory named like a step as a checkpoint, and would
+  not save a step below it.
+  """
+  for other in _incomplete_steps(directory):
+    if other < step:
+      continue
+    path = os.path.join(directory, str(other))
+    try:  # an empty directory named like a step: nothing to lose
+      os.rmdir(path)
+    except OSError as err:
+      raise CheckpointError(
+          f"cannot save step {step} in {directory}: {path} is named like a "
+          "checkpoint but is not a complete one (left by a copy or an "
+          "interrupted tool?); move it away or remove it.") from err
+
+
+def _remove_temporary(directory: str, step: int):
+  """Deletes what an unfinished save of ``step`` left in ``directory``."""
+  for path in glob.glob(os.path.join(
+      glob.escape(directory), f"{step}.orbax-checkpoint-tmp*")):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _leaf_signature(tree) -> list:
@@ -161,35 +263,44 @@ def save(directory, params, state, *, step: int,
     arrays["key"] = key_data
   meta = {"format": _FORMAT, "version": _VERSION, "step": step,
           "has_history": history is not None, "key": key_meta,
+          "state_type": type(state).__name__,
           "params": _leaf_signature(params), "state": _leaf_signature(state)}
+  meta["checksum"] = _meta_digest(meta)
   items = {"arrays": ocp.args.StandardSave(arrays),
            "meta": ocp.args.JsonSave(meta)}
   if history is not None:
     items["history"] = ocp.args.PyTreeSave(jax.tree.map(np.asarray, history))
 
+  latest = latest_step(directory)
+  if latest is not None and step <= latest:
+    raise CheckpointError(
+        f"cannot save step {step} in {directory}: it already holds a "
+        f"checkpoint for step {latest}, and steps must increase. Use a new "
+        "directory for a new run.")
+  target = os.path.join(directory, str(step))
+  _clear_incomplete(directory, step)
+
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                          enable_async_checkpointing=False)
-  manager = ocp.CheckpointManager(directory, options=options)
-  try:
-    latest = manager.latest_step()
-    if latest is not None and step <= latest:
-      raise CheckpointError(
-          f"cannot save step {step} in {directory}: it already holds a "
-          f"checkpoint for step {latest}, and steps must increase. Use a new "
-          "directory for a new run.")
+  with _sigint_deferred():
+    manager = ocp.CheckpointManager(directory, options=options)
     try:
-      saved = manager.save(step, args=ocp.args.Composite(**items))
-      manager.wait_until_finished()
-    except Exception as err:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f"saving step {step} in {directory} failed ({_short(err)}); the "
-          "checkpoints saved before are untouched.") from err
-    if not saved:
-      raise CheckpointError(
-          f"orbax declined to save step {step} in {directory}.")
-  finally:
-    manager.close()
-  return os.path.join(directory, str(step))
+      try:
+        saved = manager.save(step, args=ocp.args.Composite(**items))
+        manager.wait_until_finished()
+      except BaseException as err:  # pylint: disable=broad-except
+        _remove_temporary(directory, step)
+        if not isinstance(err, Exception):
+          raise  # KeyboardInterrupt, SystemExit: cleaned up, passed on
+        raise CheckpointError(
+            f"saving step {step} in {directory} failed ({_short(err)}); the "
+            "checkpoints saved before are untouched.") from err
+      if not saved:
+        raise CheckpointError(
+            f"orbax declined to save step {step} in {directory}.")
+    finally:
+      manager.close()
+  return target
 
 
 def _short(err: Exception, limit: int = 400) -> str:
@@ -235,6 +346,73 @@ def _check_template(saved: list, template, what: str, path: str):
           f"has shape {tuple(shape_t)} and dtype {dtype_t}.")
 
 
+def _is_signature(value) -> bool:
+  """Whether ``value`` looks like :func:`_leaf_signature`'s output."""
+  return isinstance(value, list) and all(
+      isinstance(leaf, list) and len(leaf) == 3 and isinstance(leaf[0], str)
+      and isinstance(leaf[2], str) and isinstance(leaf[1], list)
+      and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+              for d in leaf[1]) for leaf in value)
+
+
+def _check_meta(meta, path: str, step: int):
+  """Checks the metadata's fields before anything is built from them."""
+  if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    raise CheckpointError(
+        f"{path} is not a jaxbilevel run checkpoint (its metadata is "
+        f"{str(meta)[:200]}).")
+  if meta.get("version") != _VERSION:
+    raise CheckpointError(
+        f"{path} has checkpoint format version {meta.get('version')}; this "
+        f"jaxbilevel reads version {_VERSION}.")
+  meta_file = os.path.join(path, "meta", "metadata")
+
+  def invalid(why):
+    return CheckpointError(
+        f"the checkpoint {path} has invalid metadata ({meta_file}): {why}. "
+        "The file was edited or damaged; restore another step.")
+
+  if meta.get("checksum") != _meta_digest(meta):
+    raise invalid("its checksum does not match its content")
+  saved_step = meta.get("step")
+  if (not isinstance(saved_step, int) or isinstance(saved_step, bool)
+      or saved_step != step):
+    raise invalid(f"it records step {saved_step!r} but is stored as step "
+                  f"{step}")
+  if not isinstance(meta.get("has_history"), bool):
+    raise invalid(f"has_history is {meta.get('has_history')!r}")
+  if not isinstance(meta.get("state_type"), str):
+    raise invalid(f"state_type is {meta.get('state_type')!r}")
+  for part in ("params", "state"):
+    if not _is_signature(meta.get(part)):
+      raise invalid(f"the {part} entry is missing or malformed")
+  key = meta.get("key")
+  if key is None:
+    return
+  if not isinstance(key, dict) or set(key) != {"impl", "shape", "dtype"}:
+    raise invalid(f"the key entry is malformed ({str(key)[:100]})")
+  shape = key["shape"]
+  if not _is_signature([["key", shape, "?"]]) or not shape:
+    raise invalid(f"the key shape {str(shape)[:100]} is malformed")
+  if int(np.prod(shape, dtype=np.float64)) > _MAX_KEY_SIZE:
+    raise invalid(f"the key shape {shape} is larger than any PRNG key "
+                  f"({_MAX_KEY_SIZE} elements at most)")
+  if key["dtype"] not in ("uint32", "uint64", "int32", "int64"):
+    raise invalid(f"the key dtype {str(key['dtype'])[:50]!r} is not an "
+                  "integer dtype of PRNG key data")
+  if key["impl"] is not None:
+    try:
+      sample = jax.random.key_data(jax.random.key(0, impl=key["impl"]))
+    except Exception as err:  # pylint: disable=broad-except
+      raise invalid(f"the PRNG implementation {str(key['impl'])[:50]!r} is "
+                    f"unknown ({_short(err, 200)})") from err
+    if (tuple(shape[len(shape) - sample.ndim:]) != sample.shape
+        or key["dtype"] != str(sample.dtype)):
+      raise invalid(f"key data of shape {shape} and dtype {key['dtype']} do "
+                    f"not fit the PRNG implementation {key['impl']!r} (keys "
+                    f"of shape {sample.shape}, dtype {sample.dtype})")
+
+
 def restore(directory, params, state, *,
             step: Optional[int] = None) -> RunCheckpoint:
   """Restores a run saved by :func:`save` into the structure of a template.
@@ -268,9 +446,12 @@ def restore(directory, params, state, *,
           f"{sorted(os.listdir(directory))[:10]}).")
     step = steps[-1]
   elif step not in steps:
+    incomplete = _incomplete_steps(directory)
     raise CheckpointError(
         f"no checkpoint for step {step} in {directory}; the complete "
-        f"checkpoints are for steps {steps}.")
+        f"checkpoints are for steps {steps}"
+        + (f" (incomplete ones, ignored: {incomplete})" if incomplete else "")
+        + ".")
   path = os.path.join(directory, str(step))
   reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
@@ -281,14 +462,13 @@ def restore(directory, params, state, *,
       raise CheckpointError(
           f"the checkpoint {path} is corrupt or incomplete: its metadata "
           f"cannot be read ({_short(err)}).") from err
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    _check_meta(meta, path, step)
+    if meta["state_type"] != type(state).__name__:
       raise CheckpointError(
-          f"{path} is not a jaxbilevel run checkpoint (its metadata is "
-          f"{str(meta)[:200]}).")
-    if meta.get("version") != _VERSION:
-      raise CheckpointError(
-          f"{path} has checkpoint format version {meta.get('version')}; this "
-          f"jaxbilevel reads version {_VERSION}.")
+          f"the checkpoint {path} holds the state of another method: it was "
+          f"saved with a {meta['state_type']}, the template state is a "
+          f"{type(state).__name__}. Restore (or resume) with the method the "
+          "run was saved with, or use a new directory for a new run.")
     _check_template(meta["params"], params, "params", path)
     _check_template(meta["state"], state, "state", path)
     arrays = {"params": params, "state": state}

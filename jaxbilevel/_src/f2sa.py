@@ -154,6 +154,15 @@ def f2sa(f: base.Objective,
       lambda_increment, "lambda_increment", allow_zero=True)
   if lambda_max is not None:
     lambda_max = base.check_hyperparameter(lambda_max, "lambda_max")
+    if (not callable(lambda_max)
+        and base._is_concrete(lambda0)  # pylint: disable=protected-access
+        and base._is_concrete(lambda_max)  # pylint: disable=protected-access
+        and float(lambda_max) < float(lambda0)):
+      raise base.BilevelValidationError(
+          f"f2sa: lambda_max={float(lambda_max)} is below lambda0="
+          f"{float(lambda0)}, so the multiplier would be clipped down at the "
+          "first step. Pass lambda_max >= lambda0 (or lambda_max=None for no "
+          "cap).")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
   value_optimizer, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
@@ -166,8 +175,8 @@ def f2sa(f: base.Objective,
         **fields,
         value_state=value_optimizer.init(params.y),
         z=params.y,
-        lagrange_multiplier=base.resolve_hyperparameter(
-            lambda0, fields["count"], base.params_dtype(params)))
+        lagrange_multiplier=_initial_multiplier(
+            lambda0, lambda_max, base.params_dtype(params)))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
@@ -215,6 +224,20 @@ def f2sa(f: base.Objective,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _initial_multiplier(lambda0, lambda_max, dtype):
+  """``lambda0``, or NaN when a traced ``lambda_max`` is below it.
+
+  Concrete values are checked when :func:`f2sa` is built; traced ones (a
+  sweep) cannot be, so an invalid pair becomes a NaN multiplier, which the run
+  reports (as ``gamma``) instead of silently clipping it to ``lambda_max``.
+  """
+  lam = base.resolve_hyperparameter(lambda0, jnp.zeros([], jnp.int32), dtype)
+  if lambda_max is None or callable(lambda_max):
+    return lam
+  cap = jnp.asarray(lambda_max, dtype)
+  return jnp.where(cap >= lam, lam, jnp.nan)
+
+
 class F2SASchedules(NamedTuple):
   """Step-size and multiplier schedules for :func:`f2sa` (see :func:`f2sa_schedules`).
 
@@ -243,7 +266,7 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
                    exponents: Optional[Tuple[float, float, float]] = None,
                    lambda_exponent: Optional[float] = None,
                    offset: float = 1.0) -> F2SASchedules:
-  r"""The two F2SA schedule presets of ``ALGORITHMS.md`` §7, all exponents explicit.
+  r"""The two F2SA schedule presets (benchopt's and the paper's), all exponents explicit.
 
   With :math:`(a_y, a_z, a_x)` = ``exponents`` and :math:`k` the outer step
   (``offset`` :math:`k_0`):
@@ -263,6 +286,11 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
   Both readings are (unverified) against the paper (see :func:`f2sa`). The
   inner schedules are evaluated at ``count // inner_steps`` because an inner
   optax optimizer counts inner steps.
+
+  The schedules compute in the default float dtype: float64 under
+  ``jax_enable_x64`` (so they match a float64 reference such as benchopt's to
+  rounding), float32 otherwise; optax casts a step size to the dtype of the
+  updates.
 
   Returns:
     An :class:`F2SASchedules`; pass ``optax.sgd(s.lower)`` etc. to
@@ -288,8 +316,12 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
         5 / 7, 4 / 7, 5 / 7)
   a_y, a_z, a_x = exponents
 
+  # The default float dtype: float64 under jax_enable_x64 (so the schedules
+  # agree with a float64 reference to rounding), float32 otherwise.
+  dtype = jnp.result_type(float)
+
   def decay(step, power):
-    return lambda k: step * (jnp.asarray(k, jnp.float32) + offset) ** (-power)
+    return lambda k: step * (jnp.asarray(k, dtype) + offset) ** (-power)
 
   def per_outer(schedule):
     return lambda count: schedule(jnp.asarray(count) // inner_steps)

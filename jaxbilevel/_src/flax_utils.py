@@ -78,7 +78,7 @@ def _as_predicate(selector: Selector, where: str) -> Callable[[tuple, Any],
 def _flatten(tree, where: str):
   """``(kind, [(path, str_path, leaf)])`` for an nnx.State or a nested dict."""
   if isinstance(tree, nnx.State):
-    items = list(tree.flat_state())
+    items = list(nnx.to_flat_state(tree))
     kind = "nnx"
   elif isinstance(tree, Mapping):
     items = list(traverse_util.flatten_dict(dict(tree)).items())
@@ -95,7 +95,7 @@ def _flatten(tree, where: str):
 def _unflatten(kind: str, items):
   """Rebuilds a tree of ``kind`` from ``[(path, leaf)]``."""
   if kind == "nnx":
-    return nnx.State.from_flat_path(items)
+    return nnx.from_flat_state(items)
   return traverse_util.unflatten_dict(dict(items))
 
 

@@ -133,6 +133,7 @@ def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
     num_iters: number of iterations (static int, at most the number of
       matrix-vector products).
     tol: absolute tolerance on :math:`\|b-Hv\|` (float or traced array).
+      A NaN ``tol`` gives a NaN solution and residual.
     init: optional starting point (costs one extra product).
 
   Returns:
@@ -172,7 +173,12 @@ def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
     return (v, r, p, jnp.where(active, rs_new, rs)), None
 
   (v, _, _, rs), _ = jax.lax.scan(body, (v, r, r, rs), None, length=num_iters)
-  return LinearSolveResult(v, jnp.sqrt(rs))
+  # A NaN tolerance (an invalid traced tol, see resolve_hyperparameter) makes
+  # the test rs > tol^2 false, so CG would stop at once and return a finite,
+  # wrong v; a NaN result instead lets the run report it.
+  invalid = jnp.isnan(tol2)
+  v = jax.tree.map(lambda t: jnp.where(invalid, jnp.nan, t), v)
+  return LinearSolveResult(v, jnp.where(invalid, jnp.nan, jnp.sqrt(rs)))
 
 
 def neumann(matvec: Callable, b, *, num_terms: int,

@@ -39,10 +39,29 @@ def projected_step(optimizer: optax.GradientTransformation, grads, opt_state,
     grads: gradient at ``params``.
     opt_state: the optimizer's state.
     params: current variables.
-    proj: projection applied after the step (identity if None).
+    proj: projection applied after the step (identity if None). It must
+      return the structure, shapes and dtypes of its input; anything else
+      (e.g. a scalar for a vector, which the update would broadcast) raises
+      a :class:`BilevelValidationError` when the step is traced.
 
   Returns:
     ``(new_params, new_opt_state)``.
+
+  Raises:
+    BilevelValidationError: if the optimizer cannot update ``params`` (its
+      state belongs to other params, it needs extra arguments such as
+      ``optax.lbfgs``, or a hyperparameter was given as a string) or the
+      projection changes the structure, a shape or a dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from jaxbilevel import projected_step
+    >>> opt = optax.sgd(0.5)
+    >>> y = jnp.array([1.0, -2.0])
+    >>> new_y, _ = projected_step(opt, y, opt.init(y), y,
+    ...                           lambda v: jnp.maximum(v, 0.0))
+    >>> new_y.tolist()     # y - 0.5 y = (0.5, -1.0), then clipped at 0
+    [0.5, 0.0]
   """
   try:
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -50,15 +69,34 @@ def projected_step(optimizer: optax.GradientTransformation, grads, opt_state,
     if isinstance(err, base.BilevelValidationError):
       raise
     raise base.BilevelValidationError(
+        _update_failure(optimizer, opt_state, params, err)) from err
+  new_params = optax.apply_updates(params, updates)
+  if proj is not None:
+    new_params = base.checked_projection(proj, "the projection")(new_params)
+  return new_params, opt_state
+
+
+def _update_failure(optimizer, opt_state, params, err) -> str:
+  """The message for an optimizer whose ``update`` raised ``err``."""
+  name = "an optimizer (upper_optimizer, lower_optimizer or value_optimizer)"
+  known = base.optimizer_failure(optimizer, err, name)
+  if known is not None:
+    return known
+  try:
+    expected = jax.tree.structure(jax.eval_shape(optimizer.init, params))
+  except Exception:  # pylint: disable=broad-except
+    expected = None
+  if expected is None or expected != jax.tree.structure(opt_state):
+    return (
         "an optimizer could not update the variables: the structure of state "
         "does not match params (was the state created by tx.init with "
         "differently structured params, or restored for another model?). "
-        f"params: {jax.tree.structure(params)}. Original error: {err}"
-    ) from err
-  new_params = optax.apply_updates(params, updates)
-  if proj is not None:
-    new_params = proj(new_params)
-  return new_params, opt_state
+        f"params: {jax.tree.structure(params)}. Original error: {err}")
+  return (
+      f"{name} failed to compute an update of params with structure "
+      f"{jax.tree.structure(params)} (its state matches them, so the "
+      f"optimizer's own arguments are the likely cause). Original error: "
+      f"{err}")
 
 
 def inner_solve(objective: Callable, y, opt_state, *,

@@ -9,10 +9,18 @@ they can be one level of a bilevel problem (``x`` = adapters, as in the DPO/SFT
 experiments of ``PROBLEMS.md`` §B5) while the base parameters stay untouched:
 
 * :func:`init` creates ``{"lora_a": A, "lora_b": B}`` for every 2-D
-  ``kernel`` whose ``"/"``-joined path matches a regular expression, with
-  ``B = 0`` so the adapted model equals the base model at the start;
+  ``kernel`` (or 3-D ``DenseGeneral`` kernel) whose ``"/"``-joined path
+  matches a regular expression, with ``B = 0`` so the adapted model equals
+  the base model at the start;
 * :func:`merge` returns the effective parameters :math:`W+sAB` (a new tree;
   differentiable in the adapters, the base and the scale).
+
+A 3-D ``DenseGeneral`` kernel, e.g. a fused attention projection of shape
+``[d_model, heads, head_dim]`` (``in_axes=1``) or an output projection
+``[heads, head_dim, d_model]`` (``in_axes=2``), is adapted as the matrix
+``[prod(input axes), prod(output axes)]`` it applies: ``A`` and ``B`` stay
+2-D and the update :math:`sAB` is reshaped (row-major, as ``DenseGeneral``
+contracts its axes) to the kernel's shape.
 
 Both work on plain nested dicts, e.g. flax linen ``variables["params"]``. The
 adapter leaves are named ``lora_a``/``lora_b``, so
@@ -21,6 +29,7 @@ adapter leaves are named ``lora_a``/``lora_b``, so
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
@@ -73,7 +82,7 @@ def matching_kernels(params, target: Pattern,
 
 
 def init(key: jax.Array, params, *, target: Pattern, rank: int,
-         kernel_name: str = "kernel", dtype=None) -> dict:
+         kernel_name: str = "kernel", dtype=None, in_axes: int = 1) -> dict:
   r"""LoRA adapters for the kernels of ``params`` matched by ``target``.
 
   For a kernel of shape ``(d_in, d_out)`` the adapter holds ``lora_a`` of
@@ -95,6 +104,10 @@ def init(key: jax.Array, params, *, target: Pattern, rank: int,
     kernel_name: the name of the adapted leaves (flax ``Dense`` uses
       ``"kernel"``).
     dtype: dtype of the adapters (default: that of each kernel).
+    in_axes: for 3-D ``DenseGeneral`` kernels, how many leading axes are
+      inputs (1: ``[d_in, heads, head_dim]``, 2: ``[heads, head_dim,
+      d_out]``); ``A`` is ``(prod(input axes), rank)`` and ``B`` is
+      ``(rank, prod(output axes))``. Ignored for 2-D kernels.
 
   Returns:
     The adapters, a nested dict with ``lora_a``/``lora_b`` leaves.
@@ -109,8 +122,16 @@ def init(key: jax.Array, params, *, target: Pattern, rank: int,
     ...                      target="attn/query", rank=2)
     >>> jax.tree.map(jnp.shape, adapters)
     {'attn': {'query': {'lora_a': (8, 2), 'lora_b': (2, 4)}}}
+    >>> general = {"qkv": {"kernel": jnp.ones((8, 2, 4))}}  # DenseGeneral
+    >>> jax.tree.map(jnp.shape, lora.init(jax.random.PRNGKey(0), general,
+    ...                                   target="qkv", rank=2))
+    {'qkv': {'lora_a': (8, 2), 'lora_b': (2, 8)}}
   """
   rank = base.check_static_int(rank, "rank")
+  if in_axes not in (1, 2):
+    raise base.BilevelValidationError(
+        f"lora.init: in_axes must be 1 or 2 (leading input axes of a 3-D "
+        f"DenseGeneral kernel), got {in_axes!r}.")
   paths = matching_kernels(params, target, kernel_name)
   flat = _flat(params, "lora.init")
   if not paths:
@@ -123,12 +144,15 @@ def init(key: jax.Array, params, *, target: Pattern, rank: int,
   adapters = {}
   for path, k in zip(paths, jax.random.split(key, len(paths))):
     kernel = flat[path]
-    if jnp.ndim(kernel) != 2:
+    if jnp.ndim(kernel) not in (2, 3):
       raise base.BilevelValidationError(
           f"lora.init: the kernel {'/'.join(map(str, path))} has shape "
           f"{jnp.shape(kernel)}; LoRA adapters are defined for 2-D Dense "
-          "kernels (d_in, d_out). Narrow the target regular expression.")
-    d_in, d_out = jnp.shape(kernel)
+          "kernels (d_in, d_out) and 3-D DenseGeneral kernels. Narrow the "
+          "target regular expression.")
+    split = 1 if jnp.ndim(kernel) == 2 else in_axes
+    d_in = math.prod(jnp.shape(kernel)[:split])
+    d_out = math.prod(jnp.shape(kernel)[split:])
     kind = jnp.result_type(kernel) if dtype is None else dtype
     adapters[path[:-1] + (_A,)] = (
         jax.random.normal(k, (d_in, rank), kind) / jnp.sqrt(d_in).astype(kind))
@@ -139,6 +163,10 @@ def init(key: jax.Array, params, *, target: Pattern, rank: int,
 def merge(params, adapters, *, scale: Any = 1.0,
           kernel_name: str = "kernel") -> dict:
   r"""The effective parameters: every adapted kernel :math:`W` becomes :math:`W + sAB`.
+
+  For a 3-D ``DenseGeneral`` kernel, :math:`sAB` (a matrix
+  ``[prod(input axes), prod(output axes)]``) is reshaped to the kernel's
+  shape; the input/output split is read from the shape of ``A``.
 
   Pure and differentiable in ``params``, ``adapters`` and ``scale`` (which
   may be a traced array). The result is a new nested dict; ``params`` is not
@@ -180,14 +208,19 @@ def merge(params, adapters, *, scale: Any = 1.0,
           "the same parameter tree.")
     kernel = flat[kernel_path]
     a, b = flat_adapters[prefix + (_A,)], flat_adapters[prefix + (_B,)]
+    shape = tuple(jnp.shape(kernel))
+    # (rows, cols) of the matrix each split of the kernel's axes gives.
+    splits = [(math.prod(shape[:i]), math.prod(shape[i:]))
+              for i in range(1, len(shape))]
     if (jnp.ndim(a) != 2 or jnp.ndim(b) != 2
-        or (jnp.shape(a)[0], jnp.shape(b)[1]) != jnp.shape(kernel)
+        or (jnp.shape(a)[0], jnp.shape(b)[1]) not in splits
         or jnp.shape(a)[1] != jnp.shape(b)[0]):
       raise base.BilevelValidationError(
           f"lora.merge: at {where} the adapter shapes {jnp.shape(a)} @ "
-          f"{jnp.shape(b)} do not give the kernel shape {jnp.shape(kernel)}.")
+          f"{jnp.shape(b)} do not give the kernel shape {shape}.")
     s = jnp.asarray(scale, jnp.result_type(kernel))
-    flat[kernel_path] = kernel + (s * (a @ b)).astype(jnp.result_type(kernel))
+    delta = (s * (a @ b)).reshape(shape)
+    flat[kernel_path] = kernel + delta.astype(jnp.result_type(kernel))
   return traverse_util.unflatten_dict(flat)
 
 
@@ -208,7 +241,7 @@ class LoRA(NamedTuple):
 
 
 def lora(target: Pattern, *, rank: int, alpha: Optional[float] = None,
-         kernel_name: str = "kernel") -> LoRA:
+         kernel_name: str = "kernel", in_axes: int = 1) -> LoRA:
   r"""Binds a target, rank and :math:`\alpha` into an ``(init, merge)`` pair.
 
   Args:
@@ -217,6 +250,8 @@ def lora(target: Pattern, *, rank: int, alpha: Optional[float] = None,
     alpha: :math:`\alpha` (default ``rank``, i.e. scale 1); the update is
       scaled by :math:`\alpha/r`, as in PEFT.
     kernel_name: the name of the adapted leaves.
+    in_axes: leading input axes of 3-D ``DenseGeneral`` kernels (see
+      :func:`init`).
 
   Returns:
     A :class:`LoRA`.
@@ -243,7 +278,7 @@ def lora(target: Pattern, *, rank: int, alpha: Optional[float] = None,
 
   def init_fn(key, params):
     return init(key, params, target=pattern, rank=rank,
-                kernel_name=kernel_name)
+                kernel_name=kernel_name, in_axes=in_axes)
 
   def merge_fn(params, adapters):
     return merge(params, adapters, scale=scale, kernel_name=kernel_name)

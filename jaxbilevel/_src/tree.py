@@ -27,8 +27,15 @@ def tree_all_finite(tree) -> jax.Array:
 
 
 def tree_select(pred, on_true, on_false):
-  """Leafwise ``where(pred, on_true, on_false)`` for a scalar ``pred``."""
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+  """``on_true`` if the scalar ``pred`` holds, else ``on_false`` (whole trees).
+
+  One ``lax.cond`` over the whole tree rather than a ``jnp.where`` per leaf:
+  XLA's compile time grows about quadratically with the number of per-leaf
+  selects inside a loop (113 s for 150 + 150 leaves), while one conditional
+  compiles like the plain step. Under ``vmap`` (a batched ``pred``) JAX turns
+  the conditional back into a select, as ``where`` would be.
+  """
+  return jax.lax.cond(pred, lambda: on_true, lambda: on_false)
 
 
 def tree_cast_like(tree, like):

@@ -36,7 +36,9 @@ for tests (:func:`sample_path`).
 from __future__ import annotations
 
 import csv
+import io
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +65,25 @@ def sample_path() -> str:
 def load_csv(path) -> dict:
   """Reads the processed NLSY79 CSV.
 
+  The file is checked cell by cell, and every error names the file, the line
+  and the column: it must be UTF-8 (a leading byte-order mark, as Excel
+  writes, is allowed), have a header naming each column once, at least one
+  data row, as many cells in each row as in the header, finite decimal
+  numbers in the columns used (``nan``, ``inf`` and words are refused), and
+  a ``gender`` of exactly 0 or 1. Other columns are not read.
+
   Args:
     path: path of ``nlsy79_processed.csv`` (or of the shipped sample).
 
   Returns:
     A dict with ``features`` (rows x 21, float64, in the order of
     :data:`FEATURES`), ``income`` (float64) and ``gender`` (int, 0/1).
+
+  Examples:
+    >>> from jaxbilevel.applications import nlsy
+    >>> data = nlsy.load_csv(nlsy.sample_path())
+    >>> data["features"].shape, sorted(set(data["gender"].tolist()))
+    ((200, 21), [0, 1])
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -76,24 +91,72 @@ def load_csv(path) -> dict:
         f"nlsy.load_csv: no file at {path!r}. Pass the path of "
         "nlsy79_processed.csv (PROBLEMS.md §B4), or nlsy.sample_path() for "
         "the 200-row sample shipped with jaxbilevel.")
-  with open(path, newline="") as fh:
-    reader = csv.reader(fh)
+
+  def error(message, line=None):
+    where = f"{path!r}" if line is None else f"{path!r}, line {line}"
+    return base.BilevelValidationError(f"nlsy.load_csv: {where}: {message}")
+
+  with open(path, "rb") as fh:
+    raw = fh.read()
+  try:
+    text = raw.decode("utf-8-sig")  # the BOM of an Excel export is dropped
+  except UnicodeDecodeError as err:
+    line = raw[:err.start].count(b"\n") + 1
+    raise error(f"not UTF-8 text (byte 0x{raw[err.start]:02x}); save the "
+                "file as UTF-8 CSV.", line) from err
+  reader = csv.reader(io.StringIO(text, newline=""))
+  try:
     header = next(reader)
-    rows = [row for row in reader if row]
+  except StopIteration:
+    raise error("the file is empty; expected a header line naming the "
+                "columns and one row per person.") from None
+  except csv.Error as err:
+    raise error(f"not a CSV file ({err}).", reader.line_num) from err
+  header = [name.strip() for name in header]
+  duplicated = sorted({c for c in header if header.count(c) > 1})
+  if duplicated:
+    raise error(f"the header names the columns {duplicated} more than once; "
+                "each column must appear once.", 1)
   missing = [c for c in (TARGET, SENSITIVE) + FEATURES if c not in header]
   if missing:
     raise base.BilevelValidationError(
         f"nlsy.load_csv: {path!r} lacks the columns {missing}; expected the "
         "processed NLSY79 file of PROBLEMS.md §B4.")
-  table = np.asarray(rows, dtype=np.float64)
-  column = {name: table[:, header.index(name)] for name in header}
-  gender = column[SENSITIVE].astype(np.int64)
-  if not set(np.unique(gender)) <= {0, 1}:
-    raise base.BilevelValidationError(
-        f"nlsy.load_csv: the gender column must hold 0/1, got "
-        f"{sorted(set(np.unique(gender)))}.")
-  return dict(features=np.stack([column[c] for c in FEATURES], axis=1),
-              income=column[TARGET], gender=gender)
+  used = [(name, header.index(name)) for name in (TARGET, SENSITIVE)
+          + FEATURES]
+  values = []
+  try:
+    for row in reader:
+      if not row:
+        continue
+      line = reader.line_num
+      if len(row) != len(header):
+        raise error(f"the row has {len(row)} cells, the header "
+                    f"{len(header)} columns.", line)
+      numbers = []
+      for name, j in used:
+        cell = row[j].strip()
+        number = (float(cell) if _DECIMAL.fullmatch(cell) else None)
+        if number is None or not np.isfinite(number):
+          raise error(f"column {name!r} holds {row[j][:40]!r}, not a finite "
+                      "decimal number.", line)
+        numbers.append(number)
+      if numbers[1] not in (0.0, 1.0):
+        raise error(f"column {SENSITIVE!r} holds {row[used[1][1]]!r}; it must "
+                    "be 0 or 1.", line)
+      values.append(numbers)
+  except csv.Error as err:
+    raise error(f"not a CSV file ({err}).", reader.line_num) from err
+  if not values:
+    raise error("the file has a header but no data rows.")
+  table = np.asarray(values, dtype=np.float64)
+  return dict(features=table[:, 2:], income=table[:, 0],
+              gender=table[:, 1].astype(np.int64))
+
+
+# A decimal number in ASCII; float() would also take "nan", "inf" and "1_0".
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?",
+                      re.ASCII)
 
 
 def split(data: dict, *, seed: int = 0, test_fraction: float = 0.2,
