@@ -9,7 +9,7 @@ separately and excluded; times are medians over ``--repeats`` runs.
 
 Model: an MLP feature extractor ``x`` (``--features`` -> hidden -> hidden,
 ReLU) and a linear head ``y``, upper loss = MSE on one group, lower loss = MSE
-on another (the NLSY fair-representation shape of PROBLEMS.md §B4, on
+on another (the shape of the NLSY fair-representation experiment, on
 synthetic data so that the script needs no files).
 
 Usage: ``python benchmarks/core_overhead.py [--quick] [--out benchmarks/results]``

@@ -1,8 +1,8 @@
 """Application benchmarks of jaxbilevel: every applicable method, side by side.
 
 One entry point for the five applications of ``jaxbilevel.applications``
-(PROBLEMS.md B1 hyper-cleaning, B2 regularisation selection, B4 NLSY, B5
-DPO/SFT, B7 sinusoid), plus a sweep-throughput measurement and, where they
+(data hyper-cleaning, regularisation selection, NLSY fair representation,
+DPO/SFT fine-tuning, sinusoid meta-learning), plus a sweep-throughput measurement and, where they
 install, peers from other libraries (jaxopt, TorchOpt).
 
 For every application, every applicable method runs on the same data (the
@@ -143,11 +143,11 @@ def _hpo_not_applicable(app):
       _not_run("PBGD-Free",
                "f does not depend on x (x enters only g), so the upper step "
                "grad_x f(x, y) is identically zero and x never moves; "
-               "jbl.pbgd_free raises for this reason (PROBLEMS.md B2 note)."),
+               "jbl.pbgd_free raises for this reason (docs/choosing.md)."),
       _not_run("FO-BLO",
                "the first-order meta-gradient is grad_x f(x, y_r) + "
                "(d init/dx)^T grad_y f; with f and the inner start independent"
-               " of x it is identically zero (ALGORITHMS.md 8, HPO caveat)."),
+               " of x it is identically zero (docs/choosing.md)."),
       _not_run("UFO-BLO",
                "with g_FO = 0 (see FO-BLO) its estimate is (xi/q) times the "
                "exact unrolled hypergradient: ITD with random skipping, which "
@@ -223,7 +223,7 @@ def regularization_methods(app):
 
 def nlsy_methods(app):
   f, g = app.f, app.g
-  adam = lambda: optax.adam(1e-3, eps=1e-3)    # the authors' optimizer (B4)
+  adam = lambda: optax.adam(1e-3, eps=1e-3)    # the NLSY authors' optimizer
   return [
       Method("PBGD-Free", lambda: jbl.pbgd_free(
           f, g, gamma=10.0, upper_optimizer=adam(), lower_optimizer=adam()),
@@ -260,7 +260,7 @@ def nlsy_methods(app):
       _not_run("ALRIGHT",
                "bi-objective, not bilevel (lambda MSE_0 + (1 - lambda) MSE_1 "
                "over both blocks); the authors compare it only on DPO/SFT "
-               "(PROBLEMS.md B5)."),
+               "(Jiang et al., NeurIPS 2025)."),
   ]
 
 
@@ -268,7 +268,7 @@ def dpo_sft_methods(app):
   f, g = app.f, app.g
   lr = 1e-3
 
-  def adam():  # B5: betas (0.9, 0.95), clip 1.0, constant step
+  def adam():  # the authors' LLM setting: betas (0.9, 0.95), clip 1.0
     return optax.chain(optax.clip_by_global_norm(1.0),
                        optax.adam(lr, b1=0.9, b2=0.95))
 
@@ -279,11 +279,11 @@ def dpo_sft_methods(app):
           f"gamma=10, K=1, adam({lr}, 0.9/0.95), clip 1"),
       Method("ALT-PBGD", lambda: jbl.alt_pbgd(
           f, g, gamma=10.0, upper_optimizer=adam(), lower_optimizer=adam(),
-          inner_steps=k), f"gamma=10, K_g=K_gamma={k} (B5 Llama setting)"),
+          inner_steps=k), f"gamma=10, K_g=K_gamma={k} (the authors' Llama setting)"),
       Method("BOME", lambda: jbl.bome(
           f, g, eta=0.5, upper_optimizer=adam(), lower_optimizer=adam(),
           inner_steps=k, inner_start="previous"),
-          f"eta=0.5, T={k}, tracker warm-started (B5 LLM code)"),
+          f"eta=0.5, T={k}, tracker warm-started (the authors' LLM code)"),
       Method("ALRIGHT", lambda: jbl.alright(
           f, g, probability=0.5, upper_optimizer=adam(),
           lower_optimizer=adam(), key=jax.random.PRNGKey(0),
@@ -324,7 +324,7 @@ def sinusoid_methods(app):
       "penalty/value-function methods adapt y on f/gamma + g, i.e. with the "
       "query labels, and warm-start y across meta-batches of different tasks;"
       " their lower iterate is not the r-step adaptation evaluated at "
-      "meta-test (B7 compares the meta-learning estimators).")
+      "meta-test (this benchmark compares the meta-learning estimators).")
   return [
       Method("FO-BLO", lambda: jbl.fo_blo(
           f, g, upper_optimizer=meta(), lower_optimizer=inner(),
@@ -1104,7 +1104,7 @@ def markdown(results) -> str:
           f"{_fmt(row.get('steps_to_target'))} | {row['settings']} |")
     if name == "sinusoid" and results.get("sinusoid_scaling"):
       lines += ["", "Time and compiled peak memory per outer step against the "
-                "number r of inner steps (PROBLEMS.md B7: FO-BLO flat, ITD "
+                "number r of inner steps (expected: FO-BLO flat, ITD "
                 "linear):", "", "| method | r | ms/step | peak MiB |",
                 "|---|---|---|---|"]
       for row in results["sinusoid_scaling"]:
@@ -1196,15 +1196,15 @@ def plot(name, app_result, path):
 
 
 DESCRIPTIONS = dict(
-    hyper_cleaning="Data hyper-cleaning on sklearn digits (PROBLEMS.md B1): "
+    hyper_cleaning="Data hyper-cleaning on sklearn digits: "
     "x = per-sample weight logits, y = linear softmax classifier, half the "
     "training labels moved to a different class. Upper loss: validation "
     "cross-entropy; F1: kept samples (sigmoid(x) > 1/2) vs clean samples.",
     regularization="Per-feature L2 regularisation of logistic regression on "
-    "sklearn breast cancer (B2): x = log strengths (30), y = classifier. "
+    "sklearn breast cancer: x = log strengths (30), y = classifier. "
     "Implicit differentiation (AID, jaxopt) is the natural reference; peers "
     "run the same problem, data and optimizers.",
-    nlsy="NLSY79 fair representation (B4): x = MLP 21-200-200 feature "
+    nlsy="NLSY79 fair representation: x = MLP 21-200-200 feature "
     "extractor, y = linear head, f = MSE on group 0, g = MSE on group 1, "
     "500 samples per group per step, fixed seeds. Upper loss: group-0 test "
     "MSE.",
@@ -1212,12 +1212,12 @@ DESCRIPTIONS = dict(
     "SFT (lower, over the untied output head) of a small flax transformer LM "
     "pre-trained inside the benchmark on a synthetic language "
     "(jaxbilevel.applications.dpo_sft), equal wall-time budget as in "
-    "PROBLEMS.md B5. Upper loss: evaluated DPO loss (log 2 at the start: "
+    "the PBGD-Free LLM experiment. Upper loss: evaluated DPO loss (log 2 at the start: "
     "policy = reference). Stage 2 (S2, transfer): x frozen, the head re-fit "
     "by 300 Adam steps on the other half of the SFT rows; *S2 eval DPO* is "
     "the DPO loss with that head, *S2 train SFT* its SFT loss on those "
     "rows.",
-    sinusoid="Few-shot sinusoid regression (B7): x = initialisation of an MLP "
+    sinusoid="Few-shot sinusoid regression: x = initialisation of an MLP "
     "1-40-40-1, y = per-task offsets adapted by r = 5 SGD steps (alpha = "
     "0.01) on support MSE + prox, meta-batch 25, 10 shots. Upper loss: "
     "meta-test query MSE after adaptation on held-out tasks.")

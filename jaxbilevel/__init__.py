@@ -72,6 +72,10 @@ from jaxbilevel._src.aid import AIDState
 from jaxbilevel._src.itd import itd
 from jaxbilevel._src.itd import ITDState
 
+# optax combinators adapted to bilevel methods.
+from jaxbilevel._src.combinators import apply_if_finite
+from jaxbilevel._src.combinators import inject_hyperparams
+
 # Drivers.
 from jaxbilevel._src.run import run
 from jaxbilevel._src.run import scan_run
@@ -82,8 +86,10 @@ from jaxbilevel._src.evaluation import lower_level_evaluation
 # Sweeps and sharding.
 from jaxbilevel._src.sweep import product_grid
 from jaxbilevel._src.sweep import sweep
+from jaxbilevel._src.sharding import fsdp_shardings
 from jaxbilevel._src.sharding import replicate
 from jaxbilevel._src.sharding import shard_batch
+from jaxbilevel._src.sharding import shard_fsdp
 
 __version__ = "0.1.0"
 
@@ -169,6 +175,9 @@ __all__ = (
     # itd
     "ITDState",
     "itd",
+    # combinators
+    "apply_if_finite",
+    "inject_hyperparams",
     # run
     "run",
     "scan_run",
@@ -178,6 +187,8 @@ __all__ = (
     "product_grid",
     "sweep",
     # sharding
+    "fsdp_shardings",
     "replicate",
     "shard_batch",
+    "shard_fsdp",
 )

@@ -1,4 +1,4 @@
-"""LIBSVM data sets and the SVM benchmark's splits (``PROBLEMS.md`` §B3)."""
+"""LIBSVM data sets and the splits of the SVM benchmark of Jiang et al. (NeurIPS 2024)."""
 
 from jaxbilevel._src.datasets import DatasetError
 from jaxbilevel._src.datasets import diabetes_features

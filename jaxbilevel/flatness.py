@@ -1,4 +1,4 @@
-"""Flatness diagnostics for PBGD-Free (``ALGORITHMS.md`` §1.3-1.4)."""
+"""Flatness diagnostics for PBGD-Free (see :doc:`/methods` and :doc:`/choosing`)."""
 
 from jaxbilevel._src.flatness import flatness_report
 from jaxbilevel._src.flatness import FlatnessReport

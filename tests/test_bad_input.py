@@ -274,7 +274,7 @@ def test_f2sa_lambda_max_below_lambda0_is_rejected():
     _build("f2sa", lambda0=5.0, lambda_max=1.0)
   # Equal is fine: the multiplier stays at lambda0 = lambda_max.
   tx = _build("f2sa", lambda0=2.0, lambda_max=2.0, lambda_increment=1.0)
-  _, state, hist = jbl.run(tx, _P, num_steps=2)
+  _, state, hist = jbl.run(tx, _P, num_steps=2, diagnostics=True)
   np.testing.assert_array_equal(hist["gamma"], [2.0, 2.0])
   assert float(state.lagrange_multiplier) == 2.0
 
@@ -306,7 +306,7 @@ def test_aid_sweep_reports_a_traced_negative_tol():
   with pytest.warns(RuntimeWarning,
                     match=r"1 of 2 grid points.*'tol': -1\.0"):
     params, _, hist = jbl.sweep(make_tx, _P, {"tol": [1e-8, -1.0]},
-                                num_steps=3)
+                                num_steps=3, diagnostics=True)
   # The invalid point: tol and the linear residual are NaN, x never moved.
   assert np.isnan(hist["tol"][1]).all()
   assert np.isnan(hist["linear_residual"][1][0])
@@ -328,7 +328,7 @@ def test_f2sa_sweep_reports_a_traced_lambda_max_below_lambda0():
   with pytest.warns(RuntimeWarning,
                     match=r"1 of 2 grid points.*'lambda_max': 0\.5"):
     _, state, hist = jbl.sweep(make_tx, _P, {"lambda_max": [2.0, 0.5]},
-                               num_steps=3)
+                               num_steps=3, diagnostics=True)
   assert np.isnan(hist["gamma"][1]).all()
   # The valid point ramps 1.0, 1.5, 2.0 and is then capped at 2.0.
   np.testing.assert_allclose(hist["gamma"][0], [1.0, 1.5, 2.0])

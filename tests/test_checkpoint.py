@@ -168,15 +168,17 @@ def test_documented_manual_resume_with_run_and_sliced_batches(toy, tmp_path):
   tx, p0, batches_fn = toy
   batches = jax.vmap(batches_fn)(jnp.arange(150))
   params, state, hist = jbl.run(tx, p0, num_steps=100, batches=batches,
-                                chunk_size=50)
+                                chunk_size=50, diagnostics=True)
   checkpoint.save(tmp_path, params, state, step=100, history=hist)
 
   ckpt = checkpoint.restore(tmp_path, p0, tx.init(p0))
   rest = jax.tree.map(lambda b: b[ckpt.step:], batches)  # run counts from 0
   params, state, hist = jbl.run(tx, ckpt.params, state=ckpt.state,
-                                num_steps=150 - ckpt.step, batches=rest)
+                                num_steps=150 - ckpt.step, batches=rest,
+                                diagnostics=True)
   ref_params, ref_state, ref_hist = jbl.run(tx, p0, num_steps=150,
-                                            batches=batches, chunk_size=50)
+                                            batches=batches, chunk_size=50,
+                                            diagnostics=True)
   _assert_identical((params, state), (ref_params, ref_state))
   for name in ("f", "g", "upper_grad_norm"):
     np.testing.assert_array_equal(

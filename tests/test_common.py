@@ -27,6 +27,7 @@ def _sum_constraint(x, y, batch=None):
 
 # name -> builder(f, g, hyper, upper_optimizer, lower_optimizer) -> tx
 METHOD_CASES = {
+    # Penalty methods.
     "pbgd_free": lambda f, g, hyper, uo, lo: jbl.pbgd_free(
         f, g, gamma=hyper, upper_optimizer=uo, lower_optimizer=lo,
         inner_steps=2),
@@ -39,7 +40,7 @@ METHOD_CASES = {
     "v_pbgd": lambda f, g, hyper, uo, lo: jbl.v_pbgd(
         f, g, gamma=hyper, upper_optimizer=uo, lower_optimizer=lo,
         value_steps=2, normalize=True),
-    # --- issue 3 methods ---
+    # Hypergradient methods (implicit, unrolled) and other first-order methods.
     "aid_cg": lambda f, g, hyper, uo, lo: jbl.aid(
         f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=3,
         linear_steps=4, tol=1e-6 / hyper),
@@ -68,13 +69,15 @@ METHOD_CASES = {
         f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=3,
         key=jax.random.PRNGKey(0), estimator="telescope",
         init=lambda x, y: y),
-    # --- issue 4 methods (a coupled constraint sum(y) <= 1 on the lower level) ---
+    # Coupled-constraint methods (a coupled constraint sum(y) <= 1 on the lower
+    # level).
     "pbgd_blocc": lambda f, g, hyper, uo, lo: jbl.pbgd_blocc(
         f, g, _sum_constraint, gamma=hyper, upper_optimizer=uo,
         lower_optimizer=lo, dual_step_size=0.1, dual_steps=3, primal_steps=2),
     "pbgd_free_cc": lambda f, g, hyper, uo, lo: jbl.pbgd_free_cc(
         f, g, _sum_constraint, gamma=hyper, upper_optimizer=uo,
         lower_optimizer=lo, dual_step_size=0.1, dual_steps=3, primal_steps=2),
+    # Bi-objective (not bilevel).
     "alright": lambda f, g, hyper, uo, lo: jbl.alright(
         f, g, probability=hyper / (1.0 + hyper), upper_optimizer=uo,
         lower_optimizer=lo, key=jax.random.PRNGKey(1)),
@@ -174,7 +177,7 @@ def test_vmap_over_hyperparameters_does_not_recompile(name):
   def sweep(hyper, lr):
     traces.append(None)
     tx = METHOD_CASES[name](f, g, hyper, optax.sgd(lr), optax.sgd(lr))
-    out, _, hist = jbl.scan_run(tx, params, num_steps=4)
+    out, _, hist = jbl.scan_run(tx, params, num_steps=4, diagnostics=True)
     return out, hist["f"]
 
   hypers = jnp.asarray([2.0, 4.0, 8.0])
@@ -187,7 +190,7 @@ def test_vmap_over_hyperparameters_does_not_recompile(name):
   @jax.jit
   def single_run(hyper, lr):
     tx = METHOD_CASES[name](f, g, hyper, optax.sgd(lr), optax.sgd(lr))
-    return jbl.scan_run(tx, params, num_steps=4)
+    return jbl.scan_run(tx, params, num_steps=4, diagnostics=True)
 
   for i in range(3):
     single, _, hist = single_run(hypers[i], lrs[i])
@@ -264,7 +267,8 @@ def test_nested_and_flax_parameter_trees(name):
 
   params = jbl.BilevelParams(x=x0, y={"head": jnp.zeros(3, jnp.float32)})
   tx = METHOD_CASES[name](f, g, HYPER, optax.adam(1e-2), optax.sgd(0.1))
-  new, state, hist = jbl.run(tx, params, num_steps=5, batch=data)
+  new, state, hist = jbl.run(tx, params, num_steps=5, batch=data,
+                             diagnostics=True)
   assert jax.tree.structure(new) == jax.tree.structure(params)
   assert hist["f"].shape == (5,)
   assert np.all(np.isfinite(hist["f"]))
@@ -287,8 +291,8 @@ def test_identical_results_for_identical_construction(name):
   # must reproduce the run bit for bit.
   tx1, params = _build(name)
   tx2, _ = _build(name)
-  p1, s1, h1 = jbl.run(tx1, params, num_steps=6)
-  p2, s2, h2 = jbl.run(tx2, params, num_steps=6)
+  p1, s1, h1 = jbl.run(tx1, params, num_steps=6, diagnostics=True)
+  p2, s2, h2 = jbl.run(tx2, params, num_steps=6, diagnostics=True)
   _assert_trees_close(p1, p2, rtol=0, atol=0)
   _assert_trees_close(s1, s2, rtol=0, atol=0)
   np.testing.assert_array_equal(h1["f"], h2["f"])

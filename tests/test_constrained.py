@@ -1,4 +1,5 @@
-"""Coupled constraints: primal-dual solver, (G4), PBGD-BLOCC and PBGD-Free-CC."""
+"""Coupled constraints: primal-dual solver, the multiplier-aware value gradient
+(G4 in docs/methods.md), PBGD-BLOCC and PBGD-Free-CC."""
 
 import itertools
 
@@ -165,7 +166,7 @@ def test_pbgd_blocc_reaches_the_reduced_penalty_minimiser():
                       lower_optimizer=optax.sgd(0.5), dual_step_size=0.2,
                       dual_steps=20, primal_steps=3)
   params0 = jbl.BilevelParams(jnp.zeros(2), jnp.zeros(3))
-  params, state, hist = jbl.run(tx, params0, num_steps=300)
+  params, state, hist = jbl.run(tx, params0, num_steps=300, diagnostics=True)
   np.testing.assert_allclose(params.x, F_GAMMA_ARGMIN, atol=1e-6)
   np.testing.assert_allclose(
       central_difference(lambda z: exact_f_gamma(z, 10.0), F_GAMMA_ARGMIN), 0,
@@ -188,7 +189,7 @@ def test_pbgd_blocc_reaches_the_reduced_penalty_minimiser():
   assert float(jnp.linalg.norm(wrong)) > 0.1
 
 
-# --- PROBLEMS.md A4 and A5 --------------------------------------------------
+# --- problems A4 and A5 of docs/problems.md ------------------------------------
 
 
 @pytest.mark.parametrize("variant,runs", [(1, 20), (2, 200)])
@@ -277,7 +278,8 @@ def _free_cc_direction(gamma, multiplier_term):
 
 
 def test_multiplier_term_decision():
-  """Without the term the error in (G4) stays O(1); with it, it grows like gamma."""
+  """Against the exact gradient of F_gamma (G4 in docs/methods.md): without the
+  term the error stays O(1); with it, it grows like gamma."""
   gammas = [10.0, 100.0, 1000.0]
   errors = {True: [], False: []}
   for gamma in gammas:
@@ -306,7 +308,8 @@ def test_pbgd_free_cc_fixed_point_on_blocc_toy():
                         lower_optimizer=optax.sgd(0.1), dual_step_size=0.1,
                         dual_steps=20, primal_steps=1,
                         proj_x=jbl.projections.box(0.0, 3.0))
-  params, state, hist = jbl.run(tx, prob.params0, num_steps=1500)
+  params, state, hist = jbl.run(tx, prob.params0, num_steps=1500,
+                                diagnostics=True)
   partial = lambda x: jax.grad(prob.f)(x, x)
   lo, hi = 0.0, float(params.x) + 0.05
   assert partial(lo) < 0 < partial(hi)
@@ -322,7 +325,7 @@ def test_pbgd_free_cc_fixed_point_on_blocc_toy():
   assert set(hist) >= set(jbl.COMMON_DIAGNOSTICS) | {"constraint_violation"}
 
 
-# --- the SVM problem (PROBLEMS.md B3, on the shipped sample) ----------------
+# --- the SVM problem (on the shipped sample) -----------------------------------
 
 
 def _svm_sample():
@@ -394,7 +397,7 @@ def test_vmap_sweep_over_traced_hyperparameters_compiles_once(name):
                        upper_optimizer=optax.sgd(lr),
                        lower_optimizer=optax.sgd(0.5), dual_step_size=eta2,
                        dual_steps=5, primal_steps=2)
-    params, _, hist = jbl.scan_run(tx, params0, num_steps=5)
+    params, _, hist = jbl.scan_run(tx, params0, num_steps=5, diagnostics=True)
     return params.x, hist["f"]
 
   args = (jnp.array([5.0, 10.0]), jnp.array([0.1, 0.3]), jnp.array([0.1,
@@ -408,7 +411,8 @@ def test_vmap_sweep_over_traced_hyperparameters_compiles_once(name):
                        lower_optimizer=optax.sgd(0.5),
                        dual_step_size=float(args[2][i]), dual_steps=5,
                        primal_steps=2)
-    single, _, hist = jbl.scan_run(tx, params0, num_steps=5)
+    single, _, hist = jbl.scan_run(tx, params0, num_steps=5,
+                                   diagnostics=True)
     np.testing.assert_allclose(xs[i], single.x, rtol=1e-10)
     np.testing.assert_allclose(fs[i], hist["f"], rtol=1e-10)
   assert not np.allclose(xs[0], xs[1])

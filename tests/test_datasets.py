@@ -1,4 +1,4 @@
-"""LIBSVM loader, diabetes expansion and splits (PROBLEMS.md §B3)."""
+"""LIBSVM loader, diabetes expansion and splits of the SVM benchmark."""
 
 import os
 import urllib.error

@@ -146,12 +146,12 @@ DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
 
 
 def test_scaling_doc_recipe_picks_the_best_gamma_at_y_star():
-  """docs/scaling.md §3 chooses the point that is best at y*(x) (~10 s)."""
+  """docs/scaling.md, section 3, picks the point best at y*(x) (~10 s)."""
   blocks = re.findall(r"```python\n(.*?)```", open(DOC).read(), re.S)
   sweep_block = [b for b in blocks if "jbl.sweep(make_tx" in b][0]
   namespace = {}
   exec(compile(blocks[0], "docs/scaling.md block 0", "exec"), namespace)  # pylint: disable=exec-used
-  exec(compile(sweep_block, "docs/scaling.md §3", "exec"), namespace)  # pylint: disable=exec-used
+  exec(compile(sweep_block, "docs/scaling.md section 3", "exec"), namespace)  # pylint: disable=exec-used
   data, params, grid = (namespace[k] for k in ("data", "params", "grid"))
   doc_f, doc_g = namespace["f"], namespace["g"]
 

@@ -1,4 +1,4 @@
-"""Flatness diagnostics (ALGORITHMS.md §1.3-1.4, PROBLEMS.md A1, A2)."""
+"""Flatness diagnostics (docs/methods.md; problems A1 and A2 of docs/problems.md)."""
 
 import functools
 
@@ -27,7 +27,7 @@ def dpo_sft_trajectory():
 
 @functools.lru_cache(maxsize=None)
 def negative_trajectory():
-  """ALT-PBGD on the negative example, PROBLEMS.md A1 protocol (gamma 15)."""
+  """ALT-PBGD on the negative example (A1 in docs/problems.md), gamma 15."""
   prob = problems.negative_example(jnp.float64)
   box = jbl.projections.box(*prob.info["box"])
   tx = jbl.alt_pbgd(prob.f, prob.g, gamma=15.0,

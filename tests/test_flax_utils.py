@@ -130,7 +130,7 @@ def test_bilevel_run_on_nnx_model_equals_plain_array_formulation():
     f, g = _losses(predict)
     tx = jbl.alt_pbgd(f, g, gamma=10.0, upper_optimizer=optax.adam(0.05),
                       lower_optimizer=optax.sgd(0.1), inner_steps=1)
-    runs.append(jbl.run(tx, p0, num_steps=40, batch=data))
+    runs.append(jbl.run(tx, p0, num_steps=40, batch=data, diagnostics=True))
   (p_nnx, _, h_nnx), (p_plain, _, h_plain) = runs
   np.testing.assert_allclose(h_nnx["f"], h_plain["f"], rtol=1e-5)
   np.testing.assert_allclose(p_nnx.x["backbone"]["lora"]["lora_b"][...],
@@ -197,7 +197,7 @@ def test_linen_params_dict():
   tx = jbl.pbgd_free(f, g, gamma=10.0, upper_optimizer=optax.sgd(0.05),
                      lower_optimizer=optax.sgd(0.05), inner_steps=1)
   params, _, history = jbl.run(tx, split, num_steps=30,
-                               batch=_regression_data())
+                               batch=_regression_data(), diagnostics=True)
   assert history["f"][-1] < history["f"][0]
   assert sorted(params.x["layers_0"]) == ["bias", "kernel"]
 

@@ -1,7 +1,7 @@
 """Golden values and closed forms for PBGD-Free, ALT-PBGD and V-PBGD.
 
-Problems and numbers from PROBLEMS.md §A1 (negative example), §A2 (DPO/SFT
-toy), §A6 (smoothness toy), §A8 and a random strongly convex quadratic.
+Problems and numbers from docs/problems.md: A1 (negative example), A2 (DPO/SFT
+toy), A6 (smoothness toy), A8 and a random strongly convex quadratic.
 """
 
 import jax
@@ -30,7 +30,8 @@ def test_negative_example_pbgd_free_converges_to_zero_not_minus_five(gamma):
   tx = jbl.pbgd_free(prob.f, prob.g, gamma=gamma,
                      upper_optimizer=_sgd(0.01), lower_optimizer=_sgd(0.01),
                      inner_steps=100, proj_x=box, proj_y=box)
-  params, _, hist = jbl.run(tx, prob.params0, num_steps=3000)
+  params, _, hist = jbl.run(tx, prob.params0, num_steps=3000,
+                            diagnostics=True)
   assert abs(float(params.x)) <= 1e-3
   assert abs(float(params.x) - prob.info["x_star"]) > 4.9
   # The lower iterate tracks y_gamma*(0) = -1 - 5 / gamma.
@@ -95,7 +96,8 @@ def test_dpo_sft_pbgd_free_trajectory_goldens():
   params, state, hist = jbl.run(tx, prob.params0, num_steps=1000)
   np.testing.assert_allclose([float(params.x), float(params.y)],
                              [-0.30440, -2.92792], atol=1e-4)
-  params, state, hist = jbl.run(tx, params, state=state, num_steps=39000)
+  params, state, hist = jbl.run(tx, params, state=state, num_steps=39000,
+                                diagnostics=True)
   np.testing.assert_allclose([float(params.x), float(params.y)],
                              [-7.1639, 6.6435], atol=1e-4)
   np.testing.assert_allclose(hist["f"][-1], 1.2922, atol=1e-4)
@@ -130,7 +132,8 @@ def test_dpo_sft_alt_pbgd_goldens_and_solution():
                              atol=1e-4)
   np.testing.assert_allclose(float(prob.g(params.x, params.y, None)), 1.0758,
                              atol=1e-4)
-  params, state, hist = jbl.run(tx, params, state=state, num_steps=35000)
+  params, state, hist = jbl.run(tx, params, state=state, num_steps=35000,
+                                diagnostics=True)
   assert abs(float(params.x) - prob.info["x_star"]) <= 0.05
   np.testing.assert_allclose(float(params.x), prob.info["argmin_F_gamma"][16.0],
                              atol=1e-4)
@@ -147,7 +150,8 @@ def test_smoothness_alt_pbgd_outer_step_does_not_shrink_with_gamma(gamma):
   prob = problems.smoothness_toy(jnp.float64)
   tx = jbl.alt_pbgd(prob.f, prob.g, gamma=gamma, upper_optimizer=_sgd(1.5),
                     lower_optimizer=_sgd(0.25), inner_steps=30)
-  params, _, hist = jbl.run(tx, prob.params0, num_steps=100)
+  params, _, hist = jbl.run(tx, prob.params0, num_steps=100,
+                            diagnostics=True)
   # x_{t+1} = (1 - eta) x_t with eta = 1.5: |x_t| = 0.5^t.
   assert abs(float(params.x)) < 1e-12
   np.testing.assert_allclose(hist["upper_grad_norm"][:5],
@@ -276,7 +280,7 @@ def test_gamma_schedule_is_evaluated_per_step():
   schedule = optax.linear_schedule(0.0, 2.0, transition_steps=4)
   tx = jbl.v_pbgd(prob.f, prob.g, gamma=schedule,
                   upper_optimizer=_sgd(0.01), lower_optimizer=_sgd(0.01))
-  _, _, hist = jbl.run(tx, prob.params0, num_steps=6)
+  _, _, hist = jbl.run(tx, prob.params0, num_steps=6, diagnostics=True)
   np.testing.assert_allclose(hist["gamma"], [0.0, 0.5, 1.0, 1.5, 2.0, 2.0])
 
 

@@ -104,7 +104,7 @@ def test_sweep_reports_traced_nonpositive_gamma():
   with pytest.warns(RuntimeWarning, match=r"1 of 2 grid points.*'gamma': "
                                           r"-1\.0"):
     params, _, hist = jbl.sweep(make_tx, _P0, {"gamma": [2.0, -1.0]},
-                                num_steps=5)
+                                num_steps=5, diagnostics=True)
   assert np.isnan(hist["gamma"][1]).all()
   assert np.isfinite(hist["gamma"][0]).all()
   np.testing.assert_array_equal(params.x[1], _P0.x)  # never moved
@@ -414,13 +414,13 @@ def test_pbgd_free_fixed_point_is_the_closed_form_on_random_trees(data):
 
 
 def test_long_run_stays_finite_and_converged():
-  """10^5 PBGD-Free steps in float32 on the DPO/SFT toy (PROBLEMS.md §A2)."""
+  """10^5 PBGD-Free steps in float32 on the DPO/SFT toy (A2 in docs/problems.md)."""
   prob = jbl.problems.dpo_sft_toy(jnp.float32)
   tx = jbl.pbgd_free(prob.f, prob.g, gamma=16.0,
                      upper_optimizer=optax.sgd(0.1),
                      lower_optimizer=optax.sgd(0.5), inner_steps=1)
   params, state, hist = jbl.run(tx, prob.params0, num_steps=100_000,
-                                chunk_size=25_000)
+                                chunk_size=25_000, diagnostics=True)
   assert int(state.count) == 100_000 and hist["finite"].all()
   assert params.x.dtype == jnp.float32
   # PBGD-Free's limit is gamma-independent (the toy is flat): -7.163917.

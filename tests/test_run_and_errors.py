@@ -38,8 +38,10 @@ def test_run_equals_manual_loop_and_scan_run():
     updates, state = update(None, state, params)
     fs.append(float(state.diagnostics["f"]))
     params = optax.apply_updates(params, updates)
-  p_run, s_run, hist = jbl.run(tx, prob.params0, num_steps=25, chunk_size=7)
-  p_scan, _, hist_scan = jbl.scan_run(tx, prob.params0, num_steps=25)
+  p_run, s_run, hist = jbl.run(tx, prob.params0, num_steps=25, chunk_size=7,
+                               diagnostics=True)
+  p_scan, _, hist_scan = jbl.scan_run(tx, prob.params0, num_steps=25,
+                                    diagnostics=True)
   for p in (p_run, p_scan):
     np.testing.assert_allclose([p.x, p.y], [params.x, params.y], rtol=1e-12)
   np.testing.assert_allclose(hist["f"], fs, rtol=1e-12)
@@ -53,9 +55,12 @@ def test_run_equals_manual_loop_and_scan_run():
 def test_resumed_run_equals_uninterrupted_run():
   prob = _dpo()
   tx = _free(prob)
-  p_all, s_all, h_all = jbl.run(tx, prob.params0, num_steps=300)
-  p_a, s_a, h_a = jbl.run(tx, prob.params0, num_steps=120, chunk_size=50)
-  p_b, s_b, h_b = jbl.run(tx, p_a, state=s_a, num_steps=180)
+  p_all, s_all, h_all = jbl.run(tx, prob.params0, num_steps=300,
+                                diagnostics=True)
+  p_a, s_a, h_a = jbl.run(tx, prob.params0, num_steps=120, chunk_size=50,
+                          diagnostics=True)
+  p_b, s_b, h_b = jbl.run(tx, p_a, state=s_a, num_steps=180,
+                          diagnostics=True)
   assert float(p_b.x) == float(p_all.x) and float(p_b.y) == float(p_all.y)
   np.testing.assert_array_equal(np.concatenate([h_a["f"], h_b["f"]]),
                                 h_all["f"])
@@ -76,10 +81,10 @@ def test_run_with_stacked_and_callable_batches():
   p0 = jbl.BilevelParams(jnp.asarray(0.0), jnp.asarray(0.0))
   scales = 1.0 + 0.5 * jnp.sin(jnp.arange(40.0))
   p1, _, h1 = jbl.run(tx, p0, num_steps=30, batches={"s": scales},
-                      chunk_size=8)
+                      chunk_size=8, diagnostics=True)
   p2, _, h2 = jbl.run(tx, p0, num_steps=30,
                       batches=lambda step: {"s": 1.0 + 0.5 * jnp.sin(
-                          step.astype(jnp.float64))})
+                          step.astype(jnp.float64))}, diagnostics=True)
   np.testing.assert_allclose(h1["f"], h2["f"], rtol=1e-12)
   np.testing.assert_allclose(float(p1.x), float(p2.x), rtol=1e-12)
   # A fixed batch differs from the varying one.
@@ -98,9 +103,12 @@ def test_run_reports_nonfinite_step_and_returns_last_finite_iterate():
   tx = jbl.pbgd_free(f, g, gamma=1.0, upper_optimizer=optax.sgd(1.0),
                      lower_optimizer=optax.sgd(0.1))
   p0 = jbl.BilevelParams(jnp.asarray(1.0), jnp.asarray(0.0))
+  # Only the value f is NaN, so only a run that computes the diagnostics
+  # sees it.
   with pytest.warns(RuntimeWarning,
                     match=r"non-finite .*f.* at step 4\b") as record:
-    params, state, hist = jbl.run(tx, p0, num_steps=100, chunk_size=3)
+    params, state, hist = jbl.run(tx, p0, num_steps=100, chunk_size=3,
+                                  diagnostics=True)
   message = str(record[0].message)
   # Only f is NaN: its gradient 0.3 + 0 / x stays finite.
   assert "non-finite f at" in message and "last finite iterate" in message
@@ -111,7 +119,7 @@ def test_run_reports_nonfinite_step_and_returns_last_finite_iterate():
   assert np.all(hist["finite"][:-1])
 
   with pytest.raises(jbl.NonFiniteError, match="at step 4"):
-    jbl.run(tx, p0, num_steps=100, on_nonfinite="raise")
+    jbl.run(tx, p0, num_steps=100, on_nonfinite="raise", diagnostics=True)
 
 
 def test_run_skip_mode_rejects_nonfinite_steps_and_continues():
@@ -127,8 +135,9 @@ def test_run_skip_mode_rejects_nonfinite_steps_and_continues():
   batches = jnp.where(jnp.arange(60) % 3 == 2, jnp.nan, 1.0)
   p0 = jbl.BilevelParams(jnp.asarray(0.0), jnp.asarray(0.0))
   with pytest.warns(RuntimeWarning, match="skipped 20 non-finite step"):
+    # The NaN reaches only the value f (a diagnostic), not the gradients.
     params, state, hist = jbl.run(tx, p0, num_steps=60, batches=batches,
-                                  on_nonfinite="skip")
+                                  on_nonfinite="skip", diagnostics=True)
   assert np.sum(~hist["finite"]) == 20
   assert np.isfinite(float(params.x))
   # 40 accepted steps of x <- x - 0.1 * 2 (x - 2): |x - 2| = 2 * 0.8^40.
@@ -143,7 +152,7 @@ def test_traced_nonpositive_gamma_is_reported_not_silently_used():
   @jax.jit
   def one_run(gamma):
     tx = _free(prob, gamma=gamma)
-    return jbl.scan_run(tx, prob.params0, num_steps=3)
+    return jbl.scan_run(tx, prob.params0, num_steps=3, diagnostics=True)
 
   params, _, hist = one_run(jnp.asarray(-1.0))
   assert np.all(np.isnan(hist["gamma"]))
@@ -156,29 +165,72 @@ def test_traced_nonpositive_gamma_is_reported_not_silently_used():
   tx = jbl.pbgd_free(prob.f, prob.g, gamma=lambda step: 1.0 - step,
                      upper_optimizer=optax.sgd(1e-2),
                      lower_optimizer=optax.sgd(1e-2))
-  with pytest.warns(RuntimeWarning, match=r"at step 1 \(gamma is NaN"):
+  with pytest.warns(RuntimeWarning, match=r"at step 1 \(gamma is not a finite positive"):
     jbl.run(tx, prob.params0, num_steps=5)
 
 
 def test_progress_bar_written_to_stderr_when_asked(capsys):
   prob = _dpo()
   jbl.run(_free(prob), prob.params0, num_steps=20, chunk_size=5,
-          progress=True)
+          progress=True, diagnostics=True)
   err = capsys.readouterr().err
   assert "20/20" in err and "it/s" in err and "f=" in err
   jbl.run(_free(prob), prob.params0, num_steps=20, chunk_size=5)
   assert capsys.readouterr().err == ""  # not a terminal: no bar by default
 
 
+def _compiled_programs():
+  from jaxbilevel._src import run as run_lib  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=protected-access
+  return [fn._cache_size() for fn in run_lib._PROGRAMS._entries.values()]
+
+
 def test_run_does_not_recompile_across_calls():
   prob = _dpo()
   tx = _free(prob)
   jbl.run(tx, prob.params0, num_steps=10, chunk_size=10)
-  from jaxbilevel._src import run as run_lib  # pylint: disable=import-outside-toplevel
-  size = run_lib._scan_chunk_jit._cache_size()  # pylint: disable=protected-access
+  before = _compiled_programs()
   jbl.run(tx, jbl.BilevelParams(jnp.asarray(1.0), jnp.asarray(2.0)),
           num_steps=30, chunk_size=10)
-  assert run_lib._scan_chunk_jit._cache_size() == size  # pylint: disable=protected-access
+  assert _compiled_programs() == before
+
+
+def test_new_transformations_with_other_hyperparameters_reuse_the_program():
+  # A Python loop that rebuilds the method for each gamma compiles once, and
+  # the runs agree with runs whose gamma was compiled in.
+  prob = _dpo()
+  from jaxbilevel._src import run as run_lib  # pylint: disable=import-outside-toplevel
+  run_lib._PROGRAMS.clear()  # pylint: disable=protected-access
+  finals = []
+  for gamma in (4.0, 16.0, 64.0):
+    tx = jbl.pbgd_free(prob.f, prob.g, gamma=gamma,
+                       upper_optimizer=optax.sgd(1e-2),
+                       lower_optimizer=optax.sgd(1e-2))
+    params, _, hist = jbl.run(tx, prob.params0, num_steps=20,
+                              diagnostics=True)
+    finals.append(params)
+    assert float(hist["gamma"][-1]) == gamma
+    assert _compiled_programs() == [1]
+  for gamma, params in zip((4.0, 16.0, 64.0), finals):
+    tx = jbl.pbgd_free(prob.f, prob.g, gamma=gamma,
+                       upper_optimizer=optax.sgd(1e-2),
+                       lower_optimizer=optax.sgd(1e-2))
+    expected, _, _ = jbl.scan_run(tx, prob.params0, num_steps=20)
+    np.testing.assert_allclose(params.x, expected.x, rtol=1e-6)
+    np.testing.assert_allclose(params.y, expected.y, rtol=1e-6)
+
+
+def test_program_cache_is_bounded():
+  from jaxbilevel._src import programs  # pylint: disable=import-outside-toplevel
+  from jaxbilevel._src import run as run_lib  # pylint: disable=import-outside-toplevel
+  prob = _dpo()
+  for i in range(programs.MAX_PROGRAMS + 3):
+    # A new objective each time: a different program.
+    f = (lambda k: lambda x, y, batch: prob.f(x, y, batch) + 0.0 * k)(i)
+    tx = jbl.pbgd_free(f, prob.g, gamma=4.0, upper_optimizer=optax.sgd(1e-2),
+                       lower_optimizer=optax.sgd(1e-2))
+    jbl.run(tx, prob.params0, num_steps=2)
+  assert len(run_lib._PROGRAMS) == programs.MAX_PROGRAMS  # pylint: disable=protected-access
 
 
 # ---------------------------------------------------------------------------
@@ -323,7 +375,8 @@ def test_objective_builders_are_pure_and_differentiable():
   y_gam = prob.info["y_gamma"](x, gamma)
   # y_gamma* minimises f / gamma + g.
   assert abs(float(jax.grad(lower, argnums=1)(x, y_gam, gamma))) < 1e-12
-  # The reduced-penalty gradient at the exact trackers is 2x + 10 (A1).
+  # The reduced-penalty gradient at the exact trackers is 2x + 10 (A1 in
+  # docs/problems.md).
   np.testing.assert_allclose(jax.grad(gap)(x, y_gam, y_g, gamma), 12.0,
                              atol=1e-12)
   # vmap over gamma: gradient of F_gamma is 2x + 10 for every gamma.

@@ -108,15 +108,16 @@ _SCRIPT = textwrap.dedent(r'''
     # A sweep with its grid sharded over the 8 devices (12 points: padded).
     grid = jbl.product_grid(gamma=[2.0, 10.0, 50.0], lr=[0.01, 0.03, 0.05,
                                                          0.1])
-    ref_s = jbl.sweep(make_tx, p0, grid, num_steps=40, batch=batch)
+    ref_s = jbl.sweep(make_tx, p0, grid, num_steps=40, batch=batch,
+                      diagnostics=True)
     grid_mesh = Mesh(np.array(jax.devices()), ("grid",))
     sh_s = jbl.sweep(make_tx, p0, grid, num_steps=40, batch=batch,
-                     mesh=grid_mesh)
+                     mesh=grid_mesh, diagnostics=True)
     out["sweep_points"] = int(sh_s[0].x.shape[0])
     out["sweep_diff"] = maxdiff(ref_s, sh_s)
     grid8 = {k: v[:8] for k, v in grid.items()}
     sh8 = jbl.sweep(make_tx, p0, grid8, num_steps=40, batch=batch,
-                    mesh=grid_mesh)
+                    mesh=grid_mesh, diagnostics=True)
     out["sweep8_diff"] = maxdiff(jax.tree.map(lambda v: v[:8], ref_s), sh8)
     out["sweep8_spec"] = spec(sh8[0].x)
     out["sweep8_devices"] = len(sh8[0].x.sharding.device_set)
@@ -126,7 +127,7 @@ _SCRIPT = textwrap.dedent(r'''
     mesh_gd = Mesh(np.array(jax.devices()).reshape(4, 2), ("grid", "data"))
     sh_gd = jbl.sweep(make_tx, p0, grid8, num_steps=40,
                       batch=jbl.shard_batch(batch, mesh_gd, "data"),
-                      mesh=mesh_gd, axis="grid")
+                      mesh=mesh_gd, axis="grid", diagnostics=True)
     out["sweep_grid_data_diff"] = maxdiff(
         jax.tree.map(lambda v: v[:8], ref_s), sh_gd)
     out["sweep_grid_data_spec"] = spec(sh_gd[0].x)

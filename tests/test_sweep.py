@@ -59,7 +59,8 @@ def test_sweep_reaches_closed_form_argmin_for_every_point():
   # F_gamma(x) = x^2 + gamma/(1+gamma) (x-1)^2: argmin = gamma / (2 gamma + 1).
   gammas = np.array([1.0, 4.0, 10.0, 100.0])
   grid = jbl.product_grid(gamma=gammas, lr=[0.1, 0.2])
-  params, state, history = jbl.sweep(_make_alt, _P0, grid, num_steps=300)
+  params, state, history = jbl.sweep(_make_alt, _P0, grid, num_steps=300,
+                                     diagnostics=True)
   np.testing.assert_allclose(params.x, grid["gamma"] / (2 * grid["gamma"] + 1),
                              atol=2e-6)
   assert params.x.dtype == jnp.float32 and params.y.dtype == jnp.float32
@@ -71,10 +72,11 @@ def test_sweep_reaches_closed_form_argmin_for_every_point():
 def test_sweep_equals_separate_runs():
   grid = {"gamma": jnp.array([3.0, 30.0, 7.0]), "lr": jnp.array([0.05, 0.1,
                                                                  0.3])}
-  params, _, history = jbl.sweep(_make_alt, _P0, grid, num_steps=50)
+  params, _, history = jbl.sweep(_make_alt, _P0, grid, num_steps=50,
+                                 diagnostics=True)
   for i in range(3):
     tx = _make_alt(float(grid["gamma"][i]), float(grid["lr"][i]))
-    p_i, _, h_i = jbl.run(tx, _P0, num_steps=50)
+    p_i, _, h_i = jbl.run(tx, _P0, num_steps=50, diagnostics=True)
     # vmapped and single runs may round float32 differently.
     np.testing.assert_allclose(params.x[i], p_i.x, rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(params.y[i], p_i.y, rtol=2e-5, atol=1e-7)

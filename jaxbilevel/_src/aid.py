@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import programs
 from jaxbilevel._src import hypergradient
 from jaxbilevel._src import inner
-from jaxbilevel._src import tree as tree_lib
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("linear_residual", "tol")
 
@@ -40,6 +40,7 @@ class AIDState(NamedTuple):
   diagnostics: dict
 
 
+@programs.bilevel_method
 def aid(f: base.Objective,
         g: base.Objective,
         *,
@@ -56,7 +57,7 @@ def aid(f: base.Objective,
         ) -> optax.GradientTransformationExtraArgs:
   r"""AID: K inner steps on ``g``, then an implicit hypergradient step on ``x``.
 
-  One ``update`` is one outer iteration (``ALGORITHMS.md`` §10):
+  One ``update`` is one outer iteration (see :doc:`/methods`):
 
   .. math::
 
@@ -78,8 +79,9 @@ def aid(f: base.Objective,
   implicit one at the inner solution, so it ignores how ``init`` depends on
   ``x``. The hypergradient is :func:`jaxbilevel.hypergradient.implicit_hypergradient`
   at the new ``y`` (a constant: the inner loop is not differentiated).
-  Hessian-vector products are forward-over-reverse; CG stops early (by
-  masking) once the residual norm is below ``tol``. The sign convention is
+  Hessian-vector products are forward-over-reverse; CG stops (a
+  ``lax.while_loop``: no product is spent after convergence) once the
+  residual norm is below ``tol``. The sign convention is
   :math:`v\approx+H^{-1}\nabla_y f` with :math:`-J_{xy}v` (AmIGO, stocBiO).
   Requires a lower Hessian that is positive definite at the iterates
   (strongly convex lower level); Neumann needs
@@ -87,8 +89,8 @@ def aid(f: base.Objective,
 
   Cost per outer iteration: ``inner_steps`` g-gradients (y-block), one
   f-gradient (both blocks), ``linear_steps`` Hessian-vector products and one
-  cross product :math:`J_{xy}v`, plus one forward pass of ``g`` for the
-  diagnostics. Memory: about four lower-level vectors (CG) or two (Neumann)
+  cross product :math:`J_{xy}v`, plus one forward pass of ``g`` when the
+  diagnostics are recorded. Memory: about four lower-level vectors (CG) or two (Neumann)
   besides ``x``, ``y`` and the optimizer states.
 
   Args:
@@ -158,16 +160,20 @@ def aid(f: base.Objective,
     y_new, lower_state, trace = inner.inner_solve(
         lambda y_: g(x, y_, batch), y0, lower_state0,
         optimizer=lower_optimizer, num_steps=inner_steps, proj=proj_y)
-    # Implicit hypergradient (G3) at the new y: K HVPs and one cross product.
+    # Implicit hypergradient at the new y: K HVPs and one cross product.
     direction, info = hypergradient.implicit_hypergradient(
         f, g, x, y_new, batch, solver=solver, num_iters=linear_steps,
-        tol=tol_t, neumann_step=step_t, has_aux=True)
+        tol=tol_t, neumann_step=step_t, has_aux=True,
+        differentiable=False)  # nothing differentiates through the step
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
+    # g at the new y serves only the record.
+    g_t = (g(x, y_new, batch) if base.diagnostics_recorded()
+           else jnp.zeros((), dtype))
     diag = base.diagnostics(
-        dtype, f=info.value, g=g(x, y_new, batch),
-        upper_grad_norm=tree_lib.tree_norm(direction),
+        dtype, f=info.value, g=g_t,
+        upper_grad_norm=base.diagnostic_norm(direction),
         lower_grad_norm=inner.first_step(trace).grad_norm,
         gamma=jnp.zeros((), dtype), linear_residual=info.residual_norm,
         tol=tol_t)

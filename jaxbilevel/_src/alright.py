@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import tree as tree_lib
 
@@ -38,6 +39,7 @@ class ALRIGHTState(NamedTuple):
   diagnostics: dict
 
 
+@programs.bilevel_method
 def alright(f: base.Objective,
             g: base.Objective,
             *,
@@ -53,7 +55,7 @@ def alright(f: base.Objective,
 
   Not a bilevel method: it targets the weighted bi-objective
   :math:`\min_{x,y}\ \lambda f(x,y)+(1-\lambda)g(x,y)` (e.g. DPO and SFT) by
-  alternating single-objective steps (``ALGORITHMS.md`` §9):
+  alternating single-objective steps (see :doc:`/methods`):
 
   .. math::
 
@@ -159,8 +161,8 @@ def alright(f: base.Objective,
 
     diag = base.diagnostics(
         dtype, f=f(x, y, batch), g=g(x, y, batch),
-        upper_grad_norm=tree_lib.tree_norm(grad_x),
-        lower_grad_norm=tree_lib.tree_norm(grad_y), gamma=lam,
+        upper_grad_norm=base.diagnostic_norm(grad_x),
+        lower_grad_norm=base.diagnostic_norm(grad_y), gamma=lam,
         upper_step=on_f)
     new_state = ALRIGHTState(
         count=optax.safe_increment(state.count), upper_state=upper_state,

@@ -8,9 +8,9 @@ import jax
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
-from jaxbilevel._src import tree as tree_lib
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("g_gap",)
 _Y_GAMMA_STARTS = ("previous", "y_g")
@@ -40,6 +40,7 @@ class ALTPBGDState(NamedTuple):
   diagnostics: dict
 
 
+@programs.bilevel_method
 def alt_pbgd(f: base.Objective,
              g: base.Objective,
              *,
@@ -55,7 +56,7 @@ def alt_pbgd(f: base.Objective,
              ) -> optax.GradientTransformationExtraArgs:
   r"""ALT-PBGD: track :math:`y_g^*` and :math:`y_\gamma^*`, step on the full reduced-penalty gradient.
 
-  One ``update`` is one outer iteration (``ALGORITHMS.md`` §2):
+  One ``update`` is one outer iteration (see :doc:`/methods`):
 
   .. math::
 
@@ -67,7 +68,7 @@ def alt_pbgd(f: base.Objective,
         - \nabla_x g(x_t, y_g)] \\
     x_{t+1} &\leftarrow \mathrm{Proj}_\mathcal{X}(x_t - \eta\, d_t)
 
-  :math:`d_t` is the gradient (G2) of the reduced penalty :math:`F_\gamma`,
+  :math:`d_t` is the gradient of the reduced penalty :math:`F_\gamma`,
   obtained as :math:`\nabla_x` of
   :func:`jaxbilevel.objectives.value_gap_penalty` (one backward pass).
   :math:`F_\gamma` is :math:`O(1)`-smooth under the paper's conditions, so the
@@ -161,7 +162,7 @@ def alt_pbgd(f: base.Objective,
         lambda y_: lower_objective(x, y_, gamma_t, batch), y_start,
         state.lower_state, optimizer=lower_optimizer, num_steps=inner_steps,
         proj=proj_y, has_aux=True)
-    # Reduced-penalty gradient (G2): grad_x of f + gamma (g(., y_gam) - g(., y_g)).
+    # Reduced-penalty gradient: grad_x of f + gamma (g(., y_gam) - g(., y_g)).
     (_, pen_aux), direction = jax.value_and_grad(penalty, has_aux=True)(
         x, y_gam, y_g, gamma_t, batch)
     x_new, upper_state = inner.projected_step(
@@ -170,10 +171,12 @@ def alt_pbgd(f: base.Objective,
     first = inner.first_step(trace)
     if y_gamma_start == "previous":
       f_t, g_t = first.aux["f"], first.aux["g"]
-    else:  # the first penalized step was not taken at the incoming y
+    elif base.diagnostics_recorded():  # first step not at the incoming y
       f_t, g_t = f(x, y, batch), g(x, y, batch)
+    else:  # evaluated only for the record, which is not kept
+      f_t = g_t = jnp.zeros((), dtype)
     diag = base.diagnostics(
-        dtype, f=f_t, g=g_t, upper_grad_norm=tree_lib.tree_norm(direction),
+        dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(direction),
         lower_grad_norm=first.grad_norm, gamma=gamma_t,
         g_gap=pen_aux["g_gap"])
     new_state = ALTPBGDState(

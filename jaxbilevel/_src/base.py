@@ -1,6 +1,6 @@
 """Base types and argument handling shared by every bilevel method.
 
-Conventions (see ``ALGORITHMS.md`` §0.2):
+Conventions (the notation of the methods guide, ``docs/methods.md``):
 
 * ``f(x, y, batch) -> scalar`` is the upper-level (UL) objective and
   ``g(x, y, batch) -> scalar`` the lower-level (LL) objective. ``x`` and ``y``
@@ -16,8 +16,11 @@ Conventions (see ``ALGORITHMS.md`` §0.2):
 from __future__ import annotations
 
 import functools
+import contextlib
+import contextvars
 import numbers
 import re
+import sys
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -186,13 +189,23 @@ def resolve_hyperparameter(value: ScalarOrSchedule, count: Array, dtype, *,
   message = _not_a_number(v, label, _SCHEDULE_FIX)
   if message is not None:
     raise BilevelValidationError(message)
+  concrete = v if _is_concrete(v) else None
   v = jnp.asarray(v, dtype=dtype)
   if jnp.ndim(v) != 0:
     raise BilevelValidationError(
         f"a hyperparameter schedule must return a scalar, got shape "
         f"{jnp.shape(v)}.")
+  if positive and concrete is not None and np.asarray(concrete) > 0 and (
+      np.asarray(concrete).astype(jnp.dtype(dtype)) == 0):
+    raise BilevelValidationError(
+        f"{label} = {np.asarray(concrete).item()!r} underflows to 0 in "
+        f"{jnp.dtype(dtype).name}, the dtype of the parameters: use a larger "
+        "value or float64 parameters (jax.config.update('jax_enable_x64', "
+        "True)).")
   if positive:
-    ok = v >= 0 if allow_zero else v > 0
+    # Also +inf and NaN: a traced value cannot be checked when the method is
+    # built, so an invalid one becomes NaN and the run reports it by name.
+    ok = (v >= 0 if allow_zero else v > 0) & jnp.isfinite(v)
     v = jnp.where(ok, v, jnp.nan)
   return v
 
@@ -248,13 +261,19 @@ def check_params(params, method: str) -> BilevelParams:
 
 
 def check_updates_structure(updates, params: BilevelParams, method: str):
-  """Checks that incoming ``updates`` (if any) match the params' structure."""
+  """Checks that incoming ``updates`` are None (see :func:`begin_update`).
+
+  A non-None value is reported by what is wrong with it: its type, then its
+  structure and leaf shapes against ``params``, and, when it matches
+  ``params``, the fact that a bilevel method computes its own updates.
+  """
   if updates is None:
     return
   if not isinstance(updates, BilevelParams):
     raise BilevelValidationError(
-        f"{method}: updates must be None or a BilevelParams matching params, "
-        f"got {type(updates).__name__}.")
+        f"{method}: updates must be None (a bilevel method computes its own "
+        f"updates; call tx.update(None, state, params, batch=batch)), got "
+        f"{type(updates).__name__}.")
   for level in ("x", "y"):
     su = jax.tree.structure(getattr(updates, level))
     sp = jax.tree.structure(getattr(params, level))
@@ -268,6 +287,14 @@ def check_updates_structure(updates, params: BilevelParams, method: str):
         raise BilevelValidationError(
             f"{method}: updates.{level} has a leaf of shape {jnp.shape(u)} "
             f"where params.{level} has shape {jnp.shape(p)}.")
+  raise BilevelValidationError(
+      f"{method}: updates must be None. A bilevel method computes the "
+      "updates of both levels itself from f, g and batch, so incoming "
+      "updates (e.g. gradients) would be ignored; call "
+      "tx.update(None, state, params, batch=batch). To accumulate gradients "
+      "over micro-batches, wrap f and g with "
+      "jaxbilevel.objectives.accumulate; to skip non-finite steps, use "
+      "jaxbilevel.apply_if_finite.")
 
 
 def check_same_structure(a, b, what_a: str, what_b: str, method: str):
@@ -369,8 +396,10 @@ def depends_on(fn: Callable[[PyTree], Array], arg: PyTree) -> bool:
   dependent outputs, so the answer is False only when the output provably
   does not read ``arg`` (e.g. an upper objective that ignores ``x``).
   """
-  closed = jax.make_jaxpr(fn)(arg)
-  jaxpr = closed.jaxpr
+  return _jaxpr_depends(jax.make_jaxpr(fn)(arg).jaxpr)
+
+
+def _jaxpr_depends(jaxpr) -> bool:
   dependent = set(id(v) for v in jaxpr.invars)
   for eqn in jaxpr.eqns:
     if any(not isinstance(v, jax_core.Literal) and id(v) in dependent
@@ -378,6 +407,21 @@ def depends_on(fn: Callable[[PyTree], Array], arg: PyTree) -> bool:
       dependent.update(id(v) for v in eqn.outvars)
   return any(not isinstance(v, jax_core.Literal) and id(v) in dependent
              for v in jaxpr.outvars)
+
+
+def checked_gradient(fn: Callable[[PyTree], Array], arg: PyTree,
+                     on_independent: Callable[[], None]) -> PyTree:
+  """``jax.grad(fn)(arg)``, first calling ``on_independent()`` if ``fn`` ignores ``arg``.
+
+  ``fn`` is traced once: the dependence test of :func:`depends_on` and the
+  gradient share its jaxpr, so the check costs no second trace of a (possibly
+  large) objective.
+  """
+  closed = jax.make_jaxpr(fn)(arg)
+  if not _jaxpr_depends(closed.jaxpr):
+    on_independent()
+  flat_fn = jax_core.jaxpr_as_fun(closed)
+  return jax.grad(lambda a: flat_fn(*jax.tree.leaves(a))[0])(arg)
 
 
 def check_optimizers(**optimizers) -> None:
@@ -596,6 +640,7 @@ def init_state_fields(params, method: str, diagnostics_keys, upper_optimizer,
   the method's update writes. Use as ``State(**init_state_fields(...),
   other_field=...)``.
   """
+  refuse_optax_wrappers(method)
   params = check_params(params, method)
   fields = dict(count=jnp.zeros([], jnp.int32),
                 upper_state=upper_optimizer.init(params.x))
@@ -612,12 +657,79 @@ def begin_update(updates, params, method: str, **trackers):
   Validates ``params`` and the incoming ``updates`` and checks that each
   lower-level tracker kept in the state (given as ``name=tree``) has the
   structure of ``params.y``.
+
+  ``updates`` must be None: a bilevel method computes the updates of both
+  levels itself, so a value passed there (gradients, or the placeholder that
+  ``optax.MultiSteps`` accumulates) would be ignored, and it is rejected
+  instead, with a message that points to
+  :func:`jaxbilevel.objectives.accumulate` and :func:`jaxbilevel.apply_if_finite`.
+  The optax wrappers that cannot mean anything for a bilevel method are
+  refused by name (see :func:`refuse_optax_wrappers`).
   """
+  refuse_optax_wrappers(method)
   params = check_params(params, method)
   check_updates_structure(updates, params, method)
   for name, tree in trackers.items():
     check_same_structure(tree, params.y, f"state.{name}", "params.y", method)
   return params, params_dtype(params)
+
+
+def _optax_wrapper_codes() -> dict:
+  """The code objects of the optax wrappers a bilevel method refuses."""
+  probe = optax.apply_if_finite(optax.identity(), 1)
+  return {
+      optax.MultiSteps.init.__code__: "optax.MultiSteps",
+      optax.MultiSteps.update.__code__: "optax.MultiSteps",
+      probe.init.__code__: "optax.apply_if_finite",
+      probe.update.__code__: "optax.apply_if_finite",
+  }
+
+
+_WRAPPER_FIXES = {
+    "optax.MultiSteps": (
+        "optax.MultiSteps accumulates the incoming updates (gradients) over "
+        "k calls, but a bilevel method computes its updates itself, so it "
+        "would take k full bilevel steps and apply only the last one. "
+        "Accumulate inside one bilevel step instead: wrap the objectives as "
+        "jaxbilevel.objectives.accumulate(f, num_microbatches) and "
+        "jaxbilevel.objectives.accumulate(g, num_microbatches) and pass the "
+        "whole batch, whose leading axis is split into micro-batches."),
+    "optax.apply_if_finite": (
+        "optax.apply_if_finite checks the incoming updates, which are None "
+        "for a bilevel method (it computes them itself), so it can never "
+        "see a non-finite bilevel step. Use jaxbilevel.apply_if_finite(tx, "
+        "max_consecutive_errors), which checks the updates the method "
+        "returns and keeps the previous state when they are not finite."),
+}
+
+
+def refuse_optax_wrappers(method: str, max_depth: int = 24) -> None:
+  """Raises when ``init``/``update`` is called from a refused optax wrapper.
+
+  ``optax.MultiSteps`` fails inside its own ``jax.tree.map`` on the ``None``
+  updates before it calls the method's ``update``, and
+  ``optax.apply_if_finite`` fails in its ``lax.cond``, both with structure
+  errors that do not say why. The method's ``init`` and ``update`` are the
+  only code of ours they run first, so those look up the Python call stack
+  (at trace time, for a few frames) for the wrappers' code and explain what
+  to use instead.
+  """
+  global _WRAPPER_CODES
+  if _WRAPPER_CODES is None:
+    _WRAPPER_CODES = _optax_wrapper_codes()
+  frame = sys._getframe(1)  # pylint: disable=protected-access
+  for _ in range(max_depth):
+    if frame is None:
+      return
+    wrapper = _WRAPPER_CODES.get(frame.f_code)
+    if wrapper is not None:
+      raise BilevelValidationError(
+          f"{method} cannot be wrapped in {wrapper}: "
+          + _WRAPPER_FIXES[wrapper])
+    frame = frame.f_back
+
+
+_WRAPPER_CODES = None
 
 
 def level_updates(params: BilevelParams, x_new, y_new) -> BilevelParams:
@@ -629,6 +741,52 @@ def level_updates(params: BilevelParams, x_new, y_new) -> BilevelParams:
 def params_dtype(params: BilevelParams):
   """The common floating dtype of all variables (used for diagnostics)."""
   return jnp.result_type(*jax.tree.leaves(params))
+
+
+_RECORDING = contextvars.ContextVar("jaxbilevel_recording_diagnostics",
+                                    default=True)
+
+
+@contextlib.contextmanager
+def recording_diagnostics(enabled: bool):
+  """Within this block, methods traced compute their diagnostics or skip them.
+
+  The drivers trace the step with ``enabled=False`` when the diagnostics are
+  not recorded, so that quantities computed only for the record (gradient
+  norms) are neither traced nor compiled; a direct ``tx.update`` call always
+  computes them.
+  """
+  token = _RECORDING.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _RECORDING.reset(token)
+
+
+def diagnostics_recorded() -> bool:
+  """Whether the step being traced records its diagnostics.
+
+  False inside ``recording_diagnostics(False)`` (the drivers without
+  ``diagnostics=True``): a method then skips evaluations made only for the
+  record (e.g. ``g`` at the new iterate) and reports them as zero.
+
+  Examples:
+    >>> from jaxbilevel._src import base
+    >>> with base.recording_diagnostics(False):
+    ...   base.diagnostics_recorded()
+    False
+    >>> base.diagnostics_recorded()
+    True
+  """
+  return _RECORDING.get()
+
+
+def diagnostic_norm(tree) -> Array:
+  """The norm of ``tree`` for a diagnostic: zero, uncomputed, when not recorded."""
+  if not diagnostics_recorded():
+    leaves = jax.tree.leaves(tree)
+    return jnp.zeros((), jnp.result_type(*leaves) if leaves else jnp.float32)
+  return optax.tree_utils.tree_norm(tree)
 
 
 def diagnostics(dtype, **values) -> dict:

@@ -509,6 +509,7 @@ def resumable_run(tx: optax.GradientTransformationExtraArgs,
                   batch: Any = None,
                   batches: Any = None,
                   record: Optional[Callable] = None,
+                  diagnostics: bool = False,
                   on_nonfinite: str = "stop",
                   max_to_keep: Optional[int] = 2):
   """:func:`jaxbilevel.run` with a checkpoint every ``save_every`` steps, resuming from the latest.
@@ -539,6 +540,8 @@ def resumable_run(tx: optax.GradientTransformationExtraArgs,
     batches: per-step batches indexed by the global step: a pytree with a
       leading axis of length ``>= num_steps`` or a callable ``step -> batch``.
     record: optional ``(params, state) -> pytree`` recorded after each step.
+    diagnostics: as in :func:`jaxbilevel.run`; a resumed run must use the
+      same value as the run that wrote the checkpoints.
     on_nonfinite: as in :func:`jaxbilevel.run`.
     max_to_keep: number of newest checkpoints kept (None: all).
 
@@ -593,30 +596,24 @@ def resumable_run(tx: optax.GradientTransformationExtraArgs,
     if ckpt.history is not None:
       parts.append(ckpt.history)
 
-  scan_mode = "stop" if on_nonfinite == "raise" else on_nonfinite
-  stopped = jnp.asarray(False)
-  failed = False
-  while done < num_steps:
-    length = min(save_every, num_steps - done)
-    params, state, stopped, hist = run_lib._jit_chunk(
-        tx, params, state, batch,
-        run_lib._slice_batches(batches, done, length),
-        jnp.asarray(done, jnp.int32), length, scan_mode, record, stopped)
-    hist = jax.tree.map(np.asarray, hist)
-    if parts and jax.tree.structure(parts[0]) != jax.tree.structure(hist):
-      parts[0] = _conform_history(parts[0], hist, directory)
-    if scan_mode == "stop" and bool(stopped):
-      parts.append(jax.tree.map(
-          lambda v: v[:int(np.argmin(hist["finite"])) + 1], hist))
-      failed = True
-      break
-    parts.append(hist)
-    done += length
+  def whole_history(new_parts):
+    # The restored history (orbax gives dicts and lists) in this run's form.
+    if parts and new_parts and jax.tree.structure(
+        parts[0]) != jax.tree.structure(new_parts[0]):
+      parts[0] = _conform_history(parts[0], new_parts[0], directory)
+    return jax.tree.map(lambda *v: np.concatenate(v), *(parts + new_parts))
+
+  def after_chunk(done, params, state, new_parts):
     save(directory, params, state, step=done,
-         history=jax.tree.map(lambda *v: np.concatenate(v), *parts),
-         max_to_keep=max_to_keep)
-  history = jax.tree.map(lambda *v: np.concatenate(v), *parts)
-  _report_nonfinite(history, on_nonfinite, failed)
+         history=whole_history(new_parts), max_to_keep=max_to_keep)
+
+  params, state, new_parts, failure = run_lib.drive(
+      tx, params, state, batch=batch, batches=batches, first_step=done,
+      num_steps=num_steps, chunk_size=save_every, on_nonfinite=on_nonfinite,
+      record=record, record_every=1, diagnostics=diagnostics, progress=False,
+      after_chunk=after_chunk)
+  history = whole_history(new_parts)
+  _report_nonfinite(history, on_nonfinite, failure, state)
   return params, state, history
 
 
@@ -635,11 +632,11 @@ def _conform_history(saved, new, directory):
   return jax.tree.unflatten(treedef, leaves)
 
 
-def _report_nonfinite(history, on_nonfinite, failed):
+def _report_nonfinite(history, on_nonfinite, failure, state):
   """Warns or raises about non-finite steps, as :func:`jaxbilevel.run` does."""
-  if failed:
+  if failure is not None:
     step, what, hint = run_lib._nonfinite_report(
-        history, len(history["step"]) - 1)
+        failure, len(failure["step"]) - 1, state)
     message = (
         f"jaxbilevel.checkpoint.resumable_run: non-finite {what} at step "
         f"{step}{hint}. The run stopped with the iterate after step "

@@ -6,7 +6,7 @@ The lower problem is
 
 with ``c(x, y, batch) -> (m,)`` a vector of constraints coupled in ``x`` and
 ``y`` and :math:`\mathcal Y` a simple set handled by a projection. The sign
-convention is that of ``ALGORITHMS.md`` §0.2: constraints are :math:`c\le0`,
+convention (as in Jiang et al., NeurIPS 2024): constraints are :math:`c\le0`,
 multipliers :math:`\mu\ge0` and the Lagrangian is :math:`+\mu^\top c`.
 
 Pieces shared by :func:`jaxbilevel.pbgd_blocc` and
@@ -16,10 +16,11 @@ Pieces shared by :func:`jaxbilevel.pbgd_blocc` and
   clearly at trace time;
 * :func:`primal_dual_solve` is the warm-started MaxMin solver: alternating
   gradient descent on :math:`y` and projected ascent on :math:`\mu`;
-* :func:`value_function_grad` is (G4),
+* :func:`value_function_grad` is the coupled value-function gradient,
   :math:`\nabla v(x)=\nabla_x g(x,y_g)+\langle\mu_g,\nabla_x c(x,y_g)\rangle`;
 * :func:`coupled_value_gap_penalty` is the function whose x-gradient is the
-  reduced-penalty gradient (G4) of the coupled problem.
+  reduced-penalty gradient of the coupled problem (direction G4 of the
+  methods guide, ``docs/methods.md``).
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def primal_dual_solve(objective: Callable, constraint: Callable, y, mu,
   r"""Warm-started MaxMin: alternating descent on ``y`` and projected ascent on :math:`\mu`.
 
   Approximates a saddle point of :math:`L(y,\mu)=h(y)+\mu^\top c(y)` over
-  :math:`y\in\mathcal Y`, :math:`\mu\ge0` (``ALGORITHMS.md`` §4, as in the
-  authors' ``minmax_opt``):
+  :math:`y\in\mathcal Y`, :math:`\mu\ge0` (as in the BLOCC authors'
+  ``minmax_opt``; see the PBGD-BLOCC section of :doc:`/methods`):
 
   .. math::
 
@@ -191,7 +192,7 @@ def first_primal_step(trace: PrimalDualTrace) -> inner.InnerTrace:
 
 def value_function_grad(g: base.Objective, c: Constraint, x, y_g, mu_g,
                         batch=None):
-  r"""The gradient (G4) of the coupled value function :math:`v(x)=\min_{c(x,y)\le0} g(x,y)`.
+  r"""The gradient of the coupled value function :math:`v(x)=\min_{c(x,y)\le0} g(x,y)`.
 
   .. math:: \nabla v(x)=\nabla_x g(x,y_g)+\langle\mu_g,\nabla_x c(x,y_g)\rangle
 
@@ -229,7 +230,7 @@ def value_function_grad(g: base.Objective, c: Constraint, x, y_g, mu_g,
 
 def coupled_value_gap_penalty(f: base.Objective, g: base.Objective,
                               c: Constraint, *, has_aux: bool = False):
-  r"""The coupled penalty whose x-gradient is the reduced-penalty gradient (G4).
+  r"""The coupled penalty whose x-gradient is the multiplier-aware reduced-penalty gradient.
 
   .. math::
 

@@ -1,4 +1,4 @@
-r"""LIBSVM data for the SVM hyperparameter benchmark (``PROBLEMS.md`` §B3).
+r"""LIBSVM data for the SVM hyperparameter benchmark (Jiang et al., NeurIPS 2024).
 
 * :func:`load_libsvm` parses the sparse text format
   ``label idx:value idx:value ...`` (1-based indices) **by feature index**,
@@ -115,7 +115,7 @@ def parse_libsvm(lines: Sequence[str], *, num_features: Optional[int] = None,
   sparse zero) gets 0 in column ``j``. With ``positional_quirk=True`` the
   ``k``-th ``idx:value`` pair of a line goes to column ``k`` whatever its
   index, and missing trailing slots are 0 — the authors' loader, which
-  shifts the 7 fourclass lines that omit feature 1 (``PROBLEMS.md`` §B3).
+  shifts the 7 fourclass lines that omit feature 1.
   Use it only to reproduce their numbers bit for bit.
 
   The format is checked strictly, with file and line in every error: labels

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
-from jaxbilevel._src import tree as tree_lib
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("g_gap",)
 _PRESETS = ("benchopt", "paper")
@@ -45,6 +45,7 @@ class F2SAState(NamedTuple):
   diagnostics: dict
 
 
+@programs.bilevel_method
 def f2sa(f: base.Objective,
          g: base.Objective,
          *,
@@ -61,7 +62,7 @@ def f2sa(f: base.Objective,
          ) -> optax.GradientTransformationExtraArgs:
   r"""F2SA: two warm-started lower sequences and an increasing multiplier.
 
-  One ``update`` is one outer iteration (``ALGORITHMS.md`` §7) on the
+  One ``update`` is one outer iteration (see :doc:`/methods`) on the
   Lagrangian :math:`\mathcal L_\lambda(x,y)=f(x,y)+\lambda(g(x,y)-v(x))`:
 
   .. math::
@@ -89,20 +90,20 @@ def f2sa(f: base.Objective,
   ``scale_lower=True`` divides the ``y`` direction by :math:`1+\lambda_k`,
   i.e. :math:`\alpha_k=\mathrm{lr}/(1+\lambda_k)`, so that a fixed lower
   learning rate :math:`\approx 1/L_g` stays stable as :math:`\lambda_k` grows
-  (the protocol of ``PROBLEMS.md`` §A8). With constant :math:`\lambda` the
+  (as in the A8 test of :doc:`/problems`). With constant :math:`\lambda` the
   limit is the minimiser of the reduced penalty :math:`F_\lambda`, at
   distance :math:`O(1/\lambda)` from the bilevel solution.
 
   **Schedules (decision on the "(unverified)" items).** The paper's
   step-size/multiplier schedule could not be checked against the paper text
   (only its abstract was available), and the two reference readings disagree
-  (``ALGORITHMS.md`` §7's table; the stored benchopt solver we read uses
-  :math:`(k+1)^{-1/2}` steps and a constant :math:`\delta`). So nothing is
+  (our reconstruction of the paper's schedule, and the benchopt solver,
+  which uses :math:`(k+1)^{-1/2}` steps and a constant :math:`\delta`). So nothing is
   hard-coded: :func:`f2sa` takes :math:`\lambda_0`, :math:`\delta_k` and
   :math:`\lambda_{\max}` explicitly (defaults: constant :math:`\lambda`), and
   :func:`f2sa_schedules` builds either preset with every exponent an
-  explicit argument. Tests check convergence against closed forms (A8), not
-  against either preset.
+  explicit argument. Tests check convergence against closed forms (problem
+  A8 of :doc:`/problems`), not against either preset.
 
   Cost per outer iteration: :math:`2T+2` g-gradients and :math:`T+1`
   f-gradients (``z`` loop: T g-gradients; ``y`` loop: T pairs; ``x``
@@ -192,8 +193,11 @@ def f2sa(f: base.Objective,
     scale = 1.0 / (1.0 + lam) if scale_lower else jnp.ones((), dtype)
 
     def lower_objective(y_):
-      value, aux = lagrangian(x, y_, z, lam, batch)
-      return scale * value, aux
+      # f + lambda g: the Lagrangian's y-gradient without evaluating the
+      # constant g(x, z) at every step (it would serve no gradient).
+      fv, gv = f(x, y_, batch), g(x, y_, batch)
+      value = fv + jnp.asarray(lam, jnp.result_type(fv)) * gv
+      return scale * value, {"f": fv, "g": gv}
 
     y_new, lower_state, trace = inner.inner_solve(
         lower_objective, y, state.lower_state, optimizer=lower_optimizer,
@@ -212,7 +216,7 @@ def f2sa(f: base.Objective,
     first = inner.first_step(trace)
     diag = base.diagnostics(
         dtype, f=first.aux["f"], g=first.aux["g"],
-        upper_grad_norm=tree_lib.tree_norm(direction),
+        upper_grad_norm=base.diagnostic_norm(direction),
         lower_grad_norm=first.grad_norm / scale, gamma=lam,
         g_gap=aux["g_gap"])
     new_state = F2SAState(

@@ -3,12 +3,12 @@ r"""Flatness diagnostics: is PBGD-Free's dropped correction expected to be small
 PBGD-Free drops the value-function correction
 :math:`b_\gamma=\gamma[\nabla_xg(x,y_\gamma^*)-\nabla_xg(x,y_g^*)]`, whose
 size does not shrink with :math:`\gamma` when ``f`` is merely Lipschitz in
-``y`` ((G5)). It is small when ``f`` is *flat* near :math:`y_g^*`
-(``ALGORITHMS.md`` §1.3):
+``y`` (bias G5 of :doc:`/methods`). It is small when ``f`` is *flat* near
+:math:`y_g^*` (Jiang et al., NeurIPS 2025, arXiv:2507.20400):
 :math:`|f(x,y_g^*)-f(x,y)|\le c\|y_g^*-y\|^\alpha+\delta` with
 :math:`\alpha>1` and a small residual :math:`\delta`.
 
-:func:`flatness_report` evaluates the estimate of ``ALGORITHMS.md`` §1.4,
+:func:`flatness_report` evaluates the residual estimate
 
 .. math::
 
@@ -191,8 +191,8 @@ def flatness_report(f: base.Objective, xs, y_gs, y_gammas, *,
     y_gammas: penalized-solution estimates :math:`y_{\gamma,t}` at
       :math:`x_t`.
     g: optional lower objective; with ``gamma`` the report also measures the
-      correction PBGD-Free drops, :math:`\|b_\gamma\|` (``ALGORITHMS.md``
-      §1.5), next to PBGD-Free's direction :math:`\|\nabla_xf\|`.
+      correction PBGD-Free drops, :math:`\|b_\gamma\|`, next to PBGD-Free's
+      direction :math:`\|\nabla_xf\|`.
     gamma: the penalty constant of the trajectory (needed with ``g``).
     c: moduli of the grid (default ``(0.1, 0.5, 1, 2)``).
     alpha: exponents of the grid (default ``(1.1, 1.2, 1.3, 1.5)``).

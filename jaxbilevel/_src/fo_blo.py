@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import programs
 from jaxbilevel._src import hypergradient
 from jaxbilevel._src import inner
-from jaxbilevel._src import tree as tree_lib
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS
 UFO_DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("correction_norm",
@@ -114,15 +114,18 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
                                       "identity")[1],
           direction, draw_key, state.count, dtype)
       direction = jax.tree.map(jnp.add, direction, delta)
-      extra = dict(correction_norm=tree_lib.tree_norm(delta),
+      extra = dict(correction_norm=base.diagnostic_norm(delta),
                    correction_draw=draw)
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
-    g_t, g_grad = jax.value_and_grad(g, argnums=1)(x, y_r, batch)
+    if base.diagnostics_recorded():  # g and grad_y g at y_r: only recorded
+      g_t, g_grad = jax.value_and_grad(g, argnums=1)(x, y_r, batch)
+    else:
+      g_t, g_grad = jnp.zeros((), dtype), None
     diag = base.diagnostics(
-        dtype, f=f_t, g=g_t, upper_grad_norm=tree_lib.tree_norm(direction),
-        lower_grad_norm=tree_lib.tree_norm(g_grad),
+        dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(direction),
+        lower_grad_norm=base.diagnostic_norm(g_grad),
         gamma=jnp.zeros((), dtype), **extra)
     fields = dict(count=optax.safe_increment(state.count),
                   upper_state=upper_state, diagnostics=diag)
@@ -133,6 +136,7 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@programs.bilevel_method
 def fo_blo(f: base.Objective,
            g: base.Objective,
            *,
@@ -146,7 +150,7 @@ def fo_blo(f: base.Objective,
   r"""FO-BLO: first-order (FO-MAML) meta-gradient through r inner steps.
 
   The lower level is an r-step optimizer started at
-  :math:`\varphi_0=\mathrm{init}(x)` (``ALGORITHMS.md`` §8):
+  :math:`\varphi_0=\mathrm{init}(x)` (see :doc:`/methods`):
 
   .. math::
 
@@ -167,12 +171,13 @@ def fo_blo(f: base.Objective,
 
   FO-BLO is biased: with stochastic tasks it can converge to a point that is
   not stationary for :math:`F(x)=\mathbb E\, f(x,\varphi_r(x))`
-  (``PROBLEMS.md`` §A9); :func:`ufo_blo` removes the bias. If ``x`` enters
+  (problem A9 of :doc:`/problems`); :func:`ufo_blo` removes the bias. If ``x`` enters
   only through ``g`` (regularisation strengths, sample weights) the
   estimate reduces to :math:`\nabla_x f`, which is then meaningless.
 
   Cost per outer iteration: r g-gradients (y-block), one f-gradient (both
-  blocks), plus one g-gradient at :math:`\varphi_r` for the diagnostics; no
+  blocks), plus one g-gradient at :math:`\varphi_r` only when the diagnostics
+  are recorded; no
   Hessian-vector products. Memory: :math:`O(d)`, constant in r.
 
   Args:
@@ -212,6 +217,7 @@ def fo_blo(f: base.Objective,
               correction=None)
 
 
+@programs.bilevel_method
 def ufo_blo(f: base.Objective,
             g: base.Objective,
             *,
@@ -252,11 +258,11 @@ def ufo_blo(f: base.Objective,
   **Decision on the "(unverified)" estimator.** Only the paper's abstract was
   available (an unbiased estimator built on FO-BLO with FO-BLO's memory and
   expected time), so the exact form it uses could not be checked. Both
-  candidates of ``ALGORITHMS.md`` §8 are implemented; "bernoulli" is the
+  candidate estimators (Bernoulli and telescoping, :doc:`/methods`) are implemented; "bernoulli" is the
   default because it matches the abstract's claims (memory and expected time
   of FO-BLO up to the :math:`\xi=1` branch). Unbiasedness is verified
   numerically (mean over keys equals the exact meta-gradient within its
-  standard error, ``PROBLEMS.md`` §A9), not taken from the paper.
+  standard error, problem A9 of :doc:`/problems`), not taken from the paper.
 
   Randomness: the PRNG ``key`` is stored in the state and split at every
   step, so a run is deterministic for a given key.

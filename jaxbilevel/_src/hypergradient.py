@@ -9,8 +9,10 @@ implicit differentiation used to play):
   (:math:`\nabla^2_{yy} g\,v`, forward-over-reverse) and :func:`cross_vjp`
   (:math:`\nabla^2_{xy} g\,v`);
 * linear solvers for :math:`Hv=b` as ``lax.scan`` loops of static length:
-  :func:`conjugate_gradient` (early exit by masking) and :func:`neumann`;
-* :func:`implicit_hypergradient`: (G3) at a given lower solution,
+  :func:`conjugate_gradient` (early exit by masking, or a ``lax.while_loop``
+  that stops at the tolerance when not differentiated) and :func:`neumann`;
+* :func:`implicit_hypergradient`: the implicit hypergradient at a given
+  lower solution,
   :math:`\nabla_x f(x,y) - J_{xy}H^{-1}\nabla_y f(x,y)`;
 * :func:`implicit_solution`: the identity on a lower solution whose derivative
   is the implicit one, so ``jax.grad`` of any function of it is the implicit
@@ -94,8 +96,8 @@ def _lower_grad_vjp(g, x, y, batch, v, *consts):
 def cross_vjp(g: base.Objective, x, y, v, batch=None):
   r"""The cross product :math:`J_{xy}v=\nabla_x\langle\nabla_y g(x,y),v\rangle`.
 
-  One reverse pass through :math:`\nabla_y g` (a "cross-JVP" in
-  ``ALGORITHMS.md`` notation); the result has the structure of ``x``.
+  One reverse pass through :math:`\nabla_y g` (the "cross product" of the
+  cost tables in :doc:`/methods`); the result has the structure of ``x``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -117,15 +119,22 @@ def _scalar_like(value, tree):
 
 
 def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
-                       tol=0.0, init=None) -> LinearSolveResult:
+                       tol=0.0, init=None,
+                       differentiable: bool = True) -> LinearSolveResult:
   r"""Solves :math:`Hv=b` for a symmetric positive definite :math:`H` by CG.
 
   Plain conjugate gradient (not the normal equations, which would square the
   condition number), ``num_iters`` iterations in a ``lax.scan`` started from
   ``init`` (zero by default). Once the residual norm is ``<= tol`` (absolute)
-  the remaining iterations are masked no-ops (``ALGORITHMS.md`` §13.11): the
+  the remaining iterations are masked no-ops: the
   loop length stays static, so the solver is ``jit``/``vmap``/reverse-mode
   friendly, and no division by a vanishing curvature produces NaN.
+
+  With ``differentiable=False`` the same iterations run in a
+  ``lax.while_loop`` that stops at the tolerance, so a solve that converges
+  early costs fewer matrix-vector products (the result is the same); use it
+  when nothing reverse-differentiates through the solve (``jit``, ``vmap``
+  and forward mode still work).
 
   Args:
     matvec: ``v -> H v`` on pytrees shaped like ``b``.
@@ -135,6 +144,8 @@ def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
     tol: absolute tolerance on :math:`\|b-Hv\|` (float or traced array).
       A NaN ``tol`` gives a NaN solution and residual.
     init: optional starting point (costs one extra product).
+    differentiable: keep the static-length scan (reverse-differentiable);
+      False stops at the tolerance in a ``lax.while_loop``.
 
   Returns:
     A :class:`LinearSolveResult`.
@@ -160,7 +171,7 @@ def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
 
   def body(carry, _):
     v, r, p, rs = carry
-    active = rs > tol2
+    active = rs > tol2  # always True in the while_loop (its condition)
     hp = matvec(p)
     curvature = otu.tree_vdot(p, hp)
     safe = jnp.where(active, curvature, jnp.ones_like(curvature))
@@ -172,7 +183,19 @@ def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
     p = otu.tree_add_scale(r, beta, p)
     return (v, r, p, jnp.where(active, rs_new, rs)), None
 
-  (v, _, _, rs), _ = jax.lax.scan(body, (v, r, r, rs), None, length=num_iters)
+  if differentiable:
+    (v, _, _, rs), _ = jax.lax.scan(body, (v, r, r, rs), None,
+                                    length=num_iters)
+  else:
+    # Stops at the tolerance: no product is spent after convergence (the
+    # scan above masks them, for reverse mode's sake).
+    def cond(carry):
+      i, (_, _, _, rs) = carry
+      return (i < num_iters) & (rs > tol2)
+
+    _, (v, _, _, rs) = jax.lax.while_loop(
+        cond, lambda carry: (carry[0] + 1, body(carry[1], None)[0]),
+        (jnp.zeros((), jnp.int32), (v, r, r, rs)))
   # A NaN tolerance (an invalid traced tol, see resolve_hyperparameter) makes
   # the test rs > tol^2 false, so CG would stop at once and return a finite,
   # wrong v; a NaN result instead lets the run report it.
@@ -244,17 +267,19 @@ def check_solver(solver, num_iters, neumann_step, where):
 
 
 def _solve_lower_hessian(g, x, y, b, batch, config: _SolveConfig, tol,
-                         neumann_step, *consts) -> LinearSolveResult:
+                         neumann_step, *consts,
+                         differentiable=True) -> LinearSolveResult:
   """Solves ``grad^2_yy g(x, y) v = b`` with the configured solver."""
   matvec = lambda v: hvp(lambda x_, y_, b_: g(x_, y_, b_, *consts), x, y, v,
                          batch)
   if config.solver == "cg":
-    return conjugate_gradient(matvec, b, num_iters=config.num_iters, tol=tol)
+    return conjugate_gradient(matvec, b, num_iters=config.num_iters, tol=tol,
+                              differentiable=differentiable)
   return neumann(matvec, b, num_terms=config.num_iters, step=neumann_step)
 
 
 # ---------------------------------------------------------------------------
-# Implicit hypergradient (G3).
+# Implicit hypergradient (implicit function theorem; docs/methods.md).
 # ---------------------------------------------------------------------------
 
 
@@ -275,8 +300,9 @@ class ImplicitInfo(NamedTuple):
 def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
                            batch=None, *, solver: str = "cg",
                            num_iters: int = 10, tol=1e-10,
-                           neumann_step=None, has_aux: bool = False):
-  r"""The implicit hypergradient (G3) at a given lower solution.
+                           neumann_step=None, has_aux: bool = False,
+                           differentiable: bool = True):
+  r"""The implicit hypergradient at a given lower solution.
 
   .. math::
 
@@ -311,6 +337,9 @@ def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
     tol: CG early-exit tolerance on the residual norm (absolute).
     neumann_step: :math:`\eta_N\le1/L_g` (required for ``"neumann"``).
     has_aux: also return an :class:`ImplicitInfo`.
+    differentiable: False lets CG stop at ``tol`` in a ``lax.while_loop``
+      (fewer Hessian-vector products, same result) when the hypergradient
+      is not reverse-differentiated with respect to ``x`` or ``batch``.
 
   Returns:
     The hypergradient (structure of ``x``), or ``(hypergradient, info)``.
@@ -331,7 +360,7 @@ def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
   y = jax.lax.stop_gradient(y)
   value, (grad_x, grad_y) = jax.value_and_grad(f, argnums=(0, 1))(x, y, batch)
   result = _solve_lower_hessian(g, x, y, grad_y, batch, config, tol,
-                                neumann_step)
+                                neumann_step, differentiable=differentiable)
   hypergrad = otu.tree_sub(grad_x, cross_vjp(g, x, y, result.solution, batch))
   if has_aux:
     return hypergrad, ImplicitInfo(value, result.solution,
@@ -449,8 +478,8 @@ def unrollable_adam(learning_rate: base.ScalarOrSchedule, b1: float = 0.9,
 
   Adam's update contains :math:`\sqrt{\hat v}`, whose derivative is infinite
   at :math:`\hat v=0`; ``optax.adam``'s default ``eps_root=0`` then gives NaN
-  meta-gradients for every coordinate with zero gradient history
-  (``ALGORITHMS.md`` §13.1). Use this (or pass ``eps_root`` yourself) as the
+  meta-gradients for every coordinate with zero gradient history (see the
+  ITD section of :doc:`/methods`). Use this (or pass ``eps_root`` yourself) as the
   inner optimizer of :func:`unrolled_solve` and :func:`jaxbilevel.itd`.
   """
   if not eps_root > 0:

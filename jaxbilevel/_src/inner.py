@@ -13,7 +13,6 @@ import jax
 import optax
 
 from jaxbilevel._src import base
-from jaxbilevel._src import tree as tree_lib
 
 
 class InnerTrace(NamedTuple):
@@ -140,8 +139,13 @@ def inner_solve(objective: Callable, y, opt_state, *,
     out, grads = grad_fn(y)
     value, aux = out if has_aux else (out, None)
     y, state = projected_step(optimizer, grads, state, y, proj)
-    return (y, state), InnerTrace(value, tree_lib.tree_norm(grads), aux)
+    return (y, state), InnerTrace(value, base.diagnostic_norm(grads), aux)
 
+  if num_steps == 1:
+    # One step needs no loop: calling the body directly spares a traced and
+    # compiled while loop per outer step (PBGD-Free's default K = 1).
+    (y, opt_state), step = body((y, opt_state), None)
+    return y, opt_state, jax.tree.map(lambda v: v[None], step)
   (y, opt_state), trace = jax.lax.scan(body, (y, opt_state), None,
                                        length=num_steps)
   return y, opt_state, trace

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import programs
 from jaxbilevel._src import hypergradient
 from jaxbilevel._src import inner
-from jaxbilevel._src import tree as tree_lib
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS
 
@@ -39,6 +39,7 @@ class ITDState(NamedTuple):
   diagnostics: dict
 
 
+@programs.bilevel_method
 def itd(f: base.Objective,
         g: base.Objective,
         *,
@@ -54,7 +55,7 @@ def itd(f: base.Objective,
         ) -> optax.GradientTransformationExtraArgs:
   r"""ITD: reverse-mode differentiation through T unrolled inner steps.
 
-  One ``update`` is one outer iteration (``ALGORITHMS.md`` §11):
+  One ``update`` is one outer iteration (see :doc:`/methods`):
 
   .. math::
 
@@ -85,13 +86,13 @@ def itd(f: base.Objective,
   * ``checkpoint=True`` rematerialises the unroll in :math:`\sqrt T` chunks so
     memory does not grow linearly in T (an int sets the chunk length).
   * Unrolling Adam/RMSProp needs ``eps_root > 0``: use
-    :func:`jaxbilevel.hypergradient.unrollable_adam` (``ALGORITHMS.md``
-    §13.1); ``optax.adam``'s default ``eps_root=0`` gives NaN
+    :func:`jaxbilevel.hypergradient.unrollable_adam`; ``optax.adam``'s default ``eps_root=0`` gives NaN
     meta-gradients for coordinates with zero gradient history.
 
   Cost per outer iteration: T g-gradients forward, T (or K) pairs of
   (Hessian-vector product, cross product) backward, one f-gradient (both
-  blocks), plus one g-gradient at :math:`y_T` for the diagnostics. Memory:
+  blocks), plus one g-gradient at :math:`y_T` only when the diagnostics are
+  recorded. Memory:
   :math:`O(T d_y)` for the trajectory, :math:`O(K d_y)` truncated,
   :math:`O(\sqrt T d_y)` checkpointed.
 
@@ -116,7 +117,8 @@ def itd(f: base.Objective,
     An ``optax.GradientTransformationExtraArgs`` over :class:`BilevelParams`.
 
   Examples:
-    Ridge regression (``PROBLEMS.md`` §A10), ``x`` = log of the penalty:
+    Ridge regression (problem A10 of :doc:`/problems`), ``x`` = log of the
+    penalty:
 
     >>> import jax.numpy as jnp, optax
     >>> import jaxbilevel as jbl
@@ -182,10 +184,13 @@ def itd(f: base.Objective,
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
-    g_t, g_grad = jax.value_and_grad(g, argnums=1)(x, y_new, batch)
+    if base.diagnostics_recorded():  # g and grad_y g at y_T: only recorded
+      g_t, g_grad = jax.value_and_grad(g, argnums=1)(x, y_new, batch)
+    else:
+      g_t, g_grad = jnp.zeros((), dtype), None
     diag = base.diagnostics(
-        dtype, f=f_t, g=g_t, upper_grad_norm=tree_lib.tree_norm(direction),
-        lower_grad_norm=tree_lib.tree_norm(g_grad), gamma=jnp.zeros((), dtype))
+        dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(direction),
+        lower_grad_norm=base.diagnostic_norm(g_grad), gamma=jnp.zeros((), dtype))
     new_state = ITDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, y_init=state.y_init, diagnostics=diag)

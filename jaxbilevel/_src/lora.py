@@ -6,7 +6,7 @@ A LoRA adapter (Hu et al., 2021) replaces a frozen kernel :math:`W\\in
 d_{out}}` and scale :math:`s=\\alpha/r`. Here the adapters are a separate
 pytree (a nested dict that mirrors the paths of the adapted kernels), so that
 they can be one level of a bilevel problem (``x`` = adapters, as in the DPO/SFT
-experiments of ``PROBLEMS.md`` §B5) while the base parameters stay untouched:
+experiments of Jiang et al., NeurIPS 2025) while the base parameters stay untouched:
 
 * :func:`init` creates ``{"lora_a": A, "lora_b": B}`` for every 2-D
   ``kernel`` (or 3-D ``DenseGeneral`` kernel) whose ``"/"``-joined path

@@ -8,7 +8,7 @@ function gives ``(value, aux)`` where ``aux`` holds the values of ``f`` and
 ``g`` at the evaluated point, so methods obtain their diagnostics from the same
 forward pass.
 
-Notation follows ``ALGORITHMS.md`` §0.2.
+Notation: see the methods guide, ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def lower_penalized(f: base.Objective, g: base.Objective, *,
 
   Its minimiser in ``y`` is :math:`y_\gamma^*(x)`, the same as that of
   :math:`f + \gamma g`, but the scaling keeps the lower step size
-  :math:`O(1/L_g)` whatever :math:`\gamma` is (``ALGORITHMS.md`` §13.5).
+  :math:`O(1/L_g)` whatever :math:`\gamma` is (:doc:`/methods`).
 
   Args:
     f: upper objective ``f(x, y, batch) -> scalar``.
@@ -68,9 +68,10 @@ def value_gap_penalty(f: base.Objective, g: base.Objective, *,
   r"""The value-gap penalty :math:`f(x,y) + \gamma(g(x,y) - g(x,\hat y_g))`.
 
   ``y_g`` is an estimate of the lower solution :math:`y_g^*(x)` and enters
-  through a stop-gradient, so by Danskin's theorem (G1)
+  through a stop-gradient, so by Danskin's theorem (G1 in :doc:`/methods`)
 
-  * :math:`\nabla_x` of this function is the reduced-penalty gradient (G2),
+  * :math:`\nabla_x` of this function is the reduced-penalty gradient (G2 in
+    :doc:`/methods`),
     :math:`\nabla_x f(x,y) + \gamma[\nabla_x g(x,y) - \nabla_x g(x,y_g)]`;
   * :math:`\nabla_y` of it is :math:`\nabla_y f + \gamma \nabla_y g`.
 
@@ -148,9 +149,101 @@ def grad_norm_penalty(f: base.Objective, g: base.Objective, *,
   return fn
 
 
+def accumulate(fn: base.Objective, num_microbatches: int) -> base.Objective:
+  r"""The mean of ``fn`` over micro-batches, for gradient accumulation.
+
+  Splits every leaf of ``batch`` along its leading axis into
+  ``num_microbatches`` equal micro-batches :math:`B_1, \dots, B_k` and
+  returns
+
+  .. math::
+
+    \bar f(x, y, B) = \frac{1}{k} \sum_{i=1}^k f(x, y, B_i),
+
+  which equals ``fn(x, y, batch)`` when ``fn`` is a mean over the examples of
+  the batch. Wrap both ``f`` and ``g`` and every gradient, Hessian-vector
+  product or unrolled derivative that a method takes of them (both levels,
+  inner loops included) is accumulated inside one bilevel step: this is the
+  bilevel counterpart of ``optax.MultiSteps``, which cannot be used because
+  a bilevel method computes its updates itself.
+
+  The sum runs in a ``jax.lax.scan`` over ``jax.checkpoint``-ed evaluations
+  of ``fn``, so reverse-mode derivatives keep the activations of one
+  micro-batch at a time (each is recomputed in the backward pass) and
+  higher derivatives (AID's Hessian-vector products) work through it. Cost:
+  one extra forward evaluation per micro-batch in each backward pass.
+
+  Args:
+    fn: an objective ``fn(x, y, batch) -> scalar`` that averages over the
+      leading axis of the batch.
+    num_microbatches: :math:`k`, a Python int that divides the leading
+      dimension of every leaf of ``batch``.
+
+  Returns:
+    ``fn_acc(x, y, batch)``, the mean of ``fn`` over the micro-batches.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbilevel import objectives
+    >>> g = lambda x, y, batch: jnp.mean((batch["a"] * y - x) ** 2)
+    >>> batch = {"a": jnp.arange(8.0)}
+    >>> g4 = objectives.accumulate(g, num_microbatches=4)
+    >>> bool(jnp.allclose(g4(1.0, 0.5, batch), g(1.0, 0.5, batch)))
+    True
+    >>> bool(jnp.allclose(jax.grad(g4, argnums=1)(1.0, 0.5, batch),
+    ...                   jax.grad(g, argnums=1)(1.0, 0.5, batch)))
+    True
+  """
+  fn = base.scalar_objective(fn, "fn")
+  num_microbatches = base.check_static_int(num_microbatches,
+                                           "num_microbatches")
+  checkpointed = jax.checkpoint(fn)
+
+  def split(path, leaf):
+    shape = jnp.shape(leaf)
+    where = f"batch{jax.tree_util.keystr(path)}"
+    if not shape:
+      raise base.BilevelValidationError(
+          f"accumulate: {where} is a scalar; every leaf of the batch needs a "
+          "leading (example) axis to split into num_microbatches="
+          f"{num_microbatches} micro-batches. Put per-run constants in a "
+          "closure instead of the batch.")
+    if shape[0] % num_microbatches:
+      raise base.BilevelValidationError(
+          f"accumulate: num_microbatches={num_microbatches} does not divide "
+          f"the leading dimension {shape[0]} of {where} (shape {shape}). "
+          "Pick num_microbatches among the divisors of the batch size, or "
+          "trim the batch.")
+    return jnp.reshape(leaf, (num_microbatches, shape[0] // num_microbatches)
+                       + shape[1:])
+
+  def accumulated(x, y, batch=None):
+    if not jax.tree.leaves(batch):
+      raise base.BilevelValidationError(
+          "accumulate: batch has no array leaves to split into "
+          f"num_microbatches={num_microbatches} micro-batches; pass the "
+          "batch (e.g. jbl.run(..., batch=data)).")
+    micro = jax.tree_util.tree_map_with_path(split, batch)
+
+    def body(total, micro_batch):
+      return total + checkpointed(x, y, micro_batch), None
+
+    first = jax.tree.map(lambda leaf: leaf[0], micro)
+    out = jax.eval_shape(fn, x, y, first)
+    zero = jnp.zeros(out.shape, out.dtype)
+    total, _ = jax.lax.scan(body, zero, micro)
+    return total / jnp.asarray(num_microbatches, total.dtype)
+
+  accumulated.__name__ = getattr(fn, "__name__", "fn")
+  accumulated.__wrapped__ = fn
+  return accumulated
+
+
 def flatness_residual(f: base.Objective, x, y_g, y_gamma, c, alpha,
                       batch=None) -> jax.Array:
-  r"""The flatness residual estimate of ``ALGORITHMS.md`` §1.4.
+  r"""The flatness residual estimate along a trajectory (Jiang et al., 2025).
+
+  See the flatness section of :doc:`/methods`.
 
   :math:`\hat\delta(x)=\max\{|f(x,y_g)-f(x,y_\gamma)|-c\|y_g-y_\gamma\|^\alpha,0\}`.
 

@@ -7,7 +7,7 @@ penalized solution :math:`(y_F,\tilde\mu_F)` as a saddle point of the scaled
 Lagrangian :math:`\gamma^{-1}f+g+\tilde\mu^\top c` with the warm-started
 primal-dual solver :func:`jaxbilevel.constrained.primal_dual_solve`;
 ``params.y`` is :math:`y_F` and the multipliers live in the state. They
-differ in the upper direction (``ALGORITHMS.md`` §4, §5).
+differ in the upper direction (see the methods guide, ``docs/methods.md``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import programs
 from jaxbilevel._src import constrained
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
-from jaxbilevel._src import tree as tree_lib
 
 FREE_CC_DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("constraint_violation",)
 BLOCC_DIAGNOSTICS = FREE_CC_DIAGNOSTICS + ("g_gap",)
@@ -42,7 +42,7 @@ class PBGDBLOCCState(NamedTuple):
       :math:`\\gamma^{-1}f+g+\\tilde\\mu^\\top c`; those of
       :math:`f+\\gamma g+\\mu^\\top c` are :math:`\\gamma\\tilde\\mu_F`.
     diagnostics: dict of scalars: ``f``, ``g`` at the incoming iterate,
-      ``upper_grad_norm`` (norm of (G4)), ``lower_grad_norm`` (first primal
+      ``upper_grad_norm`` (norm of the upper direction), ``lower_grad_norm`` (first primal
       gradient of the F-Lagrangian), ``gamma``, ``constraint_violation``
       (:math:`\\max_i\\max(c_i(x,y_F),0)` at the new :math:`y_F`) and
       ``g_gap`` :math:`=g(x,y_F)-g(x,y_g)`.
@@ -99,11 +99,12 @@ def _saddle_diagnostics(dtype, trace, direction, gamma, **extra):
   first = constrained.first_primal_step(trace)
   return base.diagnostics(
       dtype, f=first.aux["f"], g=first.aux["g"],
-      upper_grad_norm=tree_lib.tree_norm(direction),
+      upper_grad_norm=base.diagnostic_norm(direction),
       lower_grad_norm=first.grad_norm, gamma=gamma,
       constraint_violation=trace.violation[-1], **extra)
 
 
+@programs.bilevel_method
 def pbgd_blocc(f: base.Objective,
                g: base.Objective,
                c: constrained.Constraint,
@@ -123,9 +124,9 @@ def pbgd_blocc(f: base.Objective,
                proj_x: Optional[base.Projection] = None,
                proj_y: Optional[base.Projection] = None,
                ) -> optax.GradientTransformationExtraArgs:
-  r"""PBGD-BLOCC: two primal-dual solves, then a step on the multiplier-aware reduced-penalty gradient (G4).
+  r"""PBGD-BLOCC: two primal-dual solves, then a step on the multiplier-aware reduced-penalty gradient.
 
-  One ``update`` is one outer iteration (``ALGORITHMS.md`` §4):
+  One ``update`` is one outer iteration (direction G4 of :doc:`/methods`):
 
   .. math::
 
@@ -142,7 +143,7 @@ def pbgd_blocc(f: base.Objective,
   MaxMin is :func:`jaxbilevel.constrained.primal_dual_solve`: ``dual_steps``
   rounds of ``primal_steps`` projected optax steps on :math:`y` followed by
   one projected ascent step :math:`\mu\leftarrow\max(\mu+\eta_2c,\mu_{\min})`.
-  :math:`d_t` is (G4) with :math:`\mu_F=\gamma\tilde\mu_F` (the F-subproblem
+  :math:`d_t` is that gradient with :math:`\mu_F=\gamma\tilde\mu_F` (the F-subproblem
   is scaled as in the authors' newer code, so the primal step size stays
   :math:`O(1/L_g)`), obtained as :math:`\nabla_x` of
   :func:`jaxbilevel.constrained.coupled_value_gap_penalty` in one backward
@@ -195,7 +196,7 @@ def pbgd_blocc(f: base.Objective,
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import jaxbilevel as jbl
-    >>> # PROBLEMS.md A4, toy 1: g = (y - 2x)^2 s.t. y - x <= 0, x in [0, 3].
+    >>> # Toy 1 of blocc_toy: g = (y - 2x)^2 s.t. y - x <= 0, x in [0, 3].
     >>> prob = jbl.problems.blocc_toy(1)
     >>> tx = jbl.pbgd_blocc(
     ...     prob.f, prob.g, prob.info["c"], gamma=5.0,
@@ -254,7 +255,7 @@ def pbgd_blocc(f: base.Objective,
     y_f, mu_f, lower_state, trace = saddle.solve(
         x, y, state.mu_F, state.lower_state, gamma_t, state.count, dtype,
         batch)
-    # (G4): grad_x of the coupled value-gap penalty.
+    # Multiplier-aware reduced-penalty gradient: grad_x of the coupled value-gap penalty.
     (_, pen_aux), direction = jax.value_and_grad(penalty, has_aux=True)(
         x, y_f, mu_f, y_g, mu_g, gamma_t, batch)
     x_new, upper_state = inner.projected_step(
@@ -271,6 +272,7 @@ def pbgd_blocc(f: base.Objective,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@programs.bilevel_method
 def pbgd_free_cc(f: base.Objective,
                  g: base.Objective,
                  c: constrained.Constraint,
@@ -289,7 +291,7 @@ def pbgd_free_cc(f: base.Objective,
                  ) -> optax.GradientTransformationExtraArgs:
   r"""PBGD-Free-CC: one primal-dual solve of :math:`\gamma^{-1}f+g+\tilde\mu^\top c`, then a step on :math:`\nabla_x f`.
 
-  One ``update`` is one outer iteration (``ALGORITHMS.md`` §5):
+  One ``update`` is one outer iteration (see :doc:`/methods`):
 
   .. math::
 
@@ -300,13 +302,15 @@ def pbgd_free_cc(f: base.Objective,
         \nabla_x f(x_t,y_F)\big)
 
   **Decision on the multiplier term** (``multiplier_term``, default
-  ``False``, as in the authors' code). Writing (G4) as
+  ``False``, as in the authors' code). Writing the multiplier-aware
+  reduced-penalty gradient (G4 of :doc:`/methods`) as
   :math:`\nabla F_\gamma=\nabla_x f(x,y_F)+\gamma[\nabla_x\mathcal L_g(x,y_F,
   \tilde\mu_F)-\nabla_x\mathcal L_g(x,y_g,\mu_g)]` with
   :math:`\mathcal L_g=g+\mu^\top c`, the bracket is the coupled
   value-function correction; PBGD-Free drops it *as a whole*. Its two halves
   converge to each other as :math:`(y_F,\tilde\mu_F)\to(y_g,\mu_g)`, so the
-  dropped term is the :math:`O(1)` bias of (G5), small under flatness.
+  dropped term is an :math:`O(1)` bias like PBGD-Free's, small under
+  flatness.
   Keeping only :math:`\gamma\langle\tilde\mu_F,\nabla_xc(x,y_F)\rangle`
   drops its partner :math:`-\gamma\langle\mu_g,\nabla_xc(x,y_g)\rangle`
   (which needs the :math:`(y_g,\mu_g)` solve PBGD-Free avoids) and leaves an
@@ -320,7 +324,7 @@ def pbgd_free_cc(f: base.Objective,
   On the SVM benchmark ``f`` reads :math:`C` only through
   :math:`\tfrac12\|C\|^2`, so the default step is the shrinkage
   :math:`C\leftarrow\max((1-\eta)C,10^{-4})` and validation data act through
-  the :math:`\gamma^{-1}f` term of the solve (``ALGORITHMS.md`` §5).
+  the :math:`\gamma^{-1}f` term of the solve.
 
   Cost per outer iteration: :math:`TT_y` gradients of :math:`(f,g)`,
   :math:`T(T_y+1)` constraint evaluations and one :math:`\nabla_x f` (plus

@@ -8,9 +8,9 @@ import jax
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
-from jaxbilevel._src import tree as tree_lib
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS
 
@@ -33,9 +33,10 @@ class PBGDFreeState(NamedTuple):
   diagnostics: dict
 
 
-def check_upper_depends_on_x(f, x, y, batch, method: str):
-  """Raises if ``f`` provably ignores ``x`` (its x-gradient is zero)."""
-  if not base.depends_on(lambda x_: f(x_, y, batch), x):
+def upper_direction(f, x, y, batch, method: str):
+  """:math:`\\nabla_x f(x, y)`; raises if ``f`` provably ignores ``x``."""
+
+  def independent():
     raise base.BilevelValidationError(
         f"{method}: the upper objective f does not depend on x, so the upper "
         "direction grad_x f(x, y) is identically zero and x would never move. "
@@ -45,7 +46,10 @@ def check_upper_depends_on_x(f, x, y, batch, method: str):
         "grad_x g(x, y_g)), which is then the whole hypergradient: use "
         "jaxbilevel.alt_pbgd, which keeps it (or jaxbilevel.v_pbgd).")
 
+  return base.checked_gradient(lambda x_: f(x_, y, batch), x, independent)
 
+
+@programs.bilevel_method
 def pbgd_free(f: base.Objective,
               g: base.Objective,
               *,
@@ -79,8 +83,8 @@ def pbgd_free(f: base.Objective,
   :math:`\gamma[\nabla_x g(x,y^*_\gamma)-\nabla_x g(x,y^*_g)]` of the reduced
   penalty gradient. This is exact when ``f`` is flat in ``y`` and biased
   otherwise; the bias does not shrink as :math:`\gamma` grows
-  (``ALGORITHMS.md`` §1.3, (G5)). If ``f`` does not depend on ``x`` at all
-  the direction is identically zero; this is detected when ``update`` is
+  (bias G5 of :doc:`/methods`; see also :doc:`/choosing`). If ``f`` does
+  not depend on ``x`` at all the direction is identically zero; this is detected when ``update`` is
   first traced and raises an error that points to :func:`alt_pbgd`.
 
   Cost per outer iteration: ``inner_steps`` evaluations of
@@ -141,7 +145,6 @@ def pbgd_free(f: base.Objective,
     del extra_args
     params, dtype = base.begin_update(updates, params, "pbgd_free")
     x, y = params
-    check_upper_depends_on_x(f, x, y, batch, "pbgd_free")
     gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype)
 
     # K lower steps on f / gamma + g, warm-started from the previous y.
@@ -150,14 +153,14 @@ def pbgd_free(f: base.Objective,
         state.lower_state, optimizer=lower_optimizer, num_steps=inner_steps,
         proj=proj_y, has_aux=True)
     # One upper step on grad_x f at the new y (the gamma-term is dropped).
-    direction = jax.grad(f)(x, y_new, batch)
+    direction = upper_direction(f, x, y_new, batch, "pbgd_free")
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
     at_iterate = inner.first_step(trace)
     diag = base.diagnostics(
         dtype, f=at_iterate.aux["f"], g=at_iterate.aux["g"],
-        upper_grad_norm=tree_lib.tree_norm(direction),
+        upper_grad_norm=base.diagnostic_norm(direction),
         lower_grad_norm=at_iterate.grad_norm, gamma=gamma_t)
     new_state = PBGDFreeState(
         count=optax.safe_increment(state.count), upper_state=upper_state,

@@ -1,4 +1,4 @@
-"""Closed-form bilevel test problems (``PROBLEMS.md`` Part A).
+"""Closed-form bilevel test problems (described in ``docs/problems.md``).
 
 Each constructor returns a :class:`BilevelProblem`: the objectives, a default
 starting point and the closed-form quantities the problem is known for, so
@@ -33,8 +33,11 @@ class BilevelProblem(NamedTuple):
   info: dict
 
 
+# Penalty methods and flatness.
+
+
 def negative_example(dtype=jnp.float32) -> BilevelProblem:
-  r"""``PROBLEMS.md`` §A1: PBGD-Free fails without flatness.
+  r"""A1: PBGD-Free fails without flatness (:doc:`/problems`).
 
   :math:`f=x^2+10y`, :math:`g=(y-x+1)^2`, both variables in the box
   :math:`[-8, 1.5]`. The bilevel solution is :math:`x^*=-5`
@@ -61,7 +64,7 @@ def negative_example(dtype=jnp.float32) -> BilevelProblem:
       info)
 
 
-# Hard-coded DPO reference weights (PROBLEMS.md §A2).
+# Hard-coded DPO reference weights of the DPO / SFT toy.
 _W_REF = (-5.3395834, -9.937505)
 _SFT_INPUTS = np.array([[1.0, 1.0, 0.5, 0.5], [1.0, 0.5, 0.0, 0.5]])
 _SFT_LABELS = np.array([0, 1])
@@ -78,7 +81,7 @@ def _toy_log_probs(w1, w2, inputs):
 
 
 def dpo_sft_toy(dtype=jnp.float32, beta: float = 1.0) -> BilevelProblem:
-  r"""``PROBLEMS.md`` §A2: the two-parameter DPO (upper) / SFT (lower) toy.
+  r"""A2: the two-parameter DPO (upper) / SFT (lower) toy (:doc:`/problems`).
 
   The model is a 1-channel Conv1d with weights ``(x, y)``; ``g`` is the SFT
   negative log-likelihood and ``f`` the DPO loss against the fixed reference
@@ -133,7 +136,7 @@ def dpo_sft_toy(dtype=jnp.float32, beta: float = 1.0) -> BilevelProblem:
 
 
 def smoothness_toy(dtype=jnp.float32) -> BilevelProblem:
-  r"""``PROBLEMS.md`` §A6: :math:`f=x^2/2`, :math:`g=(y-x)^2`.
+  r"""A6: the smoothness toy :math:`f=x^2/2`, :math:`g=(y-x)^2` (:doc:`/problems`).
 
   :math:`F_\gamma(x)=x^2/2` has curvature 1 for every :math:`\gamma`, while
   the joint penalty :math:`x^2/2+\gamma(y-x)^2` has Hessian
@@ -155,6 +158,9 @@ def smoothness_toy(dtype=jnp.float32) -> BilevelProblem:
   return BilevelProblem(
       f, g, BilevelParams(jnp.asarray(1.0, dtype), jnp.asarray(0.0, dtype)),
       dict(x_star=0.0, joint_lambda_max=joint_lambda_max))
+
+
+# Strongly convex quadratics with closed-form hypergradients.
 
 
 class QuadraticBilevel(NamedTuple):
@@ -195,7 +201,7 @@ class QuadraticBilevel(NamedTuple):
     return np.linalg.solve(mat, -vec)
 
   def x_star(self):
-    """The bilevel solution (implicit hypergradient (G3) equal to zero)."""
+    """The bilevel solution (implicit hypergradient equal to zero)."""
     jac = -np.linalg.solve(self.A, self.C.T)  # dy*/dx
 
     def grad(x):
@@ -205,7 +211,7 @@ class QuadraticBilevel(NamedTuple):
     return self._solve_stationary(grad)
 
   def argmin_f_gamma(self, gamma):
-    """The minimiser of the reduced penalty :math:`F_\\gamma` ((G2) = 0)."""
+    """The minimiser of the reduced penalty :math:`F_\\gamma` (its gradient is 0)."""
     def grad(x):
       y_gam, y_g = self.y_gamma(x, gamma), self.y_star(x)
       return (self.P @ x + self.q + self.B @ y_gam
@@ -260,7 +266,7 @@ def random_quadratic(seed: int = 0, dim_x: int = 3, dim_y: int = 4,
 
 
 def quadratic_a8(dtype=jnp.float64) -> BilevelProblem:
-  r"""``PROBLEMS.md`` §A8: the 2-D strongly convex quadratic with exact hypergradient.
+  r"""A8: the 2-D strongly convex quadratic with exact hypergradient (:doc:`/problems`).
 
   ``info["coefficients"]`` is a :class:`QuadraticBilevel`
   (:math:`P=\rho I`, :math:`B=0`, :math:`q=0`); ``info["x_star"]`` is
@@ -288,8 +294,7 @@ def quadratic_a8(dtype=jnp.float64) -> BilevelProblem:
            h_star=0.4777682770, lower_lipschitz=2.2071067811865475))
 
 
-
-# --- issue 4: coupled-constraint problems (PROBLEMS.md A4, A5) ---
+# Coupled-constraint problems.
 
 
 def _blocc_lower(x, y, batch=None):
@@ -298,7 +303,7 @@ def _blocc_lower(x, y, batch=None):
 
 
 def blocc_toy(variant: int = 1, dtype=jnp.float32) -> BilevelProblem:
-  r"""``PROBLEMS.md`` §A4: the BLOCC coupled-constraint toys.
+  r"""A4: the BLOCC coupled-constraint toys (:doc:`/problems`).
 
   Lower level :math:`g=(y-2x)^2` subject to :math:`c(x,y)=y-x\le0`, upper
   variable :math:`x\in[0,3]`. For :math:`x\ge0` the constraint is active:
@@ -344,7 +349,7 @@ def blocc_toy(variant: int = 1, dtype=jnp.float32) -> BilevelProblem:
 
 
 def multiplier_identity(dtype=jnp.float32) -> BilevelProblem:
-  r"""``PROBLEMS.md`` §A5: the value-function gradient needs the multiplier term.
+  r"""A5: the value-function gradient needs the multiplier term (:doc:`/problems`).
 
   Lower level only: :math:`g=(y-2x)^2` subject to :math:`c=3x-y\le0`. For
   :math:`x>0` the constraint is active, :math:`y_g^*=3x`,
@@ -369,9 +374,9 @@ def multiplier_identity(dtype=jnp.float32) -> BilevelProblem:
       BilevelParams(jnp.asarray(1.0, dtype), jnp.asarray(0.0, dtype)), info)
 
 
-# --- issue 3: ridge (A10), MAML counterexample (A9), coreset (A7a) ---
+# Hypergradient, meta-learning and BOME problems.
 
-# Ridge-regression hyperparameter instance (PROBLEMS.md §A10).
+# Ridge-regression hyperparameter instance.
 _RIDGE_X_TRAIN = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0],
                            [2.0, 1.0]])
 _RIDGE_Y_TRAIN = np.array([1.0, 2.0, 2.5, -0.5, 3.0])
@@ -380,7 +385,7 @@ _RIDGE_Y_VAL = np.array([4.0, 2.0, 1.5])
 
 
 def ridge(dtype=jnp.float64, log_lambda: bool = True) -> BilevelProblem:
-  r"""``PROBLEMS.md`` §A10: ridge-regression hyperparameter selection.
+  r"""A10: ridge-regression hyperparameter selection (:doc:`/problems`).
 
   :math:`g(x,w)=\tfrac1{2n}\|X_{tr}w-y_{tr}\|^2+\tfrac\lambda2\|w\|^2` and
   :math:`f(x,w)=\tfrac1{2m}\|X_{va}w-y_{va}\|^2`, with :math:`\lambda=e^x`
@@ -449,7 +454,7 @@ def ridge(dtype=jnp.float64, log_lambda: bool = True) -> BilevelProblem:
 
 
 def maml_counterexample(dtype=jnp.float64) -> BilevelProblem:
-  r"""``PROBLEMS.md`` §A9: two 1-D tasks where first-order MAML (FO-BLO) is wrong.
+  r"""A9: two 1-D tasks where first-order MAML (FO-BLO) is wrong (:doc:`/problems`).
 
   Task :math:`\tau\in\{1,2\}`: inner loss
   :math:`\tfrac12a_\tau(\varphi-c_\tau)^2`, outer loss
@@ -520,7 +525,7 @@ _CORESET_POINTS = np.array([[1.0, 3.0], [3.0, 1.0], [-2.0, 2.0], [-3.0, -2.0]])
 
 
 def coreset(dtype=jnp.float64) -> BilevelProblem:
-  r"""``PROBLEMS.md`` §A7a: the BOME coreset toy.
+  r"""A7a: the BOME coreset toy (:doc:`/problems`).
 
   The upper variable ``x`` (BOME's ``w``, shape ``(4,)``) weights four points
   :math:`c_i` through a softmax; the lower variable ``y`` (shape ``(2,)``)

@@ -1,4 +1,7 @@
-r"""SVM hyperparameter optimisation with coupled constraints (Efficient-Penalty §6.3, BLOCC §4.2).
+r"""SVM hyperparameter optimisation with coupled constraints.
+
+The benchmark of Jiang et al., NeurIPS 2024 (arXiv:2406.10148) and
+arXiv:2511.16796.
 
 The upper variable is the per-sample margin relaxation :math:`C\in\mathbb
 R^{n_{tr}}` (projected onto :math:`C\ge10^{-4}`), the lower variable the

@@ -100,8 +100,9 @@ def _check_grid(grid, make_tx, dtype) -> tuple[dict, int]:
 
 
 def _sweep_core(points, params, batch, batches, *, make_tx, params_fn,
-                batches_fn, num_steps, record, on_nonfinite):
-  """Runs ``scan_run`` for every grid point, vmapped over the points."""
+                batches_fn, num_steps, record, record_every, diagnostics,
+                mode):
+  """Runs the steps of every grid point, vmapped over the points."""
 
   def one(point):
     tx = make_tx(**point)
@@ -111,10 +112,10 @@ def _sweep_core(points, params, batch, batches, *, make_tx, params_fn,
           f"transformation (e.g. jaxbilevel.pbgd_free(...)), got "
           f"{type(tx).__name__}.")
     p0 = params if params_fn is None else params_fn(point)
-    return run_lib.scan_run(
-        tx, p0, num_steps=num_steps, batch=batch,
+    return run_lib.scan_steps(
+        tx, p0, num_steps=num_steps, state=None, batch=batch,
         batches=batches if batches_fn is None else batches_fn, record=record,
-        on_nonfinite=on_nonfinite)
+        record_every=record_every, diagnostics=diagnostics, mode=mode)
 
   return jax.vmap(one)(points)
 
@@ -124,7 +125,7 @@ def _sweep_core(points, params, batch, batches, *, make_tx, params_fn,
 _sweep_jit = jax.jit(
     _sweep_core,
     static_argnames=("make_tx", "params_fn", "batches_fn", "num_steps",
-                     "record", "on_nonfinite"))
+                     "record", "record_every", "diagnostics", "mode"))
 
 
 def _pad_points(points, num_points, multiple):
@@ -160,6 +161,8 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
           batch: Any = None,
           batches: Any = None,
           record: Optional[Callable] = None,
+          record_every: int = 1,
+          diagnostics: bool = False,
           on_nonfinite: str = "stop",
           mesh: Optional[Mesh] = None,
           axis: Optional[str] = None):
@@ -198,10 +201,17 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
     num_steps: outer iterations per point (static).
     batch: a batch used at every step by every point.
     batches: per-step batches shared by all points (see :func:`scan_run`).
-    record: optional ``(params, state) -> pytree`` recorded after every step.
+    record: optional ``(params, state) -> pytree`` recorded after every
+      ``record_every``-th step (e.g. :func:`jaxbilevel.lower_level_evaluation`).
+    record_every: see :func:`run`; ``num_steps`` must be a multiple of it.
+    diagnostics: also record each method's diagnostics every step (off by
+      default: they are then not computed; see :func:`scan_run`).
     on_nonfinite: ``"stop"``, ``"skip"`` or ``"ignore"``, per point (see
       :func:`scan_run`); a warning names the first point with non-finite
-      steps.
+      steps. With ``"stop"`` the points run unguarded and the sweep is run
+      again with a per-step guard only when some point failed (see
+      :mod:`jaxbilevel.run`'s notes), so a sweep without failures compiles
+      and runs like the plain loop.
     mesh: optional :class:`jax.sharding.Mesh` to shard the grid over.
     axis: the mesh axis for the grid (default: the mesh's first axis).
 
@@ -264,11 +274,21 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
     if batches_fn is not None:
       batches = None
 
-  out = _sweep_jit(run_points, params, batch,
-                   None if batches_fn is not None else batches,
-                   make_tx=make_tx, params_fn=params_fn,
-                   batches_fn=batches_fn, num_steps=num_steps, record=record,
-                   on_nonfinite=on_nonfinite)
+  record_every = run_lib._check_record_every(  # pylint: disable=protected-access
+      record, record_every, num_steps, "sweep")
+  options = dict(make_tx=make_tx, params_fn=params_fn, batches_fn=batches_fn,
+                 num_steps=num_steps, record=record, record_every=record_every,
+                 diagnostics=bool(diagnostics))
+  args = (run_points, params, batch,
+          None if batches_fn is not None else batches)
+  mode = "fast" if on_nonfinite == "stop" else on_nonfinite
+  *out, end_finite = _sweep_jit(*args, mode=mode, **options)
+  if mode == "fast" and not (np.all(np.asarray(end_finite)) and np.all(
+      np.asarray(out[2]["finite"]))):
+    # Some point failed: run again with the per-step guard, which freezes
+    # each failed point at its last finite iterate.
+    *out, _ = _sweep_jit(*args, mode="stop", **options)
+  out = tuple(out)
   if mesh is not None and jax.tree.leaves(run_points)[0].shape[0] != num_points:
     out = jax.tree.map(lambda v: v[:num_points], out)
   if on_nonfinite != "ignore":

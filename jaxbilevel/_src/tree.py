@@ -17,13 +17,44 @@ def tree_sub(a, b):
   return optax.tree_utils.tree_sub(a, b)
 
 
-def tree_all_finite(tree) -> jax.Array:
-  """A boolean scalar: True when every leaf of ``tree`` is finite."""
-  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-  if not leaves:
+def tree_all_finite(tree, group_size: int = 1 << 22,
+                    group_leaves: int = 64) -> jax.Array:
+  """A boolean scalar: True when every floating leaf of ``tree`` is finite.
+
+  Small leaves are concatenated into groups of up to ``group_leaves`` leaves
+  and ``group_size`` elements, and each group is checked with one reduction:
+  a model with hundreds of small leaves then compiles a few reductions
+  instead of one per leaf (XLA's compile time grows quickly with the number
+  of separate reductions, and with the operands of one concatenation), while
+  the transient copy stays bounded by ``group_size`` elements per group.
+  Leaves of ``group_size`` elements or more are checked on their own.
+  """
+  groups, current, count = [], [], 0
+  for leaf in jax.tree.leaves(tree):
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      continue
+    leaf = jnp.ravel(leaf)
+    if leaf.size >= group_size:
+      groups.append([leaf])
+      continue
+    if count + leaf.size > group_size or len(current) == group_leaves:
+      groups.append(current)
+      current, count = [], 0
+    current.append(leaf)
+    count += leaf.size
+  if current:
+    groups.append(current)
+  checks = [jnp.all(jnp.isfinite(
+      group[0] if len(group) == 1 else _concatenate(group)))
+            for group in groups]
+  if not checks:
     return jnp.asarray(True)
-  return jnp.all(jnp.stack(leaves))
+  return jnp.all(jnp.stack(checks))
+
+
+def _concatenate(vectors):
+  dtype = jnp.result_type(*vectors)
+  return jnp.concatenate([v.astype(dtype) for v in vectors])
 
 
 def tree_select(pred, on_true, on_false):

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
-from jaxbilevel._src import tree as tree_lib
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("g_gap",)
 
@@ -38,6 +38,7 @@ class VPBGDState(NamedTuple):
   diagnostics: dict
 
 
+@programs.bilevel_method
 def v_pbgd(f: base.Objective,
            g: base.Objective,
            *,
@@ -52,7 +53,7 @@ def v_pbgd(f: base.Objective,
            ) -> optax.GradientTransformationExtraArgs:
   r"""V-PBGD: a joint step on :math:`\tilde F_\gamma(x,y)=f+\gamma(g-v)` with a value tracker.
 
-  One ``update`` is one outer iteration (``ALGORITHMS.md`` §3):
+  One ``update`` is one outer iteration (see :doc:`/methods`):
 
   .. math::
 
@@ -151,8 +152,8 @@ def v_pbgd(f: base.Objective,
 
     diag = base.diagnostics(
         dtype, f=aux["f"], g=aux["g"],
-        upper_grad_norm=tree_lib.tree_norm(grad_x),
-        lower_grad_norm=tree_lib.tree_norm(grad_y), gamma=gamma_t,
+        upper_grad_norm=base.diagnostic_norm(grad_x),
+        lower_grad_norm=base.diagnostic_norm(grad_y), gamma=gamma_t,
         g_gap=aux["g_gap"])
     new_state = VPBGDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,

@@ -1,16 +1,16 @@
 """Bilevel applications with real data, each usable on its own and in ``benchmarks/run.py``.
 
 * :mod:`~jaxbilevel.applications.hyper_cleaning`: data hyper-cleaning on
-  scikit-learn's digits (``PROBLEMS.md`` §B1).
+  scikit-learn's digits.
 * :mod:`~jaxbilevel.applications.regularization`: per-feature L2
   regularisation of a logistic regression on scikit-learn's breast-cancer
-  data (§B2).
+  data.
 * :mod:`~jaxbilevel.applications.nlsy`: NLSY79 fair representation learning
-  (§B4; reads a CSV path).
+  (reads a CSV path).
 * :mod:`~jaxbilevel.applications.dpo_sft`: DPO over LoRA adapters / SFT over
-  the output head of a small flax transformer language model (§B5).
+  the output head of a small flax transformer language model.
 * :mod:`~jaxbilevel.applications.sinusoid`: few-shot sinusoid regression
-  (meta-learning, §B7).
+  (meta-learning).
 
 Each module has a ``problem(...)`` that returns an :class:`Application`
 (objectives ``f``/``g``, initial :class:`~jaxbilevel.BilevelParams`, a full

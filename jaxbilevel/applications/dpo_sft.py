@@ -1,6 +1,7 @@
 r"""DPO (upper, over LoRA adapters) / SFT (lower, over the output head) of a small flax LM.
 
-The structure of the LLM experiment of ``PROBLEMS.md`` §B5 at a size that
+The structure of the LLM experiment of Jiang et al. (NeurIPS 2025,
+arXiv:2507.20400) at a size that
 trains on a CPU in a minute:
 
 .. math::
@@ -32,7 +33,7 @@ The two objectives agree on "reverse" and differ in what they constrain: the
 dialect is a property of the head (the lower level can fit it alone), while
 "reverse rather than copy" needs the attention pattern, i.e. the adapters.
 
-**Losses** (§B5): DPO
+**Losses** (as in that experiment): DPO
 :math:`-\log\sigma(\beta[(\log\pi(c)-\log\pi(r))-(\log\pi_{ref}(c)-
 \log\pi_{ref}(r))])` with β = 0.1 and sequence log-probabilities summed over
 the response tokens (prompt masked); SFT = token-mean cross-entropy over the
@@ -392,7 +393,7 @@ def problem(*, seed: int = 0, config: LMConfig = LMConfig(),
 
   data_fn = jax.jit(make_data, static_argnums=(1, 2))
   # 2 x num_train SFT rows: the first half for training (stage 1), the second
-  # for the stage-2 head re-fit of `transfer` (PROBLEMS.md B5).
+  # for the stage-2 head re-fit of `transfer`.
   train = with_reference(data_fn(key_data, 2 * num_train, num_train))
   refit_rows = train["sft"][num_train:]
   train["sft"] = train["sft"][:num_train]
@@ -445,7 +446,7 @@ def problem(*, seed: int = 0, config: LMConfig = LMConfig(),
 def make_transfer(app: _common.Application, *, num_steps: int,
                   learning_rate: float = 1e-3, batch_size: int = 32,
                   seed: int = 0) -> Callable[[base.BilevelParams], dict]:
-  """Stage 2 of ``PROBLEMS.md`` §B5: freeze ``x``, re-fit the head on new SFT data.
+  """Stage 2 of the LLM protocol: freeze ``x``, re-fit the head on new SFT data.
 
   The returned function freezes the adapters ``params.x`` and trains the
   head on the SFT loss alone, on the second half of the SFT training rows

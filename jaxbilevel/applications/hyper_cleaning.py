@@ -1,4 +1,4 @@
-r"""Data hyper-cleaning on scikit-learn's digits (``PROBLEMS.md`` §B1).
+r"""Data hyper-cleaning on scikit-learn's digits.
 
 Half of the training labels are replaced by a *different* class; the upper
 level learns one weight per training sample so that the classifier fitted on
@@ -16,8 +16,8 @@ pixels (start 0). ``f`` does not depend on ``x``: every method whose upper
 direction is :math:`\nabla_x f` alone (PBGD-Free, FO-BLO) cannot move ``x``
 here; the value-function, implicit and unrolled methods can.
 
-Reproduced variant (``PROBLEMS.md`` §B1 lists several): digits instead of
-MNIST so that nothing is downloaded (sklearn ships it); the split is 800
+Reproduced variant (the papers use several MNIST variants): digits instead
+of MNIST so that nothing is downloaded (sklearn ships it); the split is 800
 train / 400 validation / the remaining 597 test rows, drawn with a seeded
 permutation; features standardised with the training statistics;
 :math:`\omega=\sigma` and :math:`\rho=10^{-3}` (BOME's regulariser, which keeps

@@ -1,4 +1,4 @@
-r"""NLSY79 fair representation learning (``PROBLEMS.md`` §B4).
+r"""NLSY79 fair representation learning (the experiment of Jiang et al., NeurIPS 2025).
 
 A feature extractor is shared by two groups (the sensitive attribute
 ``gender``); the regression head is fitted on one group and the extractor is
@@ -28,9 +28,9 @@ Decisions (all fixed seeds, recorded in ``info``):
 * Which ``gender`` code is male and which female is (unverified) upstream;
   the module only speaks of group 0 (upper) and group 1 (lower).
 
-The data file is ``nlsy79_processed.csv`` (7 244 rows, 23 columns; see
-``PROBLEMS.md`` §B4): pass its path. A 200-row sample ships with the package
-for tests (:func:`sample_path`).
+The data file is ``nlsy79_processed.csv`` (7 244 rows, 23 columns, the
+processed file of the PBGD-Free authors' code): pass its path. A 200-row
+sample ships with the package for tests (:func:`sample_path`).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def load_csv(path) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"nlsy.load_csv: no file at {path!r}. Pass the path of "
-        "nlsy79_processed.csv (PROBLEMS.md §B4), or nlsy.sample_path() for "
+        "nlsy79_processed.csv, or nlsy.sample_path() for "
         "the 200-row sample shipped with jaxbilevel.")
 
   def error(message, line=None):
@@ -121,7 +121,7 @@ def load_csv(path) -> dict:
   if missing:
     raise base.BilevelValidationError(
         f"nlsy.load_csv: {path!r} lacks the columns {missing}; expected the "
-        "processed NLSY79 file of PROBLEMS.md §B4.")
+        "processed NLSY79 file (gender, income and 21 feature columns).")
   used = [(name, header.index(name)) for name in (TARGET, SENSITIVE)
           + FEATURES]
   values = []
@@ -245,7 +245,7 @@ def calibration_curve(pred, target, num_percentiles: int = 33) -> jax.Array:
 
 def predictive_parity_gap(pred0, t0, pred1, t1,
                           num_percentiles: int = 33) -> jax.Array:
-  """The predictive-parity gap of ``PROBLEMS.md`` §B4.
+  """The predictive-parity gap between the two groups.
 
   The mean absolute difference of the two groups' calibration curves
   (:func:`calibration_curve`) at ``num_percentiles`` percentiles (33, as in
@@ -284,7 +284,7 @@ def problem(path, *, seed: int = 0, batch_size: int = 500, hidden: int = 200,
     An :class:`~jaxbilevel.applications.Application`; ``evaluate`` returns
     ``upper_loss`` (test MSE of group 0), ``lower_loss`` (test MSE of group
     1), ``test_mse`` (their mean) and ``parity_gap``
-    (:func:`predictive_parity_gap`), the two metrics of ``PROBLEMS.md`` §B4.
+    (:func:`predictive_parity_gap`), the two metrics of the experiment.
 
   Examples:
     >>> import jax, optax, jaxbilevel as jbl

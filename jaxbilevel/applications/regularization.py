@@ -1,4 +1,4 @@
-r"""Per-feature L2-regularisation selection for logistic regression (``PROBLEMS.md`` §B2).
+r"""Per-feature L2-regularisation selection for logistic regression.
 
 On scikit-learn's breast-cancer data (569 rows, 30 features, labels
 :math:`b\in\{-1,+1\}`):
@@ -11,7 +11,7 @@ On scikit-learn's breast-cancer data (569 rows, 30 features, labels
 
 with ``x`` the log regularisation strengths (one per feature) and
 ``z = y = {"w", "c"}`` the classifier. This is benchopt's ``ijcnn1`` problem
-shape (§B2a) on a dataset that sklearn ships. ``f`` does not depend on ``x``,
+shape on a dataset that sklearn ships. ``f`` does not depend on ``x``,
 so PBGD-Free cannot move ``x``; the lower problem is strongly convex in
 ``w`` (through :math:`e^{x}`) and smooth, which makes implicit
 differentiation (AID, jaxopt) the natural reference.

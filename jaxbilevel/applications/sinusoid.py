@@ -1,4 +1,4 @@
-r"""Few-shot sinusoid regression: meta-learning as a bilevel problem (``PROBLEMS.md`` §B7).
+r"""Few-shot sinusoid regression: meta-learning as a bilevel problem (Finn et al., ICML 2017).
 
 Tasks are :math:`t\mapsto A\sin(t-\varphi)` with :math:`A\sim U[0.1,5]`,
 :math:`\varphi\sim U[0,\pi]`, inputs :math:`t\sim U[-5,5]`, K support and K
@@ -30,7 +30,7 @@ method of jaxbilevel sees the same ``f`` and ``g``:
   adaptation from :math:`\delta=0`.
 
 Decisions: the proximal weight λ (default 1) keeps the lower problem close
-to MAML's (``PROBLEMS.md`` §B7 has no proximal term): with the step α = 0.01
+to MAML's (which has no proximal term): with the step α = 0.01
 and r = 5 steps it shrinks the adaptation by :math:`(1-\alpha\lambda)^r
 \approx 0.95` only. It does *not* make the support Hessian of the MLP
 positive definite, which implicit differentiation needs: at λ = 1, CG does
@@ -41,7 +41,7 @@ MAML" in ``benchmarks/results/README.md``). Implicit methods therefore
 need a larger λ (e.g. ``proximal=20.0``, which changes the adaptation for
 every method); the benchmark keeps λ = 1 for all of them.
 r = 5, α = 0.01 and a meta-batch of 25 tasks follow the learn2learn / MAML
-settings (``PROBLEMS.md`` §B7). Initialisation: PyTorch's
+settings. Initialisation: PyTorch's
 ``nn.Linear`` default.
 """
 

@@ -1,0 +1,561 @@
+"""jaxbilevel against the same algorithms written by hand in plain JAX, interleaved.
+
+For each method (PBGD-Free, ALT-PBGD, V-PBGD, BOME, F2SA, AID, ITD) and each
+problem, two contenders run the same number of outer steps with the same
+optax optimizers:
+
+* ``jbl.run(tx, params, num_steps=S, batch=batch)`` (diagnostics off, the
+  default), timed end to end as a user calls it;
+* the same algorithm written by hand: one ``jax.jit`` -ed ``lax.scan`` of
+  ``S`` steps (the hand versions are below, one short function each).
+
+plus the floor: one fused optax step on the gradient of ``f + g`` with respect
+to both levels. The contenders are timed in one process, interleaved
+(floor, A, A', B, B', ... in every round), and each time is the median over
+the rounds; compilation is measured separately (first call minus the median)
+and excluded. FLOPs are XLA's cost analysis of each compiled program
+(``compiled.cost_analysis()["flops"]``); XLA counts a loop body once, so they
+are the FLOPs of one outer step with every inner loop's body counted once --
+the same loops in both programs, so the ratio compares the work per step.
+
+Problems: an MLP feature extractor ``x`` (21 -> 200 -> 200, ReLU) with a
+linear head ``y`` and 500 samples per group (the shape of the NLSY
+application, on synthetic data so that the script needs no files), and a
+separable quadratic with ``d = 10^4`` and ``10^6`` variables per level.
+
+Also measured: ``jbl.sweep`` (history on: both record a per-step ``f``)
+against a hand-written ``jit(vmap(scan))`` of PBGD-Free on a ``d = 32``
+quadratic, 500 steps, at N = 16, 256 and 4,096 settings; and the number of
+compilations when a Python loop over 5 values of ``gamma`` builds a new
+transformation and calls ``jbl.run`` for each (0 after the first).
+
+Usage: ``python benchmarks/overhead.py [--quick] [--out benchmarks/results]``
+(``--quick``: small problems, a few rounds, under a minute; it writes
+``overhead_quick.json`` / ``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax import tree_utils as otu
+
+import jaxbilevel as jbl
+from jaxbilevel._src import programs
+from jaxbilevel._src import run as run_lib
+
+METHODS = ("PBGD-Free", "ALT-PBGD", "V-PBGD", "BOME", "F2SA", "AID", "ITD")
+GAMMA, INNER, LINEAR = 10.0, 5, 10
+
+
+# ---------------------------------------------------------------------------
+# Problems.
+# ---------------------------------------------------------------------------
+
+
+def mlp_problem(features=21, hidden=200, batch=500, seed=0):
+  """The NLSY shape: MLP features ``x``, linear head ``y``, MSE per group."""
+  k = jax.random.split(jax.random.PRNGKey(seed), 6)
+  x = {"w1": jax.random.normal(k[0], (features, hidden)) / np.sqrt(features),
+       "b1": jnp.zeros(hidden),
+       "w2": jax.random.normal(k[1], (hidden, hidden)) / np.sqrt(hidden),
+       "b2": jnp.zeros(hidden)}
+  y = {"w": jax.random.normal(k[2], (hidden,)) / np.sqrt(hidden),
+       "b": jnp.zeros(())}
+  w = jax.random.normal(k[3], (features,))
+  a0 = jax.random.normal(k[4], (batch, features))
+  a1 = jax.random.normal(k[5], (batch, features)) + 0.5
+  data = {"a0": a0, "t0": jnp.tanh(a0 @ w), "a1": a1,
+          "t1": jnp.tanh(a1 @ w) + 0.3}
+
+  def net(x, y, a):
+    h = jax.nn.relu(a @ x["w1"] + x["b1"])
+    h = jax.nn.relu(h @ x["w2"] + x["b2"])
+    return h @ y["w"] + y["b"]
+
+  def f(x, y, batch):
+    return jnp.mean((net(x, y, batch["a0"]) - batch["t0"]) ** 2)
+
+  def g(x, y, batch):  # + a small ridge: a positive definite lower Hessian
+    return jnp.mean((net(x, y, batch["a1"]) - batch["t1"]) ** 2) + (
+        1e-2 * otu.tree_vdot(y, y))
+
+  desc = (f"MLP {features}->{hidden}->{hidden} + linear head, {batch} "
+          "samples per group")
+  return dict(f=f, g=g, params=jbl.BilevelParams(x, y), batch=data,
+              desc=desc, lr_x=1e-3, lr_y=0.05)
+
+
+def quadratic_problem(d, seed=0):
+  """``f = |y - t|^2/2 + 0.05|x|^2``, ``g = sum_i h_i (y_i - x_i)^2 / 2``."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  data = {"t": jax.random.normal(k1, (d,)),
+          "h": 1.0 + jax.random.uniform(k2, (d,))}
+
+  def f(x, y, batch):
+    return 0.5 * jnp.sum((y - batch["t"]) ** 2) + 0.05 * jnp.sum(x ** 2)
+
+  def g(x, y, batch):
+    return 0.5 * jnp.sum(batch["h"] * (y - x) ** 2)
+
+  params = jbl.BilevelParams(jnp.zeros(d), jnp.zeros(d))
+  return dict(f=f, g=g, params=params, batch=data,
+              desc=f"separable quadratic, d = {d:,} per level", lr_x=1e-2,
+              lr_y=0.2)
+
+
+# ---------------------------------------------------------------------------
+# The library's contenders.
+# ---------------------------------------------------------------------------
+
+
+def library_tx(method, prob):
+  f, g = prob["f"], prob["g"]
+  up = lambda: optax.adam(prob["lr_x"])
+  low = lambda: optax.sgd(prob["lr_y"])
+  common = dict(upper_optimizer=up(), lower_optimizer=low())
+  if method == "PBGD-Free":
+    return jbl.pbgd_free(f, g, gamma=GAMMA, **common)
+  if method == "ALT-PBGD":
+    return jbl.alt_pbgd(f, g, gamma=GAMMA, inner_steps=INNER,
+                        value_optimizer=low(), **common)
+  if method == "V-PBGD":
+    return jbl.v_pbgd(f, g, gamma=GAMMA, value_optimizer=low(), **common)
+  if method == "BOME":
+    return jbl.bome(f, g, eta=0.5, inner_steps=INNER, value_optimizer=low(),
+                    **common)
+  if method == "F2SA":
+    return jbl.f2sa(f, g, lambda0=GAMMA, inner_steps=INNER,
+                    value_optimizer=low(), **common)
+  if method == "AID":
+    return jbl.aid(f, g, inner_steps=INNER, linear_steps=LINEAR, tol=1e-10,
+                   **common)
+  if method == "ITD":
+    return jbl.itd(f, g, inner_steps=INNER, **common)
+  raise ValueError(method)
+
+
+def library_runner(tx, prob, steps):
+  def call():
+    return jbl.run(tx, prob["params"], num_steps=steps,
+                   batch=prob["batch"])[0]
+  return call
+
+
+def library_flops(tx, prob, steps):
+  """FLOPs of the program that ``jbl.run`` executes (one chunk, no guard)."""
+  program = programs.program_of(tx)
+  fn = run_lib._PROGRAMS.get(program)  # pylint: disable=protected-access
+  params = prob["params"]
+  lowered = fn.lower(program.hyperparameters, params, tx.init(params),
+                     prob["batch"], None, jnp.asarray(0, jnp.int32),
+                     jnp.asarray(False), batches_fn=None, length=steps,
+                     mode="fast", record=None, record_every=1,
+                     diagnostics=False)
+  return lowered.compile().cost_analysis()["flops"]
+
+
+# ---------------------------------------------------------------------------
+# The same algorithms by hand: init(params) -> carry, step(carry, batch).
+# ---------------------------------------------------------------------------
+
+
+def _opt_step(opt, grads, state, params):
+  updates, state = opt.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+def _descend(objective, opt, y, state, steps):
+  """``steps`` optax steps on ``objective(y)`` in a scan."""
+  def body(carry, _):
+    y_, s = carry
+    return _opt_step(opt, jax.grad(objective)(y_), s, y_), None
+  return jax.lax.scan(body, (y, state), None, length=steps)[0]
+
+
+def hand_method(method, prob):
+  f, g = prob["f"], prob["g"]
+  ox, oy, oz = (optax.adam(prob["lr_x"]), optax.sgd(prob["lr_y"]),
+                optax.sgd(prob["lr_y"]))
+  lam = GAMMA
+
+  def init(p):
+    carry = dict(x=p.x, y=p.y, sx=ox.init(p.x), sy=oy.init(p.y))
+    if method in ("ALT-PBGD", "V-PBGD", "F2SA"):
+      carry.update(z=p.y, sz=oz.init(p.y))
+    return carry
+
+  def step(c, b):
+    x, y = c["x"], c["y"]
+    c = dict(c)
+    if method == "PBGD-Free":
+      y, c["sy"] = _descend(lambda v: f(x, v, b) / lam + g(x, v, b), oy, y,
+                            c["sy"], 1)
+      dx = jax.grad(f)(x, y, b)
+    elif method == "ALT-PBGD":
+      c["z"], c["sz"] = _descend(lambda v: g(x, v, b), oz, c["z"], c["sz"],
+                                 INNER)
+      y, c["sy"] = _descend(lambda v: f(x, v, b) / lam + g(x, v, b), oy, y,
+                            c["sy"], INNER)
+      z = c["z"]
+      dx = jax.grad(lambda u: f(u, y, b) + lam * (g(u, y, b) - g(u, z, b)))(x)
+    elif method == "V-PBGD":
+      c["z"], c["sz"] = _descend(lambda v: g(x, v, b), oz, c["z"], c["sz"], 1)
+      z = c["z"]
+      dx, dy = jax.grad(lambda u, v: f(u, v, b) + lam * (
+          g(u, v, b) - g(u, z, b)), argnums=(0, 1))(x, y)
+      y, c["sy"] = _opt_step(oy, dy, c["sy"], y)
+    elif method == "BOME":  # benchopt's three gradients
+      y_hat, _ = _descend(lambda v: g(x, v, b), oz, y, oz.init(y), INNER)
+      fx, fy = jax.grad(f, argnums=(0, 1))(x, y, b)
+      gx, gy = jax.grad(g, argnums=(0, 1))(x, y, b)
+      qx = otu.tree_sub(gx, jax.grad(g)(x, y_hat, b))
+      q_sq = otu.tree_vdot((qx, gy), (qx, gy))
+      mult = jnp.maximum(0.5 * q_sq - otu.tree_vdot((fx, fy), (qx, gy)),
+                         0.0) / (q_sq + 1e-8)
+      dx, dy = otu.tree_add_scale((fx, fy), mult, (qx, gy))
+      y, c["sy"] = _opt_step(oy, dy, c["sy"], y)
+    elif method == "F2SA":
+      c["z"], c["sz"] = _descend(lambda v: g(x, v, b), oz, c["z"], c["sz"],
+                                 INNER)
+      y, c["sy"] = _descend(lambda v: f(x, v, b) + lam * g(x, v, b), oy, y,
+                            c["sy"], INNER)
+      z = c["z"]
+      dx = jax.tree.map(lambda a, e, h: a + lam * (e - h), jax.grad(f)(x, y, b),
+                        jax.grad(g)(x, y, b), jax.grad(g)(x, z, b))
+    elif method == "AID":  # CG stopped at the tolerance, as jaxopt does
+      y, c["sy"] = _descend(lambda v: g(x, v, b), oy, y, c["sy"], INNER)
+      fx, fy = jax.grad(f, argnums=(0, 1))(x, y, b)
+      grad_y = lambda u, v: jax.grad(g, argnums=1)(u, v, b)
+      hvp = lambda v: jax.jvp(lambda w: grad_y(x, w), (y,), (v,))[1]
+      v, _ = jax.scipy.sparse.linalg.cg(hvp, fy, tol=0.0, atol=1e-10,
+                                        maxiter=LINEAR)
+      cross = jax.vjp(lambda u: grad_y(u, y), x)[1](v)[0]
+      dx = otu.tree_sub(fx, cross)
+    elif method == "ITD":  # reverse mode through the warm-started unroll
+      def upper(u):
+        y_t, s = _descend(lambda v: g(u, v, b), oy, y, c["sy"], INNER)
+        return f(u, y_t, b), (y_t, s)
+      dx, (y, c["sy"]) = jax.grad(upper, has_aux=True)(x)
+    else:
+      raise ValueError(method)
+    c["x"], c["sx"] = _opt_step(ox, dx, c["sx"], x)
+    c["y"] = y
+    return c
+
+  return init, step
+
+
+def floor_method(prob):
+  f, g = prob["f"], prob["g"]
+  opt = optax.adam(prob["lr_x"])
+
+  def init(p):
+    return (p, opt.init(p))
+
+  def step(c, b):
+    p, s = c
+    grads = jax.grad(lambda q: f(q.x, q.y, b) + g(q.x, q.y, b))(p)
+    return _opt_step(opt, grads, s, p)
+
+  return init, step
+
+
+def hand_program(init, step, steps):
+  @jax.jit
+  def run(params, batch):
+    return jax.lax.scan(lambda c, _: (step(c, batch), None), init(params),
+                        None, length=steps)[0]
+  return run
+
+
+def hand_runner(program, prob):
+  return lambda: program(prob["params"], prob["batch"])
+
+
+def hand_flops(program, prob):
+  return program.lower(prob["params"], prob["batch"]).compile(
+  ).cost_analysis()["flops"]
+
+
+# ---------------------------------------------------------------------------
+# Interleaved timing.
+# ---------------------------------------------------------------------------
+
+
+def interleaved(contenders, rounds):
+  """``{name: (median seconds, compile seconds)}``, one call each per round."""
+  first = {}
+  for name, call in contenders.items():
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    first[name] = time.perf_counter() - start
+  times = {name: [] for name in contenders}
+  for _ in range(rounds):
+    for name, call in contenders.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      times[name].append(time.perf_counter() - start)
+  out = {}
+  for name, ts in times.items():
+    median = statistics.median(ts)
+    out[name] = (median, max(first[name] - median, 0.0))
+  return out
+
+
+def run_benchmark(prob, methods, steps, rounds):
+  contenders, flops, kinds = {}, {}, {}
+  init, step = floor_method(prob)
+  floor = hand_program(init, step, steps)
+  contenders["floor"] = hand_runner(floor, prob)
+  flops["floor"] = hand_flops(floor, prob)
+  for method in methods:
+    tx = library_tx(method, prob)
+    contenders[method] = library_runner(tx, prob, steps)
+    init, step = hand_method(method, prob)
+    program = hand_program(init, step, steps)
+    contenders[method + " (hand)"] = hand_runner(program, prob)
+    flops[method] = library_flops(tx, prob, steps)
+    flops[method + " (hand)"] = hand_flops(program, prob)
+    kinds[method] = tx
+  timing = interleaved(contenders, rounds)
+  floor_s = timing["floor"][0]
+  rows = []
+  for method in methods:
+    lib_s, lib_c = timing[method]
+    hand_s, hand_c = timing[method + " (hand)"]
+    rows.append(dict(
+        method=method, ms_per_step=1e3 * lib_s / steps,
+        hand_ms_per_step=1e3 * hand_s / steps, time_ratio=lib_s / hand_s,
+        mflops_per_step=flops[method] / 1e6,
+        hand_mflops_per_step=flops[method + " (hand)"] / 1e6,
+        flops_ratio=flops[method] / flops[method + " (hand)"],
+        floor_ratio=lib_s / floor_s, compile_s=lib_c, hand_compile_s=hand_c))
+  return dict(description=prob["desc"], steps=steps, rounds=rounds,
+              floor=dict(ms_per_step=1e3 * floor_s / steps,
+                         mflops_per_step=flops["floor"] / 1e6,
+                         compile_s=timing["floor"][1]),
+              rows=rows)
+
+
+# ---------------------------------------------------------------------------
+# Sweep against jit(vmap(scan)), and compilations in a loop over gamma.
+# ---------------------------------------------------------------------------
+
+
+def sweep_benchmark(num_points, steps, rounds, d=32):
+  prob = quadratic_problem(d)
+  f, g, p0, batch = prob["f"], prob["g"], prob["params"], prob["batch"]
+  rng = np.random.default_rng(0)
+  gammas = jnp.asarray(10.0 ** rng.uniform(0, 2, num_points))
+  lrs = jnp.asarray(10.0 ** rng.uniform(-3, -1, num_points))
+
+  def make_tx(gamma, lr):
+    return jbl.pbgd_free(f, g, gamma=gamma, upper_optimizer=optax.adam(lr),
+                         lower_optimizer=optax.sgd(prob["lr_y"]))
+
+  grid = {"gamma": gammas, "lr": lrs}
+
+  def library():
+    out = jbl.sweep(make_tx, p0, grid, num_steps=steps, batch=batch,
+                    diagnostics=True)
+    return out[0], out[2]["f"]
+
+  @jax.jit
+  def hand(gammas, lrs, params, batch):
+    def one(gamma, lr):
+      ox, oy = optax.adam(lr), optax.sgd(prob["lr_y"])
+
+      def body(c, _):
+        x, y, sx, sy = c
+        def lower(v):  # f / gamma + g, and f (recorded) from the same pass
+          fv = f(x, v, batch)
+          return fv / gamma + g(x, v, batch), fv
+
+        (_, fv), gy = jax.value_and_grad(lower, has_aux=True)(y)
+        y, sy = _opt_step(oy, gy, sy, y)
+        x, sx = _opt_step(ox, jax.grad(f)(x, y, batch), sx, x)
+        return (x, y, sx, sy), fv
+
+      (x, y, _, _), fs = jax.lax.scan(
+          body, (params.x, params.y, ox.init(params.x), oy.init(params.y)),
+          None, length=steps)
+      return jbl.BilevelParams(x, y), fs
+    return jax.vmap(one)(gammas, lrs)
+
+  timing = interleaved({
+      "sweep": library,
+      "hand": lambda: hand(gammas, lrs, p0, batch)}, rounds)
+  lib_params, lib_f = library()
+  hand_params, hand_f = hand(gammas, lrs, p0, batch)
+  agree = float(jnp.max(jnp.abs(lib_params.x - hand_params.x)))
+  return dict(points=num_points, steps=steps, d=d,
+              sweep_s=timing["sweep"][0], hand_s=timing["hand"][0],
+              ratio=timing["sweep"][0] / timing["hand"][0],
+              sweep_compile_s=timing["sweep"][1],
+              hand_compile_s=timing["hand"][1],
+              max_abs_difference_x=agree,
+              history_shape=list(np.shape(lib_f)))
+
+
+def compile_count(prob, steps, gammas=(1.0, 3.0, 10.0, 30.0, 100.0)):
+  """Compilations when a Python loop builds a new transformation per gamma."""
+  events = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if "backend_compile" in event:
+      events.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  f, g = prob["f"], prob["g"]
+
+  def programs_compiled():
+    return sum(fn._cache_size()  # pylint: disable=protected-access
+               for fn in run_lib._PROGRAMS._entries.values())  # pylint: disable=protected-access
+
+  counts, backend, seconds = [], [], []
+  for gamma in gammas:
+    before, before_events = programs_compiled(), len(events)
+    tx = jbl.pbgd_free(f, g, gamma=gamma,
+                       upper_optimizer=optax.adam(prob["lr_x"]),
+                       lower_optimizer=optax.sgd(prob["lr_y"]))
+    start = time.perf_counter()
+    jax.block_until_ready(jbl.run(tx, prob["params"], num_steps=steps,
+                                  batch=prob["batch"])[0])
+    seconds.append(time.perf_counter() - start)
+    counts.append(programs_compiled() - before)
+    backend.append(len(events) - before_events)
+  try:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  except (AttributeError, ValueError):  # older jax: listeners stay
+    pass
+  return dict(gammas=list(gammas), programs_compiled=counts,
+              backend_compiles=backend, seconds=seconds,
+              compilations_after_first=sum(counts[1:]))
+
+
+# ---------------------------------------------------------------------------
+# Report.
+# ---------------------------------------------------------------------------
+
+
+def machine():
+  return dict(platform=platform.platform(), processor=platform.machine(),
+              cpu_count=os.cpu_count(),
+              device=str(jax.devices()[0].device_kind),
+              backend=jax.default_backend(), jax=jax.__version__,
+              optax=optax.__version__, jaxbilevel=jbl.__version__)
+
+
+def markdown(result):
+  m = result["machine"]
+  lines = [
+      "# jaxbilevel against hand-written JAX", "",
+      f"Machine: {m['platform']}, {m['cpu_count']} CPUs ({m['backend']}); "
+      f"jax {m['jax']}, optax {m['optax']}. "
+      + ("Timings are from a shared 2-core CPU that other jobs were using, "
+         "so they are noisy; the contenders are interleaved (A B A B ...) "
+         "and each time is the median over rounds, compilation excluded. "
+         if m["cpu_count"] <= 2 else
+         "Contenders interleaved (A B A B ...), medians over rounds, "
+         "compilation excluded. ")
+      + "FLOPs: XLA cost analysis of each compiled program (one outer step, "
+      "every inner loop body counted once, the same loops in both). "
+      f"Written by `benchmarks/overhead.py`{' --quick' if result['quick'] else ''}.",
+      "", "Targets: `jbl.run` ≤ 1.05× the hand-written time and FLOPs; "
+      "`jbl.sweep` ≤ 1.2× a hand-written `jit(vmap(scan))`; 0 compilations "
+      "after the first in a loop over gamma.", ""]
+  for key, bench in result["problems"].items():
+    fl = bench["floor"]
+    lines += [
+        f"## {key}: {bench['description']}", "",
+        f"{bench['steps']} outer steps per call, median of {bench['rounds']} "
+        f"rounds. Floor (fused optax step on ∇(f+g)): "
+        f"{fl['ms_per_step']:.3f} ms/step, {fl['mflops_per_step']:.2f} "
+        "MFLOP/step.", "",
+        "| method | jbl.run ms/step | hand ms/step | time ratio | "
+        "MFLOP/step | hand MFLOP/step | FLOP ratio | vs floor | "
+        "compile s (jbl / hand) |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for r in bench["rows"]:
+      lines.append(
+          f"| {r['method']} | {r['ms_per_step']:.3f} | "
+          f"{r['hand_ms_per_step']:.3f} | {r['time_ratio']:.2f} | "
+          f"{r['mflops_per_step']:.2f} | {r['hand_mflops_per_step']:.2f} | "
+          f"{r['flops_ratio']:.3f} | {r['floor_ratio']:.2f} | "
+          f"{r['compile_s']:.2f} / {r['hand_compile_s']:.2f} |")
+    lines.append("")
+  lines += [
+      "## jbl.sweep vs hand-written jit(vmap(scan))", "",
+      "PBGD-Free on a d = 32 quadratic, (gamma, lr) per point, history on "
+      "(both record a per-step f).", "",
+      "| points | steps | jbl.sweep s | hand s | ratio | compile s "
+      "(sweep / hand) | max |x_sweep - x_hand| |",
+      "|---|---|---|---|---|---|---|"]
+  for s in result["sweep"]:
+    lines.append(
+        f"| {s['points']:,} | {s['steps']} | {s['sweep_s']:.4f} | "
+        f"{s['hand_s']:.4f} | {s['ratio']:.2f} | {s['sweep_compile_s']:.2f} "
+        f"/ {s['hand_compile_s']:.2f} | {s['max_abs_difference_x']:.1e} |")
+  c = result["compile_count"]
+  lines += [
+      "", "## Compilations in a Python loop over gamma", "",
+      f"A new `jbl.pbgd_free(..., gamma=gamma)` and `jbl.run` for gamma in "
+      f"{c['gammas']}: programs compiled per call {c['programs_compiled']} "
+      f"(backend compilations {c['backend_compiles']}), seconds per call "
+      f"{[round(s, 3) for s in c['seconds']]}; compilations after the first: "
+      f"**{c['compilations_after_first']}**.", ""]
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--rounds", type=int, default=None)
+  parser.add_argument("--out", default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), "results"))
+  args = parser.parse_args(argv)
+  if args.quick:
+    problems = {"quadratic d=1e3": (lambda: quadratic_problem(1000), 20)}
+    sweeps, sweep_steps, rounds = (16,), 100, args.rounds or 3
+    loop_prob = quadratic_problem(1000)
+  else:
+    problems = {
+        "NLSY MLP": (mlp_problem, 100),
+        "quadratic d=1e4": (lambda: quadratic_problem(10_000), 200),
+        "quadratic d=1e6": (lambda: quadratic_problem(1_000_000), 20)}
+    sweeps, sweep_steps, rounds = (16, 256, 4096), 500, args.rounds or 9
+    loop_prob = quadratic_problem(10_000)
+
+  result = dict(benchmark="overhead", quick=args.quick, machine=machine(),
+                settings=dict(gamma=GAMMA, inner_steps=INNER,
+                              linear_steps=LINEAR),
+                problems={})
+  for key, (make, steps) in problems.items():
+    result["problems"][key] = run_benchmark(make(), METHODS, steps, rounds)
+    print(key, "done", flush=True)
+  result["sweep"] = [sweep_benchmark(n, sweep_steps, rounds) for n in sweeps]
+  result["compile_count"] = compile_count(loop_prob, 20)
+  table = markdown(result)
+  print(table)
+  os.makedirs(args.out, exist_ok=True)
+  name = "overhead_quick" if args.quick else "overhead"
+  with open(os.path.join(args.out, name + ".json"), "w") as fh:
+    json.dump(result, fh, indent=2)
+  with open(os.path.join(args.out, name + ".md"), "w") as fh:
+    fh.write(table)
+  return result
+
+
+if __name__ == "__main__":
+  main()

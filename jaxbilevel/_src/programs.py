@@ -1,0 +1,197 @@
+"""Compiled programs of the drivers, shared between equivalent transformations.
+
+``jax.jit`` keys its cache on a static argument's identity, so every newly
+built transformation used to compile (and keep) a program of its own: a loop
+that rebuilds ``pbgd_free(f, g, gamma=gamma, ...)`` for each ``gamma`` compiled
+once per value and held every program and every transformation alive.
+
+Here a transformation is reduced to a *recipe*: the method that built it (the
+public constructors are wrapped with :func:`bilevel_method`) and its
+arguments. Floating-point hyperparameters (``gamma``, ``eta``, ...) become
+traced arguments of the program; everything else (objectives, optimizers,
+loop lengths) forms the cache key, compared by content (a function by its code,
+the values it closes over and the globals it reads; numbers by value; arrays by
+identity). Equivalent transformations therefore share one compiled program,
+whatever their hyperparameter values, and the cache holds at most
+:data:`MAX_PROGRAMS` programs (least recently used are dropped).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import numbers
+import types
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_PROGRAMS = 16
+"""The most compiled driver programs kept alive at once (least recently used dropped)."""
+
+_RECIPE = "_jaxbilevel_recipe"
+
+
+def bilevel_method(constructor: Callable) -> Callable:
+  """Marks a public method constructor so that its transformations carry a recipe.
+
+  The recipe ``(constructor, args, kwargs)`` lets :func:`jaxbilevel.run`
+  rebuild the transformation inside its compiled program with traced
+  floating-point hyperparameters, so that a new transformation that differs
+  only in those values reuses the program.
+  """
+
+  @functools.wraps(constructor)
+  def build(*args, **kwargs):
+    tx = constructor(*args, **kwargs)
+    try:
+      setattr(tx.update, _RECIPE, (constructor, args, kwargs))
+    except AttributeError:  # not a plain function: no recipe, keyed by content
+      pass
+    return tx
+
+  return build
+
+
+class _Identity:
+  """A key part equal only to the same object (kept alive, so ids stay unique)."""
+
+  __slots__ = ("obj",)
+
+  def __init__(self, obj):
+    self.obj = obj
+
+  def __hash__(self):
+    return id(self.obj)
+
+  def __eq__(self, other):
+    return isinstance(other, _Identity) and other.obj is self.obj
+
+
+def _is_hyperparameter(leaf) -> bool:
+  """A concrete floating scalar: becomes a traced argument of the program."""
+  if isinstance(leaf, bool) or isinstance(leaf, np.bool_):
+    return False
+  if isinstance(leaf, (float, np.floating)):
+    return True
+  if isinstance(leaf, (np.ndarray, jax.Array)) and not isinstance(
+      leaf, jax.core.Tracer):
+    return leaf.ndim == 0 and jnp.issubdtype(leaf.dtype, jnp.floating)
+  return False
+
+
+def fingerprint(obj, _depth: int = 0, _seen=None):
+  """A hashable summary of ``obj`` that equal-behaving objects share."""
+  if _seen is None:
+    _seen = set()
+  if obj is None or isinstance(obj, (str, bytes, bool, numbers.Number,
+                                     np.generic, type, types.ModuleType)):
+    return (type(obj), obj) if not isinstance(obj, (type, types.ModuleType)) \
+        else _Identity(obj)
+  if _depth > 12 or id(obj) in _seen:
+    return _Identity(obj)
+  _seen = _seen | {id(obj)}
+  deeper = functools.partial(fingerprint, _depth=_depth + 1, _seen=_seen)
+  if isinstance(obj, (tuple, list)):
+    return (type(obj), tuple(deeper(v) for v in obj))
+  if isinstance(obj, dict):
+    try:
+      items = sorted(obj.items())
+    except TypeError:
+      return _Identity(obj)
+    return (dict, tuple((k, deeper(v)) for k, v in items))
+  if isinstance(obj, functools.partial):
+    return (functools.partial, deeper(obj.func), deeper(obj.args),
+            deeper(obj.keywords))
+  if isinstance(obj, types.FunctionType):
+    cells = tuple(deeper(c.cell_contents) if _filled(c) else None
+                  for c in (obj.__closure__ or ()))
+    names = tuple(n for n in obj.__code__.co_names if n in obj.__globals__)
+    globals_read = tuple((n, deeper(obj.__globals__[n])) for n in names)
+    return (types.FunctionType, obj.__code__, cells, deeper(obj.__defaults__),
+            deeper(obj.__kwdefaults__), globals_read)
+  if isinstance(obj, types.MethodType):
+    return (types.MethodType, deeper(obj.__func__), _Identity(obj.__self__))
+  if isinstance(obj, np.ndarray) and obj.size <= 16:
+    return (np.ndarray, obj.dtype.str, obj.shape, obj.tobytes())
+  return _Identity(obj)
+
+
+def _filled(cell) -> bool:
+  try:
+    cell.cell_contents  # pylint: disable=pointless-statement
+    return True
+  except ValueError:
+    return False
+
+
+class Program(collections.namedtuple("Program", "key build hyperparameters")):
+  """How to rebuild a transformation: ``build(hyperparameters) -> tx``."""
+
+
+def program_of(tx) -> Program:
+  """The cache key of ``tx``, a builder and its traced hyperparameters."""
+  recipe = getattr(getattr(tx, "update", None), _RECIPE, None)
+  if recipe is None:
+    return Program(("tx", fingerprint(tx)), lambda values: tx, ())
+  constructor, args, kwargs = recipe
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  where = [i for i, leaf in enumerate(leaves) if _is_hyperparameter(leaf)]
+  values = tuple(jnp.asarray(leaves[i]) for i in where)
+  key = ("recipe", constructor, treedef, tuple(where),
+         tuple(("hp", v.dtype, v.weak_type) if i in where else
+               fingerprint(leaf) for i, (leaf, v) in enumerate(
+                   zip(leaves, _aligned(leaves, where, values)))))
+
+  def build(traced):
+    filled = list(leaves)
+    for i, v in zip(where, traced):
+      filled[i] = v
+    b_args, b_kwargs = jax.tree.unflatten(treedef, filled)
+    return constructor(*b_args, **b_kwargs)
+
+  return Program(key, build, values)
+
+
+def _aligned(leaves, where, values):
+  out = [None] * len(leaves)
+  for i, v in zip(where, values):
+    out[i] = v
+  return out
+
+
+def static_program(program: Program) -> Program:
+  """The same program with the hyperparameters baked in (keyed by value)."""
+  values = tuple(np.asarray(v).item() for v in program.hyperparameters)
+  build = program.build
+  return Program(("static", program.key, values),
+                 lambda traced: build(values), ())
+
+
+class ProgramCache:
+  """A bounded LRU of jitted functions, one per program key."""
+
+  def __init__(self, make_jitted: Callable[[Callable], Callable],
+               maxsize: int = MAX_PROGRAMS):
+    self._make = make_jitted
+    self._maxsize = maxsize
+    self._entries = collections.OrderedDict()
+
+  def get(self, program: Program) -> Callable:
+    key = program.key
+    if key in self._entries:
+      self._entries.move_to_end(key)
+      return self._entries[key]
+    fn = self._make(program.build)
+    self._entries[key] = fn
+    while len(self._entries) > self._maxsize:
+      self._entries.popitem(last=False)
+    return fn
+
+  def __len__(self):
+    return len(self._entries)
+
+  def clear(self):
+    self._entries.clear()
