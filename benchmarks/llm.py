@@ -133,10 +133,13 @@ def parse_args(argv=None):
   p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
   p.add_argument("--gamma", type=float, default=10.0,
                  help="penalty of PBGD-Free / ALT-PBGD / V-PBGD")
-  p.add_argument("--lr-x", type=float, default=1e-3,
+  p.add_argument("--lr-x", type=float, default=5e-4,
                  help="Adam step of the adapters")
-  p.add_argument("--lr-y", type=float, default=1e-4,
-                 help="Adam step of the head (stage 1 and stage 2)")
+  p.add_argument("--lr-y", type=float, default=1e-5,
+                 help="Adam step of the head (stage 1 and stage 2). Adam "
+                 "moves every one of the V head columns by about lr per "
+                 "step, also those of tokens absent from the batch, so the "
+                 "step is kept small")
   p.add_argument("--inner-steps", type=int, default=3,
                  help="inner steps of ALT-PBGD, V-PBGD, BOME, F2SA")
   p.add_argument("--floor-rounds", type=int, default=None,
@@ -336,7 +339,7 @@ def make_methods(names, f, g, args):
           value_steps=k), f"gamma={gamma:g}, T={k}"),
       "bome": (lambda: jbl.bome(
           f, g, eta=0.5, upper_optimizer=ux(), lower_optimizer=ly(),
-          inner_steps=k, inner_start="previous"),
+          value_steps=k, value_start="previous"),
                f"eta=0.5, T={k}, tracker warm-started"),
       "f2sa": (lambda: jbl.f2sa(
           f, g, lambda0=gamma, upper_optimizer=ux(), lower_optimizer=ly(),

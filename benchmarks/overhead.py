@@ -92,7 +92,7 @@ def mlp_problem(features=21, hidden=200, batch=500, seed=0):
   desc = (f"MLP {features}->{hidden}->{hidden} + linear head, {batch} "
           "samples per group")
   return dict(f=f, g=g, params=jbl.BilevelParams(x, y), batch=data,
-              desc=desc, lr_x=1e-3, lr_y=0.05)
+              desc=desc, lr_x=1e-3, lr_y=5e-3)
 
 
 def quadratic_problem(d, seed=0):
@@ -128,14 +128,18 @@ def library_tx(method, prob):
   if method == "ALT-PBGD":
     return jbl.alt_pbgd(f, g, gamma=GAMMA, inner_steps=INNER,
                         value_optimizer=low(), **common)
-  if method == "V-PBGD":
-    return jbl.v_pbgd(f, g, gamma=GAMMA, value_optimizer=low(), **common)
+  if method == "V-PBGD":  # the y step is on f + gamma g: a smaller step
+    return jbl.v_pbgd(f, g, gamma=GAMMA, upper_optimizer=up(),
+                      lower_optimizer=optax.sgd(prob["lr_y"] / (1 + GAMMA)),
+                      value_optimizer=low())
   if method == "BOME":
-    return jbl.bome(f, g, eta=0.5, inner_steps=INNER, value_optimizer=low(),
+    return jbl.bome(f, g, eta=0.5, value_steps=INNER, value_optimizer=low(),
                     **common)
-  if method == "F2SA":
+  if method == "F2SA":  # the y loop is on f + lambda g: a smaller step
     return jbl.f2sa(f, g, lambda0=GAMMA, inner_steps=INNER,
-                    value_optimizer=low(), **common)
+                    upper_optimizer=up(),
+                    lower_optimizer=optax.sgd(prob["lr_y"] / (1 + GAMMA)),
+                    value_optimizer=low())
   if method == "AID":
     return jbl.aid(f, g, inner_steps=INNER, linear_steps=LINEAR, tol=1e-10,
                    **common)
@@ -151,17 +155,36 @@ def library_runner(tx, prob, steps):
   return call
 
 
-def library_flops(tx, prob, steps):
-  """FLOPs of the program that ``jbl.run`` executes (one chunk, no guard)."""
+def library_flops(tx, prob):
+  """FLOPs of the step that ``jbl.run``'s loop repeats (no guard, no record).
+
+  The loop body of the run program: ``tx.update`` traced as the driver
+  traces it (diagnostics off) and the parameter update. The once-per-chunk
+  finiteness check outside the loop is left out (see ``chunk_check_flops``).
+  """
   program = programs.program_of(tx)
-  fn = run_lib._PROGRAMS.get(program)  # pylint: disable=protected-access
+
+  def step(hyperparameters, params, state, batch):
+    out = run_lib._step(  # pylint: disable=protected-access
+        program.build(hyperparameters), params, state, batch, "fast",
+        jnp.asarray(False), False)
+    return out[0], out[1]
+
   params = prob["params"]
-  lowered = fn.lower(program.hyperparameters, params, tx.init(params),
-                     prob["batch"], None, jnp.asarray(0, jnp.int32),
-                     jnp.asarray(False), batches_fn=None, length=steps,
-                     mode="fast", record=None, record_every=1,
-                     diagnostics=False)
-  return lowered.compile().cost_analysis()["flops"]
+  return _flops(step, program.hyperparameters, params, tx.init(params),
+                prob["batch"])
+
+
+def chunk_check_flops(tx, prob):
+  """FLOPs of the finiteness check that ``jbl.run`` makes once per chunk."""
+  from jaxbilevel._src import tree as tree_lib  # pylint: disable=import-outside-toplevel
+  params = prob["params"]
+  return _flops(lambda p, s: tree_lib.tree_all_finite((p, s)), params,
+                tx.init(params))
+
+
+def _flops(fn, *args):
+  return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
 
 
 # ---------------------------------------------------------------------------
@@ -187,6 +210,7 @@ def hand_method(method, prob):
   ox, oy, oz = (optax.adam(prob["lr_x"]), optax.sgd(prob["lr_y"]),
                 optax.sgd(prob["lr_y"]))
   lam = GAMMA
+  oy_lam = optax.sgd(prob["lr_y"] / (1 + lam))  # steps on f + lam g
 
   def init(p):
     carry = dict(x=p.x, y=p.y, sx=ox.init(p.x), sy=oy.init(p.y))
@@ -213,7 +237,7 @@ def hand_method(method, prob):
       z = c["z"]
       dx, dy = jax.grad(lambda u, v: f(u, v, b) + lam * (
           g(u, v, b) - g(u, z, b)), argnums=(0, 1))(x, y)
-      y, c["sy"] = _opt_step(oy, dy, c["sy"], y)
+      y, c["sy"] = _opt_step(oy_lam, dy, c["sy"], y)
     elif method == "BOME":  # benchopt's three gradients
       y_hat, _ = _descend(lambda v: g(x, v, b), oz, y, oz.init(y), INNER)
       fx, fy = jax.grad(f, argnums=(0, 1))(x, y, b)
@@ -227,8 +251,8 @@ def hand_method(method, prob):
     elif method == "F2SA":
       c["z"], c["sz"] = _descend(lambda v: g(x, v, b), oz, c["z"], c["sz"],
                                  INNER)
-      y, c["sy"] = _descend(lambda v: f(x, v, b) + lam * g(x, v, b), oy, y,
-                            c["sy"], INNER)
+      y, c["sy"] = _descend(lambda v: f(x, v, b) + lam * g(x, v, b), oy_lam,
+                            y, c["sy"], INNER)
       z = c["z"]
       dx = jax.tree.map(lambda a, e, h: a + lam * (e - h), jax.grad(f)(x, y, b),
                         jax.grad(g)(x, y, b), jax.grad(g)(x, z, b))
@@ -282,9 +306,10 @@ def hand_runner(program, prob):
   return lambda: program(prob["params"], prob["batch"])
 
 
-def hand_flops(program, prob):
-  return program.lower(prob["params"], prob["batch"]).compile(
-  ).cost_analysis()["flops"]
+def hand_flops(init, step, prob):
+  """FLOPs of one hand-written step (the body of its scan)."""
+  params = prob["params"]
+  return _flops(step, jax.jit(init)(params), prob["batch"])
 
 
 # ---------------------------------------------------------------------------
@@ -317,15 +342,16 @@ def run_benchmark(prob, methods, steps, rounds):
   init, step = floor_method(prob)
   floor = hand_program(init, step, steps)
   contenders["floor"] = hand_runner(floor, prob)
-  flops["floor"] = hand_flops(floor, prob)
+  flops["floor"] = hand_flops(init, step, prob)
   for method in methods:
     tx = library_tx(method, prob)
     contenders[method] = library_runner(tx, prob, steps)
     init, step = hand_method(method, prob)
     program = hand_program(init, step, steps)
     contenders[method + " (hand)"] = hand_runner(program, prob)
-    flops[method] = library_flops(tx, prob, steps)
-    flops[method + " (hand)"] = hand_flops(program, prob)
+    flops[method] = library_flops(tx, prob)
+    flops[method + " (hand)"] = hand_flops(init, step, prob)
+    flops[method + " (check)"] = chunk_check_flops(tx, prob)
     kinds[method] = tx
   timing = interleaved(contenders, rounds)
   floor_s = timing["floor"][0]
@@ -339,6 +365,7 @@ def run_benchmark(prob, methods, steps, rounds):
         mflops_per_step=flops[method] / 1e6,
         hand_mflops_per_step=flops[method + " (hand)"] / 1e6,
         flops_ratio=flops[method] / flops[method + " (hand)"],
+        chunk_check_mflops=flops[method + " (check)"] / 1e6,
         floor_ratio=lib_s / floor_s, compile_s=lib_c, hand_compile_s=hand_c))
   return dict(description=prob["desc"], steps=steps, rounds=rounds,
               floor=dict(ms_per_step=1e3 * floor_s / steps,
@@ -365,10 +392,21 @@ def sweep_benchmark(num_points, steps, rounds, d=32):
 
   grid = {"gamma": gammas, "lr": lrs}
 
-  def library():
+  def library():  # history on: the method's diagnostics, f among them
     out = jbl.sweep(make_tx, p0, grid, num_steps=steps, batch=batch,
                     diagnostics=True)
     return out[0], out[2]["f"]
+
+  def f_of(params, state):  # defined once: sweep compiles per function
+    del state
+    return f(params.x, params.y, batch)
+
+  def record_f():  # history of f alone (at the new iterate: one more f)
+    return jbl.sweep(make_tx, p0, grid, num_steps=steps, batch=batch,
+                     record=f_of)[0]
+
+  def no_history():
+    return jbl.sweep(make_tx, p0, grid, num_steps=steps, batch=batch)[0]
 
   @jax.jit
   def hand(gammas, lrs, params, batch):
@@ -393,14 +431,18 @@ def sweep_benchmark(num_points, steps, rounds, d=32):
     return jax.vmap(one)(gammas, lrs)
 
   timing = interleaved({
-      "sweep": library,
-      "hand": lambda: hand(gammas, lrs, p0, batch)}, rounds)
+      "sweep": library, "hand": lambda: hand(gammas, lrs, p0, batch),
+      "record_f": record_f, "no_history": no_history}, rounds)
   lib_params, lib_f = library()
   hand_params, hand_f = hand(gammas, lrs, p0, batch)
   agree = float(jnp.max(jnp.abs(lib_params.x - hand_params.x)))
   return dict(points=num_points, steps=steps, d=d,
               sweep_s=timing["sweep"][0], hand_s=timing["hand"][0],
               ratio=timing["sweep"][0] / timing["hand"][0],
+              record_f_s=timing["record_f"][0],
+              record_f_ratio=timing["record_f"][0] / timing["hand"][0],
+              no_history_s=timing["no_history"][0],
+              no_history_ratio=timing["no_history"][0] / timing["hand"][0],
               sweep_compile_s=timing["sweep"][1],
               hand_compile_s=timing["hand"][1],
               max_abs_difference_x=agree,
@@ -497,16 +539,22 @@ def markdown(result):
     lines.append("")
   lines += [
       "## jbl.sweep vs hand-written jit(vmap(scan))", "",
-      "PBGD-Free on a d = 32 quadratic, (gamma, lr) per point, history on "
-      "(both record a per-step f).", "",
-      "| points | steps | jbl.sweep s | hand s | ratio | compile s "
-      "(sweep / hand) | max |x_sweep - x_hand| |",
-      "|---|---|---|---|---|---|---|"]
+      "PBGD-Free on a d = 32 quadratic, (gamma, lr) per point. The hand "
+      "version records f per step (from the pass that computes the lower "
+      "gradient). `jbl.sweep` with history on (`diagnostics=True`: f, g, "
+      "two gradient norms and gamma per step), with `record=` f alone (an "
+      "extra f evaluation per step), and without history; every ratio is "
+      "against the hand version with its f history.", "",
+      "| points | steps | hand s | jbl.sweep (history) s | ratio | "
+      "record f only: ratio | no history: ratio | compile s (sweep / hand) "
+      "| max abs x difference |",
+      "|---|---|---|---|---|---|---|---|---|"]
   for s in result["sweep"]:
     lines.append(
-        f"| {s['points']:,} | {s['steps']} | {s['sweep_s']:.4f} | "
-        f"{s['hand_s']:.4f} | {s['ratio']:.2f} | {s['sweep_compile_s']:.2f} "
-        f"/ {s['hand_compile_s']:.2f} | {s['max_abs_difference_x']:.1e} |")
+        f"| {s['points']:,} | {s['steps']} | {s['hand_s']:.4f} | "
+        f"{s['sweep_s']:.4f} | {s['ratio']:.2f} | {s['record_f_ratio']:.2f} "
+        f"| {s['no_history_ratio']:.2f} | {s['sweep_compile_s']:.2f} / "
+        f"{s['hand_compile_s']:.2f} | {s['max_abs_difference_x']:.1e} |")
   c = result["compile_count"]
   lines += [
       "", "## Compilations in a Python loop over gamma", "",
@@ -522,21 +570,26 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--rounds", type=int, default=None)
+  parser.add_argument("--only", default=None,
+                      help="comma-separated problem names (for a partial run)")
   parser.add_argument("--out", default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results"))
   args = parser.parse_args(argv)
   if args.quick:
     problems = {"quadratic d=1e3": (lambda: quadratic_problem(1000), 20)}
-    sweeps, sweep_steps, rounds = (16,), 100, args.rounds or 3
+    sweeps, sweep_steps, rounds = (16,), 50, args.rounds or 2
     loop_prob = quadratic_problem(1000)
   else:
     problems = {
         "NLSY MLP": (mlp_problem, 100),
-        "quadratic d=1e4": (lambda: quadratic_problem(10_000), 200),
-        "quadratic d=1e6": (lambda: quadratic_problem(1_000_000), 20)}
+        "quadratic d=1e4": (lambda: quadratic_problem(10_000), 1000),
+        "quadratic d=1e6": (lambda: quadratic_problem(1_000_000), 50)}
     sweeps, sweep_steps, rounds = (16, 256, 4096), 500, args.rounds or 9
     loop_prob = quadratic_problem(10_000)
 
+  if args.only:
+    problems = {k: v for k, v in problems.items()
+                if k in args.only.split(",")}
   result = dict(benchmark="overhead", quick=args.quick, machine=machine(),
                 settings=dict(gamma=GAMMA, inner_steps=INNER,
                               linear_steps=LINEAR),
@@ -545,7 +598,8 @@ def main(argv=None):
     result["problems"][key] = run_benchmark(make(), METHODS, steps, rounds)
     print(key, "done", flush=True)
   result["sweep"] = [sweep_benchmark(n, sweep_steps, rounds) for n in sweeps]
-  result["compile_count"] = compile_count(loop_prob, 20)
+  # A run length used nowhere above, so that the first call compiles.
+  result["compile_count"] = compile_count(loop_prob, 30)
   table = markdown(result)
   print(table)
   os.makedirs(args.out, exist_ok=True)

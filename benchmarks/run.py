@@ -174,7 +174,7 @@ def hyper_cleaning_methods(app):
           f"gamma=10, T={k}, adam(0.1) x / adam(0.01) y / sgd(1.0) omega"),
       Method("BOME", lambda: jbl.bome(
           f, g, eta=0.5, upper_optimizer=up(), lower_optimizer=optax.adam(0.01),
-          value_optimizer=lo(), inner_steps=k),
+          value_optimizer=lo(), value_steps=k),
           f"eta=0.5, T={k}, grad-norm rule, adam(0.1) x / adam(0.01) y"),
       Method("F2SA", lambda: jbl.f2sa(
           f, g, lambda0=10.0, lambda_increment=0.01, upper_optimizer=up(),
@@ -204,7 +204,7 @@ def regularization_methods(app):
           f"gamma=10, T={k}, adam(0.05) x / adam(0.01) y"),
       Method("BOME", lambda: jbl.bome(
           f, g, eta=0.5, upper_optimizer=up(), lower_optimizer=optax.adam(0.01),
-          value_optimizer=lo(), inner_steps=k, proj_x=box),
+          value_optimizer=lo(), value_steps=k, proj_x=box),
           f"eta=0.5, T={k}, adam(0.05) x / adam(0.01) y"),
       Method("F2SA", lambda: jbl.f2sa(
           f, g, lambda0=10.0, lambda_increment=0.01, upper_optimizer=up(),
@@ -237,7 +237,7 @@ def nlsy_methods(app):
           "gamma=10, T=5 (the authors' 'PBGD' baseline), adam(1e-3)"),
       Method("BOME", lambda: jbl.bome(
           f, g, eta=0.5, upper_optimizer=adam(), lower_optimizer=adam(),
-          inner_steps=5), "eta=0.5, T=5, adam(1e-3, eps=1e-3)"),
+          value_steps=5), "eta=0.5, T=5, adam(1e-3, eps=1e-3)"),
       Method("F2SA", lambda: jbl.f2sa(
           f, g, lambda0=10.0, upper_optimizer=adam(), lower_optimizer=adam(),
           inner_steps=1, scale_lower=True),
@@ -282,7 +282,7 @@ def dpo_sft_methods(app):
           inner_steps=k), f"gamma=10, K_g=K_gamma={k} (the authors' Llama setting)"),
       Method("BOME", lambda: jbl.bome(
           f, g, eta=0.5, upper_optimizer=adam(), lower_optimizer=adam(),
-          inner_steps=k, inner_start="previous"),
+          value_steps=k, value_start="previous"),
           f"eta=0.5, T={k}, tracker warm-started (the authors' LLM code)"),
       Method("ALRIGHT", lambda: jbl.alright(
           f, g, probability=0.5, upper_optimizer=adam(),
@@ -328,19 +328,20 @@ def sinusoid_methods(app):
   return [
       Method("FO-BLO", lambda: jbl.fo_blo(
           f, g, upper_optimizer=meta(), lower_optimizer=inner(),
-          inner_steps=r, init=app.info["init"]),
+          inner_steps=r, inner_start=app.info["init"]),
           f"first-order MAML, r={r}, alpha={alpha}, adam(1e-3)"),
       Method("UFO-BLO", lambda: jbl.ufo_blo(
           f, g, upper_optimizer=meta(), lower_optimizer=inner(),
-          inner_steps=r, key=jax.random.PRNGKey(0), init=app.info["init"]),
+          inner_steps=r, key=jax.random.PRNGKey(0),
+          inner_start=app.info["init"]),
           f"Bernoulli estimator, q=1/r={1 / r:.2f}, r={r}"),
       Method("ITD", lambda: jbl.itd(
           f, g, upper_optimizer=meta(), lower_optimizer=inner(),
-          inner_steps=r, warm_start=False),
+          inner_steps=r, inner_start="initial"),
           f"exact MAML: unrolled r={r} steps from delta=0"),
       Method("AID-CG", lambda: jbl.aid(
           f, g, upper_optimizer=meta(), lower_optimizer=inner(),
-          inner_steps=r, linear_steps=10, init=app.info["init"]),
+          inner_steps=r, linear_steps=10, inner_start=app.info["init"]),
           f"iMAML-style implicit, T={r} from delta=0, CG 10, "
           f"lambda={app.info['proximal']}"),
   ] + [_not_run(name, penalty_reason) for name in
@@ -835,11 +836,11 @@ def sinusoid_scaling(app_fn, rs, steps: int, repeats: int) -> list:
         ("FO-BLO", lambda: jbl.fo_blo(
             app.f, app.g, upper_optimizer=optax.adam(1e-3),
             lower_optimizer=optax.sgd(app.info["inner_lr"]), inner_steps=r,
-            init=app.info["init"])),
+            inner_start=app.info["init"])),
         ("ITD", lambda: jbl.itd(
             app.f, app.g, upper_optimizer=optax.adam(1e-3),
             lower_optimizer=optax.sgd(app.info["inner_lr"]), inner_steps=r,
-            warm_start=False))):
+            inner_start="initial"))):
       tx = make()
       state = tx.init(app.params)
       fn = jax.jit(lambda p, s, tx=tx: jbl.scan_run(
@@ -874,10 +875,10 @@ def sinusoid_implicit_check(app_fn, proximals, num_batches: int,
     common = dict(upper_optimizer=optax.sgd(1.0),
                   lower_optimizer=optax.sgd(alpha), inner_steps=r)
     txs = dict(
-        aid=jbl.aid(app.f, app.g, linear_steps=10, init=app.info["init"],
+        aid=jbl.aid(app.f, app.g, linear_steps=10, inner_start=app.info["init"],
                     **common),
-        itd=jbl.itd(app.f, app.g, init=app.info["init"], **common),
-        fo=jbl.fo_blo(app.f, app.g, init=app.info["init"], **common))
+        itd=jbl.itd(app.f, app.g, inner_start=app.info["init"], **common),
+        fo=jbl.fo_blo(app.f, app.g, inner_start=app.info["init"], **common))
 
     @jax.jit
     def directions(batch, txs=txs, app=app):

@@ -263,11 +263,11 @@ def test_sinusoid_meta_gradients_are_maml_and_fomaml(method):
   if method == "itd":
     tx = jbl.itd(app.f, app.g, upper_optimizer=optax.sgd(1.0),
                  lower_optimizer=optax.sgd(alpha), inner_steps=r,
-                 warm_start=False)
+                 inner_start="initial")
   else:
     tx = jbl.fo_blo(app.f, app.g, upper_optimizer=optax.sgd(1.0),
                     lower_optimizer=optax.sgd(alpha), inner_steps=r,
-                    init=app.info["init"])
+                    inner_start=app.info["init"])
   updates, _ = jax.jit(lambda p: tx.update(None, tx.init(p), p, batch=batch))(
       app.params)
   expected = jax.jit(lambda x: _maml_reference(

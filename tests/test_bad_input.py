@@ -53,7 +53,7 @@ METHODS = {
     "v_pbgd": (lambda f, g, **kw: jbl.v_pbgd(
         f, g, **{"gamma": 2.0, **kw}), ("gamma", 2.0)),
     "bome": (lambda f, g, **kw: jbl.bome(
-        f, g, **{"eta": 0.5, "inner_steps": 2, **kw}), ("eta", 0.5)),
+        f, g, **{"eta": 0.5, "value_steps": 2, **kw}), ("eta", 0.5)),
     "f2sa": (lambda f, g, **kw: jbl.f2sa(
         f, g, **{"lambda0": 2.0, "inner_steps": 2, **kw}), ("lambda0", 2.0)),
     "alright": (lambda f, g, **kw: jbl.alright(
@@ -66,8 +66,8 @@ METHODS = {
     "fo_blo": (lambda f, g, **kw: jbl.fo_blo(
         f, g, **{"inner_steps": 2, **kw}), None),
     "ufo_blo": (lambda f, g, **kw: jbl.ufo_blo(
-        f, g, **{"inner_steps": 2, "key": _KEY, "probability": 0.5, **kw}),
-                ("probability", 0.5)),
+        f, g, **{"inner_steps": 2, "key": _KEY, "correction_probability": 0.5,
+                 **kw}), ("correction_probability", 0.5)),
     "pbgd_blocc": (lambda f, g, **kw: jbl.pbgd_blocc(
         f, g, _c, **{"gamma": 2.0, "dual_step_size": 0.1, "dual_steps": 2,
                      "primal_steps": 2, **kw}), ("gamma", 2.0)),
@@ -275,7 +275,7 @@ def test_f2sa_lambda_max_below_lambda0_is_rejected():
   # Equal is fine: the multiplier stays at lambda0 = lambda_max.
   tx = _build("f2sa", lambda0=2.0, lambda_max=2.0, lambda_increment=1.0)
   _, state, hist = jbl.run(tx, _P, num_steps=2, diagnostics=True)
-  np.testing.assert_array_equal(hist["gamma"], [2.0, 2.0])
+  np.testing.assert_array_equal(hist["multiplier"], [2.0, 2.0])
   assert float(state.lagrange_multiplier) == 2.0
 
 
@@ -329,7 +329,7 @@ def test_f2sa_sweep_reports_a_traced_lambda_max_below_lambda0():
                     match=r"1 of 2 grid points.*'lambda_max': 0\.5"):
     _, state, hist = jbl.sweep(make_tx, _P, {"lambda_max": [2.0, 0.5]},
                                num_steps=3, diagnostics=True)
-  assert np.isnan(hist["gamma"][1]).all()
+  assert np.isnan(hist["multiplier"][1]).all()
   # The valid point ramps 1.0, 1.5, 2.0 and is then capped at 2.0.
-  np.testing.assert_allclose(hist["gamma"][0], [1.0, 1.5, 2.0])
+  np.testing.assert_allclose(hist["multiplier"][0], [1.0, 1.5, 2.0])
   np.testing.assert_allclose(state.lagrange_multiplier[0], 2.0)

@@ -30,11 +30,11 @@ def test_bome_coreset_reaches_projection_from_all_official_starts():
   @jax.vmap
   def run(y0):
     tx = jbl.bome(prob.f, prob.g, eta=0.5, upper_optimizer=optax.sgd(0.05),
-                  lower_optimizer=optax.sgd(0.05), inner_steps=10, eps=1e-4)
+                  lower_optimizer=optax.sgd(0.05), value_steps=10, eps=1e-4)
     params, _, hist = jbl.scan_run(
         tx, jbl.BilevelParams(jnp.zeros(4), y0), num_steps=5000,
         diagnostics=True)
-    return params, hist["gamma"]
+    return params, hist["multiplier"]
 
   params, lam = run(jnp.asarray(prob.info["starts"]))
   y_star = prob.info["y_star"]
@@ -57,25 +57,25 @@ def test_bome_denominator_guard_at_a_lower_optimal_point():
 
   def first_step(eps):
     tx = jbl.bome(f, g, eta=0.5, upper_optimizer=optax.sgd(0.1),
-                  lower_optimizer=optax.sgd(0.1), inner_steps=5, eps=eps)
+                  lower_optimizer=optax.sgd(0.1), value_steps=5, eps=eps)
     _, state = tx.update(None, tx.init(params), params)
     return state.diagnostics
 
   guarded = first_step(1e-8)
-  assert float(guarded["gamma"]) == 0.0  # grad q = 0: no barrier, no NaN
+  assert float(guarded["multiplier"]) == 0.0  # grad q = 0: no barrier, no NaN
   assert np.isfinite(float(guarded["upper_grad_norm"]))
-  assert np.isnan(float(first_step(0.0)["gamma"]))  # what the guard prevents
+  assert np.isnan(float(first_step(0.0)["multiplier"]))  # what the guard prevents
 
 
 def test_bome_value_rule_and_warm_started_inner_loop():
   prob = problems.quadratic_a8()
-  for kwargs in (dict(phi_rule="value"), dict(inner_start="previous")):
+  for kwargs in (dict(phi_rule="value"), dict(value_start="previous")):
     tx = jbl.bome(prob.f, prob.g, eta=0.5, upper_optimizer=optax.sgd(0.02),
                   lower_optimizer=optax.sgd(0.02),
                   value_optimizer=optax.sgd(0.45), **kwargs)
     params, _, hist = jbl.run(tx, prob.params0, num_steps=3000,
                               diagnostics=True)
-    assert np.all(np.isfinite(hist["gamma"]))
+    assert np.all(np.isfinite(hist["multiplier"]))
     # An O(1/lambda) neighbourhood of x* (BOME with constant steps).
     assert np.linalg.norm(np.asarray(params.x) - prob.info["x_star"]) < 0.1
 
@@ -90,12 +90,12 @@ def _maml(estimator=None, probability=None, key=0):
   common = dict(upper_optimizer=optax.sgd(2.0),
                 lower_optimizer=optax.sgd(prob.info["alpha"]),
                 inner_steps=prob.info["num_inner_steps"],
-                init=prob.info["init"])
+                inner_start=prob.info["init"])
   if estimator is None:
     return prob, jbl.fo_blo(prob.f, prob.g, **common)
   return prob, jbl.ufo_blo(prob.f, prob.g, key=jax.random.PRNGKey(key),
-                           probability=probability, estimator=estimator,
-                           **common)
+                           correction_probability=probability,
+                           estimator=estimator, **common)
 
 
 def test_fo_blo_converges_to_the_first_order_fixed_point_not_x_star():
@@ -123,8 +123,8 @@ def test_ufo_blo_estimate_is_unbiased(estimator, probability):
     tx = jbl.ufo_blo(prob.f, prob.g, upper_optimizer=optax.sgd(1.0),
                      lower_optimizer=optax.sgd(prob.info["alpha"]),
                      inner_steps=prob.info["num_inner_steps"], key=key,
-                     probability=probability, estimator=estimator,
-                     init=prob.info["init"])
+                     correction_probability=probability, estimator=estimator,
+                     inner_start=prob.info["init"])
     updates, _ = tx.update(None, tx.init(params), params)
     return -updates.x  # sgd(1.0): the update is minus the estimate
 
@@ -145,12 +145,13 @@ def test_fo_blo_validation():
   prob = problems.maml_counterexample()
   tx = jbl.fo_blo(prob.f, prob.g, upper_optimizer=optax.sgd(1.0),
                   lower_optimizer=optax.sgd(0.2), inner_steps=5)
-  with pytest.raises(jbl.BilevelValidationError, match="init"):
+  with pytest.raises(jbl.BilevelValidationError, match="inner_start"):
     tx.update(None, tx.init(prob.params0), prob.params0)
-  with pytest.raises(jbl.BilevelValidationError, match="probability"):
+  with pytest.raises(jbl.BilevelValidationError,
+                     match="correction_probability"):
     jbl.ufo_blo(prob.f, prob.g, upper_optimizer=optax.sgd(1.0),
                 lower_optimizer=optax.sgd(0.2), inner_steps=5,
-                key=jax.random.PRNGKey(0), probability=1.5)
+                key=jax.random.PRNGKey(0), correction_probability=1.5)
   with pytest.raises(jbl.BilevelValidationError, match="estimator"):
     jbl.ufo_blo(prob.f, prob.g, upper_optimizer=optax.sgd(1.0),
                 lower_optimizer=optax.sgd(0.2), inner_steps=5,
@@ -173,7 +174,7 @@ def test_f2sa_constant_multiplier_converges_to_reduced_penalty_minimiser():
                              coeffs.argmin_f_gamma(100.0), atol=1e-9)
   gap = np.linalg.norm(np.asarray(params.x) - prob.info["x_star"])
   np.testing.assert_allclose(gap, 3.27e-3, rtol=0.05)  # O(1/lambda) bias
-  np.testing.assert_allclose(np.asarray(state.z),
+  np.testing.assert_allclose(np.asarray(state.y_g),
                              coeffs.y_star(np.asarray(params.x)), atol=1e-9)
 
 
@@ -186,7 +187,7 @@ def test_f2sa_increasing_multiplier_shrinks_the_bias():
   params, state, hist = jbl.run(tx, prob.params0, num_steps=20000,
                                 diagnostics=True)
   assert float(state.lagrange_multiplier) == 1000.0
-  np.testing.assert_allclose(hist["gamma"][:3], [1.0, 1.05, 1.1])
+  np.testing.assert_allclose(hist["multiplier"][:3], [1.0, 1.05, 1.1])
   gap = np.linalg.norm(np.asarray(params.x) - prob.info["x_star"])
   np.testing.assert_allclose(gap, 3.27e-4, rtol=0.05)  # A8 golden
 
@@ -285,8 +286,8 @@ def test_itd_restarted_unroll_matches_closed_form(start):
   eta, steps = 0.3, 5
   start_map = (np.array([[0.5, -1.0], [0.25, 2.0]]) if start == "init_linear"
                else np.zeros((2, 2)))
-  kwargs = (dict(warm_start=False) if start == "cold" else
-            dict(init=lambda x, y: jnp.asarray(start_map) @ x))
+  kwargs = (dict(inner_start="initial") if start == "cold" else
+            dict(inner_start=lambda x, y: jnp.asarray(start_map) @ x))
   tx = jbl.itd(prob.f, prob.g, upper_optimizer=optax.sgd(1.0),
                lower_optimizer=optax.sgd(eta), inner_steps=steps, **kwargs)
   x = jnp.asarray([0.7, -0.2])
@@ -307,7 +308,7 @@ def test_aid_init_restarts_every_inner_solve():
   eta, steps = 0.3, 4
   tx = jbl.aid(prob.f, prob.g, upper_optimizer=optax.sgd(0.5),
                lower_optimizer=optax.sgd(eta), inner_steps=steps,
-               init=lambda x, y: jnp.zeros_like(y))
+               inner_start=lambda x, y: jnp.zeros_like(y))
   warm = jbl.aid(prob.f, prob.g, upper_optimizer=optax.sgd(0.5),
                  lower_optimizer=optax.sgd(eta), inner_steps=steps)
   params = jbl.BilevelParams(jnp.asarray([0.7, -0.2]),
@@ -339,13 +340,13 @@ def test_aid_and_itd_init_validation():
   common = dict(upper_optimizer=optax.sgd(1.0),
                 lower_optimizer=optax.sgd(0.3), inner_steps=3)
   for method in (jbl.aid, jbl.itd):
-    with pytest.raises(jbl.BilevelValidationError, match="init must be a"):
-      method(prob.f, prob.g, init=0.0, **common)
-    tx = method(prob.f, prob.g, init=lambda x, y: jnp.zeros(3), **common)
+    with pytest.raises(jbl.BilevelValidationError,
+                       match="inner_start must be one of .* or a callable"):
+      method(prob.f, prob.g, inner_start=0.0, **common)
+    tx = method(prob.f, prob.g, inner_start=lambda x, y: jnp.zeros(3),
+                **common)
     with pytest.raises(jbl.BilevelValidationError, match=r"init\(x, y\)"):
       tx.update(None, tx.init(prob.params0), prob.params0)
-  with pytest.raises(jbl.BilevelValidationError, match="warm_start=True"):
-    jbl.itd(prob.f, prob.g, init=lambda x, y: y, warm_start=True, **common)
 
 
 # ---------------------------------------------------------------------------

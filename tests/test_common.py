@@ -36,7 +36,7 @@ METHOD_CASES = {
         inner_steps=2, value_steps=3),
     "alt_pbgd_restart": lambda f, g, hyper, uo, lo: jbl.alt_pbgd(
         f, g, gamma=hyper, upper_optimizer=uo, lower_optimizer=lo,
-        inner_steps=2, y_gamma_start="y_g"),
+        inner_steps=2, inner_start="y_g"),
     "v_pbgd": lambda f, g, hyper, uo, lo: jbl.v_pbgd(
         f, g, gamma=hyper, upper_optimizer=uo, lower_optimizer=lo,
         value_steps=2, normalize=True),
@@ -57,18 +57,18 @@ METHOD_CASES = {
         inner_steps=2, lambda_increment=0.5, lambda_max=2.0 * hyper),
     "bome": lambda f, g, hyper, uo, lo: jbl.bome(
         f, g, eta=hyper / 8.0, upper_optimizer=uo, lower_optimizer=lo,
-        inner_steps=3),
+        value_steps=3),
     "fo_blo": lambda f, g, hyper, uo, lo: jbl.fo_blo(
         f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=3,
-        init=lambda x, y: y),
+        inner_start=lambda x, y: y),
     "ufo_blo": lambda f, g, hyper, uo, lo: jbl.ufo_blo(
         f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=3,
-        key=jax.random.PRNGKey(0), probability=1.0 / hyper,
-        init=lambda x, y: y),
+        key=jax.random.PRNGKey(0), correction_probability=1.0 / hyper,
+        inner_start=lambda x, y: y),
     "ufo_blo_telescope": lambda f, g, hyper, uo, lo: jbl.ufo_blo(
         f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=3,
         key=jax.random.PRNGKey(0), estimator="telescope",
-        init=lambda x, y: y),
+        inner_start=lambda x, y: y),
     # Coupled-constraint methods (a coupled constraint sum(y) <= 1 on the lower
     # level).
     "pbgd_blocc": lambda f, g, hyper, uo, lo: jbl.pbgd_blocc(

@@ -33,7 +33,7 @@ def negative_trajectory():
   tx = jbl.alt_pbgd(prob.f, prob.g, gamma=15.0,
                     upper_optimizer=optax.sgd(0.01),
                     lower_optimizer=optax.sgd(0.01), inner_steps=100,
-                    y_gamma_start="y_g", proj_x=box, proj_y=box)
+                    inner_start="y_g", proj_x=box, proj_y=box)
   _, _, history = jbl.run(tx, prob.params0, num_steps=1000,
                           record=flatness.record_trackers)
   return prob, history

@@ -240,7 +240,7 @@ _METHODS = {
         lower_optimizer=optax.adam(1e-2)),
     "bome": lambda f, g: jbl.bome(
         f, g, eta=0.5, upper_optimizer=optax.adam(1e-2),
-        lower_optimizer=optax.adam(1e-2), inner_steps=2),
+        lower_optimizer=optax.adam(1e-2), value_steps=2),
     "f2sa": lambda f, g: jbl.f2sa(
         f, g, lambda0=10.0, upper_optimizer=optax.adam(1e-2),
         lower_optimizer=optax.adam(1e-2), inner_steps=2),

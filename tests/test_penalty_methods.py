@@ -45,7 +45,7 @@ def test_negative_example_alt_pbgd_with_accurate_inner_solves_reaches_minus_five
   # Inner contraction 1 - 2 * 0.25 = 0.5 per step: 40 steps are exact to 1e-12.
   tx = jbl.alt_pbgd(prob.f, prob.g, gamma=15.0, upper_optimizer=_sgd(0.1),
                     lower_optimizer=_sgd(0.25), inner_steps=40,
-                    y_gamma_start="y_g", proj_x=box, proj_y=box)
+                    inner_start="y_g", proj_x=box, proj_y=box)
   params, state, _ = jbl.run(tx, prob.params0, num_steps=300)
   assert abs(float(params.x) + 5.0) <= 1e-2
   np.testing.assert_allclose(float(params.x), -5.0, atol=1e-8)
@@ -59,7 +59,7 @@ def test_negative_example_alt_pbgd_truncation_golden():
   box = jbl.projections.box(*prob.info["box"])
   tx = jbl.alt_pbgd(prob.f, prob.g, gamma=15.0, upper_optimizer=_sgd(0.01),
                     lower_optimizer=_sgd(0.01), inner_steps=100,
-                    value_steps=100, y_gamma_start="y_g", proj_x=box,
+                    value_steps=100, inner_start="y_g", proj_x=box,
                     proj_y=box)
   params, state, _ = jbl.run(tx, prob.params0, num_steps=3000)
   np.testing.assert_allclose(float(params.x), -4.336902, atol=1e-6)
@@ -291,7 +291,7 @@ def test_projections_keep_iterates_in_the_box():
                   lower_optimizer=_sgd(0.5), proj_x=box, proj_y=box)
   _, _, hist = jbl.run(
       tx, prob.params0, num_steps=50,
-      record=lambda p, s: jnp.stack([p.x, p.y, s.omega]))
+      record=lambda p, s: jnp.stack([p.x, p.y, s.y_g]))
   rec = hist["record"]
   assert rec.min() >= -8.0 and rec.max() <= 1.5
   assert np.isclose(rec.min(), -8.0)  # the lower bound is active

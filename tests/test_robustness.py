@@ -176,9 +176,9 @@ BAD_INPUTS = [
      "inner_steps must be >= 1"),
     ("alt_pbgd value_steps=0", lambda: _method("alt_pbgd", value_steps=0),
      "value_steps must be >= 1"),
-    ("alt_pbgd y_gamma_start", lambda: _method("alt_pbgd",
-                                               y_gamma_start="zero"),
-     "y_gamma_start must be one of"),
+    ("alt_pbgd inner_start", lambda: _method("alt_pbgd",
+                                             inner_start="zero"),
+     "inner_start must be one of"),
     ("v_pbgd gamma<0", lambda: _method("v_pbgd", gamma=-1.0),
      "gamma must be >= 0, got -1.0"),
     ("v_pbgd value_steps=0", lambda: _method("v_pbgd", value_steps=0),
@@ -210,7 +210,7 @@ BAD_INPUTS = [
      r"state.y_g has a leaf of shape \(3,\) where params.y has shape \(2,\)"),
     ("v_pbgd state/params shapes", lambda: _update(
         "v_pbgd", state_params=jbl.BilevelParams(jnp.ones(2), jnp.ones(3))),
-     r"state.omega has a leaf of shape \(3,\)"),
+     r"state.y_g has a leaf of shape \(3,\)"),
     # run and scan_run.
     ("run num_steps=0", lambda: jbl.run(_PFREE, _P, num_steps=0),
      "num_steps must be >= 1, got 0"),

@@ -210,3 +210,23 @@ def test_sweep_without_failures_runs_unguarded_and_freezes_failed_points():
   assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(params))
   expected, _, _ = jbl.scan_run(make_tx(0.1), p0, num_steps=200)
   np.testing.assert_allclose(params.x["x2"][0], expected.x["x2"], rtol=1e-6)
+
+
+def test_shared_batch_and_per_step_batches_are_merged():
+  # batch= holds what every step shares (e.g. frozen weights), batches= the
+  # per-step data: each step sees {**batch, **batches[step]}.
+  f = lambda x, y, b: jnp.sum((y - b["target"]) ** 2) + jnp.sum(x ** 2)
+  g = lambda x, y, b: b["scale"] * jnp.sum((y - x) ** 2)
+  tx = jbl.pbgd_free(f, g, gamma=10.0, upper_optimizer=optax.sgd(0.1),
+                     lower_optimizer=optax.sgd(0.05))
+  p0 = jbl.BilevelParams(jnp.zeros(2), jnp.zeros(2))
+  targets = jnp.linspace(0.0, 1.0, 12)[:, None] * jnp.ones((12, 2))
+  shared = {"scale": jnp.asarray(2.0)}
+  params, _, _ = jbl.run(tx, p0, num_steps=12, batch=shared,
+                         batches={"target": targets}, chunk_size=5)
+  expected = jbl.scan_run(tx, p0, num_steps=12, batches={
+      "target": targets, "scale": jnp.full((12,), 2.0)})[0]
+  np.testing.assert_allclose(params.y, expected.y, rtol=1e-6)
+  with pytest.raises(jbl.BilevelValidationError, match=r"different keys"):
+    jbl.run(tx, p0, num_steps=2, batch={"target": targets[0]},
+            batches={"target": targets})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +23,12 @@ class AIDState(NamedTuple):
     count: number of outer steps taken.
     upper_state: state of the upper optimizer (for ``x``).
     lower_state: state of the inner optimizer (for ``y``) after the last
-      inner solve; the start of the next one unless ``init`` is given.
+      inner solve; the start of the next one unless ``inner_start`` is a
+      callable.
     diagnostics: dict of scalars from the last step: ``f`` and ``g`` at
       :math:`(x_t, y_{t+1})` (the point where the hypergradient is taken),
       ``upper_grad_norm`` (norm of the hypergradient), ``lower_grad_norm``
-      (norm of :math:`\\nabla_y g` at the start of the inner solve), ``gamma`` (always
-      0: AID has no penalty constant), ``linear_residual``
+      (norm of :math:`\\nabla_y g` at the start of the inner solve), ``linear_residual``
       :math:`\\|\\nabla_y f - Hv\\|` and ``tol`` (the CG tolerance of
       the step: NaN when a traced or scheduled ``tol`` was negative, so that
       the run reports it by name).
@@ -41,6 +41,7 @@ class AIDState(NamedTuple):
 
 
 @programs.bilevel_method
+@base.renamed_arguments("aid", {"init": "inner_start"})
 def aid(f: base.Objective,
         g: base.Objective,
         *,
@@ -51,7 +52,7 @@ def aid(f: base.Objective,
         linear_steps: int = 10,
         tol: base.ScalarOrSchedule = 1e-10,
         neumann_step: Optional[base.ScalarOrSchedule] = None,
-        init: Optional[Callable] = None,
+        inner_start: Union[str, Callable] = "previous",
         proj_x: Optional[base.Projection] = None,
         proj_y: Optional[base.Projection] = None,
         ) -> optax.GradientTransformationExtraArgs:
@@ -62,7 +63,7 @@ def aid(f: base.Objective,
   .. math::
 
     y &\leftarrow \mathrm{Proj}_\mathcal{Y}(y - \eta_y\nabla_y g(x_t, y))
-        \quad (T \text{ steps from } y \text{ or from init}(x_t, y)) \\
+        \quad (T \text{ steps from } y \text{ or from } y_0(x_t, y)) \\
     H v &= \nabla_y f(x_t, y), \quad H = \nabla^2_{yy} g(x_t, y)
         \quad (K \text{ CG steps from } v_0 = 0, \text{ or } K
         \text{ Neumann terms}) \\
@@ -71,12 +72,13 @@ def aid(f: base.Objective,
 
   The inner loop is :func:`jaxbilevel.inner_solve` with
   ``lower_optimizer``. By default it is warm-started: it starts from the
-  previous ``y`` with the previous optimizer state. ``init=lambda x, y: ...``
-  restarts every inner solve from ``init(x_t, y)`` with a fresh optimizer
+  previous ``y`` with the previous optimizer state (``inner_start="previous"``).
+  ``inner_start=lambda x, y: ...`` restarts every inner solve from
+  ``inner_start(x_t, y)`` with a fresh optimizer
   state instead. Use this when consecutive outer steps see different lower
-  problems, e.g. the tasks of meta-learning (iMAML: ``init=lambda x, y:
+  problems, e.g. the tasks of meta-learning (iMAML: ``inner_start=lambda x, y:
   zeros``, the offsets from the meta-parameters). The hypergradient is the
-  implicit one at the inner solution, so it ignores how ``init`` depends on
+  implicit one at the inner solution, so it ignores how the start depends on
   ``x``. The hypergradient is :func:`jaxbilevel.hypergradient.implicit_hypergradient`
   at the new ``y`` (a constant: the inner loop is not differentiated).
   Hessian-vector products are forward-over-reverse; CG stops (a
@@ -104,9 +106,10 @@ def aid(f: base.Objective,
     tol: CG early-exit tolerance on the residual norm (float, array or
       schedule).
     neumann_step: :math:`\eta_N` (required for ``solver="neumann"``).
-    init: optional ``(x, y) -> y0``, the start of every inner solve (with a
-      fresh ``lower_optimizer`` state); ``None`` (default) warm-starts from
-      the previous ``y`` and optimizer state.
+    inner_start: ``"previous"`` (default: warm-start from the previous ``y``
+      and optimizer state) or a callable ``(x, y) -> y0``, the start of every
+      inner solve (with a fresh ``lower_optimizer`` state); formerly
+      ``init``.
     proj_x: optional projection for ``x``.
     proj_y: optional projection for ``y`` (applied after each inner step).
 
@@ -133,7 +136,8 @@ def aid(f: base.Objective,
   linear_steps = base.check_static_int(linear_steps, "linear_steps")
   tol = base.check_hyperparameter(tol, "tol", allow_zero=True)
   hypergradient.check_solver(solver, linear_steps, neumann_step, "aid")
-  init = base.check_init(init, "aid")
+  inner_start = base.check_start(inner_start, "aid", "inner_start",
+                                 ("previous",))
   _, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, None, proj_x, proj_y)
 
@@ -151,11 +155,12 @@ def aid(f: base.Objective,
     step_t = None if solver == "cg" else base.resolve_hyperparameter(
         neumann_step, state.count, dtype)
 
-    # T inner steps on g, from the previous y (warm start) or from init(x, y).
-    if init is None:
+    # T inner steps on g, from the previous y (warm start) or from
+    # inner_start(x, y).
+    if not callable(inner_start):
       y0, lower_state0 = y, state.lower_state
     else:
-      y0 = base.inner_start(init, x, y, "aid")
+      y0 = base.inner_start(inner_start, x, y, "aid")
       lower_state0 = lower_optimizer.init(y0)
     y_new, lower_state, trace = inner.inner_solve(
         lambda y_: g(x, y_, batch), y0, lower_state0,
@@ -175,7 +180,7 @@ def aid(f: base.Objective,
         dtype, f=info.value, g=g_t,
         upper_grad_norm=base.diagnostic_norm(direction),
         lower_grad_norm=inner.first_step(trace).grad_norm,
-        gamma=jnp.zeros((), dtype), linear_residual=info.residual_norm,
+        linear_residual=info.residual_norm,
         tol=tol_t)
     new_state = AIDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,

@@ -13,7 +13,7 @@ from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import tree as tree_lib
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("upper_step",)
+DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("probability", "upper_step")
 _G_UPDATES = ("both", "lower")
 
 
@@ -27,8 +27,7 @@ class ALRIGHTState(NamedTuple):
     key: the PRNG key of the next draw (split at every step).
     diagnostics: dict of scalars: ``f`` and ``g`` at the incoming iterate,
       ``upper_grad_norm`` / ``lower_grad_norm`` (the x- and y-blocks of the
-      sampled objective's gradient), ``gamma`` (the probability
-      :math:`\\lambda`) and ``upper_step`` (1 if the step was on ``f``, 0 if
+      sampled objective's gradient), ``probability`` (:math:`\\lambda`) and ``upper_step`` (1 if the step was on ``f``, 0 if
       on ``g``).
   """
 
@@ -43,7 +42,7 @@ class ALRIGHTState(NamedTuple):
 def alright(f: base.Objective,
             g: base.Objective,
             *,
-            probability: base.ScalarOrSchedule,
+            probability: base.ScalarOrSchedule = 0.5,
             upper_optimizer: optax.GradientTransformation,
             lower_optimizer: optax.GradientTransformation,
             key: jax.Array,
@@ -85,7 +84,8 @@ def alright(f: base.Objective,
     f: first objective ``f(x, y, batch)`` (the upper/DPO objective).
     g: second objective ``g(x, y, batch)`` (the lower/SFT objective).
     probability: :math:`\lambda\in[0,1]`, the probability of an ``f`` step
-      (float, array or schedule; authors' default 0.5).
+      (float, array or schedule). Default 0.5, the authors' default
+      (Fernando et al., 2024): equal weight on both objectives.
     upper_optimizer: optax optimizer for ``x``.
     lower_optimizer: optax optimizer for ``y``.
     key: a ``jax.random`` key.
@@ -162,7 +162,7 @@ def alright(f: base.Objective,
     diag = base.diagnostics(
         dtype, f=f(x, y, batch), g=g(x, y, batch),
         upper_grad_norm=base.diagnostic_norm(grad_x),
-        lower_grad_norm=base.diagnostic_norm(grad_y), gamma=lam,
+        lower_grad_norm=base.diagnostic_norm(grad_y), probability=lam,
         upper_step=on_f)
     new_state = ALRIGHTState(
         count=optax.safe_increment(state.count), upper_state=upper_state,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
@@ -12,8 +13,8 @@ from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("g_gap",)
-_Y_GAMMA_STARTS = ("previous", "y_g")
+DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("gamma", "g_gap")
+_INNER_STARTS = ("previous", "y_g")
 
 
 class ALTPBGDState(NamedTuple):
@@ -41,6 +42,7 @@ class ALTPBGDState(NamedTuple):
 
 
 @programs.bilevel_method
+@base.renamed_arguments("alt_pbgd", {"y_gamma_start": "inner_start"})
 def alt_pbgd(f: base.Objective,
              g: base.Objective,
              *,
@@ -50,7 +52,7 @@ def alt_pbgd(f: base.Objective,
              value_optimizer: Optional[optax.GradientTransformation] = None,
              inner_steps: int = 1,
              value_steps: Optional[int] = None,
-             y_gamma_start: str = "previous",
+             inner_start: str = "previous",
              proj_x: Optional[base.Projection] = None,
              proj_y: Optional[base.Projection] = None,
              ) -> optax.GradientTransformationExtraArgs:
@@ -78,9 +80,9 @@ def alt_pbgd(f: base.Objective,
   ``f`` does not depend on ``x``.
 
   Warm starts: :math:`y_g` continues from its previous value. :math:`y_\gamma`
-  continues from its own previous value (``y_gamma_start="previous"``, the
+  continues from its own previous value (``inner_start="previous"``, the
   authors' LLM code) or restarts from the new :math:`y_g` at every outer step
-  (``"y_g"``, the authors' negative-toy protocol). The optimizer states of
+  (``inner_start="y_g"``, the authors' negative-toy protocol). The optimizer states of
   both trackers are carried across outer iterations, never reset.
 
   Cost per outer iteration: :math:`K_g + K_\gamma + 2` g-gradients and
@@ -99,7 +101,8 @@ def alt_pbgd(f: base.Objective,
     inner_steps: :math:`K_\gamma`, steps of the penalized tracker (static).
     value_steps: :math:`K_g`, steps of the value tracker (defaults to
       ``inner_steps``).
-    y_gamma_start: ``"previous"`` or ``"y_g"`` (see above).
+    inner_start: where the penalized tracker starts each outer step:
+      ``"previous"`` or ``"y_g"`` (see above; formerly ``y_gamma_start``).
     proj_x: optional projection for ``x``.
     proj_y: optional projection for both lower trackers.
 
@@ -129,10 +132,10 @@ def alt_pbgd(f: base.Objective,
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
   value_steps = base.check_static_int(
       inner_steps if value_steps is None else value_steps, "value_steps")
-  if y_gamma_start not in _Y_GAMMA_STARTS:
+  if inner_start not in _INNER_STARTS:
     raise base.BilevelValidationError(
-        f"alt_pbgd: y_gamma_start must be one of {_Y_GAMMA_STARTS}, got "
-        f"{y_gamma_start!r}.")
+        f"alt_pbgd: inner_start must be one of {_INNER_STARTS}, got "
+        f"{inner_start!r}.")
   value_optimizer, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
   lower_objective = objectives.lower_penalized(f, g, has_aux=True)
@@ -157,7 +160,7 @@ def alt_pbgd(f: base.Objective,
         lambda y_: g(x, y_, batch), state.y_g, state.value_state,
         optimizer=value_optimizer, num_steps=value_steps, proj=proj_y)
     # K_gamma steps of the penalized tracker on f / gamma + g.
-    y_start = y if y_gamma_start == "previous" else y_g
+    y_start = y if inner_start == "previous" else y_g
     y_gam, lower_state, trace = inner.inner_solve(
         lambda y_: lower_objective(x, y_, gamma_t, batch), y_start,
         state.lower_state, optimizer=lower_optimizer, num_steps=inner_steps,
@@ -169,7 +172,7 @@ def alt_pbgd(f: base.Objective,
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
     first = inner.first_step(trace)
-    if y_gamma_start == "previous":
+    if inner_start == "previous":
       f_t, g_t = first.aux["f"], first.aux["g"]
     elif base.diagnostics_recorded():  # first step not at the incoming y
       f_t, g_t = f(x, y, batch), g(x, y, batch)

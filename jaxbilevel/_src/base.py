@@ -21,6 +21,7 @@ import contextvars
 import numbers
 import re
 import sys
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -799,4 +800,101 @@ def empty_diagnostics(keys, dtype) -> dict:
   return {k: jnp.zeros((), dtype=dtype) for k in keys}
 
 
-COMMON_DIAGNOSTICS = ("f", "g", "upper_grad_norm", "lower_grad_norm", "gamma")
+COMMON_DIAGNOSTICS = ("f", "g", "upper_grad_norm", "lower_grad_norm")
+"""Diagnostics every method records (a penalty method adds ``gamma``, BOME and
+F2SA ``multiplier``, ALRIGHT ``probability``: see docs/vocabulary.md)."""
+
+
+# ---------------------------------------------------------------------------
+# Deprecated names (one vocabulary across methods; see docs/vocabulary.md).
+# ---------------------------------------------------------------------------
+
+
+def _deprecation_message(method: str, old: str, new: str) -> str:
+  return (f"{method}: {old} is deprecated and will be removed in the next "
+          f"release; use {new} instead (see the vocabulary table of the "
+          "docs, docs/vocabulary.md).")
+
+
+def renamed_arguments(method: str, renames: dict) -> Callable:
+  """Decorator: accepts deprecated keyword names of a method constructor.
+
+  ``renames`` maps an old keyword to its new name, or to ``(new, convert)``
+  where ``convert(old_value)`` gives the new argument's value (e.g.
+  ``warm_start=False`` becomes ``inner_start="initial"``). An old keyword
+  emits a :class:`DeprecationWarning` that names the new one; passed as
+  ``None`` (its old default) it is dropped, so the new argument keeps its
+  default. Passing an old name together with its new one is an error.
+
+  Put it under :func:`jaxbilevel._src.programs.bilevel_method` (closer to the
+  function), so that the public signature is the new one.
+
+  Examples:
+    >>> import warnings
+    >>> @renamed_arguments("demo", {"omega_steps": "value_steps"})
+    ... def demo(*, value_steps=1):
+    ...   return value_steps
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   demo(omega_steps=3)
+    3
+    >>> "use value_steps" in str(caught[0].message)
+    True
+  """
+  def decorate(constructor):
+    @functools.wraps(constructor)
+    def wrapper(*args, **kwargs):
+      for old, target in renames.items():
+        if old not in kwargs:
+          continue
+        new, convert = (target if isinstance(target, tuple)
+                        else (target, lambda v: v))
+        value = kwargs.pop(old)
+        hint = f"{new}=..." if isinstance(target, tuple) else new
+        warnings.warn(_deprecation_message(method, f"the argument {old}", hint),
+                      DeprecationWarning, stacklevel=3)
+        if value is None:
+          continue
+        if new in kwargs:
+          raise BilevelValidationError(
+              f"{method}: got both {old} (deprecated) and {new}; pass only "
+              f"{new}.")
+        kwargs[new] = convert(value)
+      return constructor(*args, **kwargs)
+
+    return wrapper
+
+  return decorate
+
+
+def renamed_value(method: str, name: str, value, aliases: dict):
+  """``aliases[value]`` with a DeprecationWarning, or ``value`` unchanged.
+
+  For option values that were renamed (e.g. ``"current"`` -> ``"y"``).
+  """
+  if isinstance(value, str) and value in aliases:
+    warnings.warn(_deprecation_message(
+        method, f"{name}={value!r}", f"{name}={aliases[value]!r}"),
+                  DeprecationWarning, stacklevel=3)
+    return aliases[value]
+  return value
+
+
+def deprecated_field(old: str, new: str) -> property:
+  """A read-only state attribute ``old`` that warns and returns field ``new``."""
+  def get(self):
+    warnings.warn(_deprecation_message(
+        type(self).__name__, f"the state field {old}", new),
+                  DeprecationWarning, stacklevel=2)
+    return getattr(self, new)
+
+  return property(get, doc=f"Deprecated alias of ``{new}``.")
+
+
+def check_start(start, method: str, name: str, choices) -> Any:
+  """Checks an inner-start option: one of ``choices`` or a callable ``(x, y) -> y0``."""
+  if callable(start) or (isinstance(start, str) and start in choices):
+    return start
+  raise BilevelValidationError(
+      f"{method}: {name} must be one of {tuple(choices)} or a callable "
+      f"(x, y) -> y0, got {start!r}.")

@@ -13,9 +13,9 @@ from jaxbilevel._src import base
 from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("g_gap",)
+DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("multiplier", "g_gap")
 _PHI_RULES = ("grad_norm", "value")
-_INNER_STARTS = ("current", "previous")
+_VALUE_STARTS = ("y", "previous")
 
 
 class BOMEState(NamedTuple):
@@ -25,11 +25,13 @@ class BOMEState(NamedTuple):
     count: number of outer steps taken.
     upper_state: state of the optimizer of ``x`` (step :math:`\\xi_x`).
     lower_state: state of the optimizer of ``y`` (step :math:`\\xi_y`).
-    value_state: state of the inner optimizer of :math:`\\hat y`.
-    y_hat: the last inner estimate :math:`\\hat y\\approx y_g^*(x)`.
+    value_state: state of the optimizer of the value tracker.
+    y_g: the value tracker, the last estimate :math:`\\hat y\\approx
+      y_g^*(x)` (:math:`\\hat y` in the paper); formerly ``y_hat`` (a
+      deprecated alias for one release).
     diagnostics: dict of scalars: ``f`` and ``g`` at the incoming iterate,
       ``upper_grad_norm`` (:math:`\\|d_x\\|`), ``lower_grad_norm``
-      (:math:`\\|d_y\\|`), ``gamma`` (the multiplier :math:`\\lambda_k`) and
+      (:math:`\\|d_y\\|`), ``multiplier`` (:math:`\\lambda_k`) and
       ``g_gap`` :math:`=q(x,y)=g(x,y)-g(x,\\hat y)`.
   """
 
@@ -37,22 +39,29 @@ class BOMEState(NamedTuple):
   upper_state: optax.OptState
   lower_state: optax.OptState
   value_state: optax.OptState
-  y_hat: base.PyTree
+  y_g: base.PyTree
   diagnostics: dict
+
+  y_hat = base.deprecated_field("y_hat", "y_g")
 
 
 @programs.bilevel_method
+@base.renamed_arguments("bome", {
+    "inner_steps": "value_steps",
+    "inner_start": ("value_start",
+                    lambda v: {"current": "y"}.get(v, v) if isinstance(v, str)
+                    else v)})
 def bome(f: base.Objective,
          g: base.Objective,
          *,
-         eta: base.ScalarOrSchedule,
+         eta: base.ScalarOrSchedule = 0.5,
          upper_optimizer: optax.GradientTransformation,
          lower_optimizer: optax.GradientTransformation,
          value_optimizer: Optional[optax.GradientTransformation] = None,
-         inner_steps: int = 10,
+         value_steps: int = 10,
          phi_rule: str = "grad_norm",
          eps: base.ScalarOrSchedule = 1e-8,
-         inner_start: str = "current",
+         value_start: str = "y",
          proj_x: Optional[base.Projection] = None,
          proj_y: Optional[base.Projection] = None,
          ) -> optax.GradientTransformationExtraArgs:
@@ -91,14 +100,14 @@ def bome(f: base.Objective,
   constant steps BOME behaves like an adaptive penalty method and stalls in
   an :math:`O(1/\lambda)` neighbourhood of the solution.
 
-  ``inner_start="current"`` restarts :math:`\hat y` from :math:`y_k` with a
+  ``value_start="y"`` (default) restarts :math:`\hat y` from :math:`y_k` with a
   fresh inner optimizer state at every outer step; ``"previous"`` warm-starts
   it from the previous :math:`\hat y` and carries the inner optimizer state
   (the PBGD-Free LLM code). The official BOME code restarts :math:`\hat y`
   from :math:`y_k` too, but creates its inner optimizer once, so the inner
   optimizer's state (e.g. momentum) carries over from one outer step to the
   next; only :math:`\hat y` restarts. For a stateless ``value_optimizer``
-  such as ``optax.sgd(alpha)`` (the analysed update above) ``"current"`` is
+  such as ``optax.sgd(alpha)`` (the analysed update above) ``"y"`` is
   the official code's update; with momentum it resets what the official code
   keeps.
 
@@ -110,17 +119,20 @@ def bome(f: base.Objective,
   Args:
     f: upper objective ``f(x, y, batch) -> scalar``.
     g: lower objective ``g(x, y, batch) -> scalar``.
-    eta: control coefficient :math:`\eta>0` (float, array or schedule;
-      official default 0.5).
+    eta: control coefficient :math:`\eta>0` (float, array or schedule).
+      Default 0.5, the value of the official BOME code and of Ye et al.
+      (2022)'s experiments.
     upper_optimizer: optax optimizer for ``x``.
     lower_optimizer: optax optimizer for ``y``.
-    value_optimizer: inner optimizer for :math:`\hat y` (defaults to
-      ``lower_optimizer`` with its own state).
-    inner_steps: T (static int).
+    value_optimizer: optimizer of the value tracker :math:`\hat y` (defaults
+      to ``lower_optimizer`` with its own state).
+    value_steps: T, steps of the value tracker per outer step (static int;
+      formerly ``inner_steps``).
     phi_rule: ``"grad_norm"`` (analysed rule, benchopt) or ``"value"``
       (official hpo code).
     eps: denominator guard :math:`\varepsilon\ge0`.
-    inner_start: ``"current"`` or ``"previous"`` (see above).
+    value_start: ``"y"`` or ``"previous"`` (see above; formerly
+      ``inner_start``, whose ``"current"`` is ``"y"``).
     proj_x: optional projection for ``x``.
     proj_y: optional projection for ``y`` and :math:`\hat y`.
 
@@ -149,14 +161,14 @@ def bome(f: base.Objective,
   g = base.scalar_objective(g, "g")
   eta = base.check_hyperparameter(eta, "eta")
   eps = base.check_hyperparameter(eps, "eps", allow_zero=True)
-  inner_steps = base.check_static_int(inner_steps, "inner_steps")
+  value_steps = base.check_static_int(value_steps, "value_steps")
   if phi_rule not in _PHI_RULES:
     raise base.BilevelValidationError(
         f"bome: phi_rule must be one of {_PHI_RULES}, got {phi_rule!r}.")
-  if inner_start not in _INNER_STARTS:
+  if value_start not in _VALUE_STARTS:
     raise base.BilevelValidationError(
-        f"bome: inner_start must be one of {_INNER_STARTS}, got "
-        f"{inner_start!r}.")
+        f"bome: value_start must be one of {_VALUE_STARTS}, got "
+        f"{value_start!r}.")
   value_optimizer, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
   # Two reverse passes, as in benchopt: grad f and grad q (both blocks).
@@ -170,25 +182,25 @@ def bome(f: base.Objective,
         **base.init_state_fields(params, "bome", DIAGNOSTICS, upper_optimizer,
                                  lower_optimizer),
         value_state=value_optimizer.init(params.y),
-        y_hat=params.y)
+        y_g=params.y)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
     params, dtype = base.begin_update(updates, params, "bome",
-                                      y_hat=state.y_hat)
+                                      y_g=state.y_g)
     x, y = params
     eta_t = base.resolve_hyperparameter(eta, state.count, dtype)
     eps_t = base.resolve_hyperparameter(eps, state.count, dtype,
                                         allow_zero=True)
 
     # T inner steps on g for y_hat ~ y_g*(x_k).
-    if inner_start == "current":
+    if value_start == "y":
       start, value_state = y, value_optimizer.init(y)
     else:
-      start, value_state = state.y_hat, state.value_state
+      start, value_state = state.y_g, state.value_state
     y_hat, value_state, _ = inner.inner_solve(
         lambda y_: g(x, y_, batch), start, value_state,
-        optimizer=value_optimizer, num_steps=inner_steps, proj=proj_y)
+        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y)
     f_t, grad_f = f_grad(x, y, batch)
     (gap, g_t), grad_q = gap_grad(x, y, y_hat, batch)
     q_sq = otu.tree_vdot(grad_q, grad_q)
@@ -203,10 +215,10 @@ def bome(f: base.Objective,
 
     diag = base.diagnostics(
         dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(d_x),
-        lower_grad_norm=base.diagnostic_norm(d_y), gamma=lam, g_gap=gap)
+        lower_grad_norm=base.diagnostic_norm(d_y), multiplier=lam, g_gap=gap)
     new_state = BOMEState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, y_hat=y_hat,
+        lower_state=lower_state, value_state=value_state, y_g=y_hat,
         diagnostics=diag)
     return base.level_updates(params, x_new, y_new), new_state
 

@@ -13,7 +13,7 @@ from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("g_gap",)
+DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("multiplier", "g_gap")
 _PRESETS = ("benchopt", "paper")
 
 
@@ -25,13 +25,14 @@ class F2SAState(NamedTuple):
     upper_state: state of the optimizer of ``x``.
     lower_state: state of the optimizer of ``y`` (tracks
       :math:`\\arg\\min_y \\mathcal L_{\\lambda_k}(x_k, y)`).
-    value_state: state of the optimizer of ``z``.
-    z: the value tracker, an estimate of :math:`y^*(x_k)` (report ``z`` for
-      "distance to :math:`y^*(x)`" metrics; ``params.y`` is the Lagrangian
-      tracker, as in current benchopt).
+    value_state: state of the optimizer of the value tracker.
+    y_g: the value tracker (:math:`z` in the paper), an estimate of
+      :math:`y^*(x_k)` (report it for "distance to :math:`y^*(x)`" metrics;
+      ``params.y`` is the Lagrangian tracker, as in current benchopt);
+      formerly ``z`` (a deprecated alias for one release).
     lagrange_multiplier: :math:`\\lambda_k`, used by the next step.
     diagnostics: dict of scalars: ``f``, ``g`` at the incoming iterate,
-      ``upper_grad_norm``, ``lower_grad_norm``, ``gamma`` (the
+      ``upper_grad_norm``, ``lower_grad_norm``, ``multiplier`` (the
       :math:`\\lambda_k` of the step) and ``g_gap``
       :math:`=g(x,y)-g(x,z)`.
   """
@@ -40,9 +41,11 @@ class F2SAState(NamedTuple):
   upper_state: optax.OptState
   lower_state: optax.OptState
   value_state: optax.OptState
-  z: base.PyTree
+  y_g: base.PyTree
   lagrange_multiplier: jax.Array
   diagnostics: dict
+
+  z = base.deprecated_field("z", "y_g")
 
 
 @programs.bilevel_method
@@ -54,6 +57,7 @@ def f2sa(f: base.Objective,
          lower_optimizer: optax.GradientTransformation,
          value_optimizer: Optional[optax.GradientTransformation] = None,
          inner_steps: int = 10,
+         value_steps: Optional[int] = None,
          lambda_increment: base.ScalarOrSchedule = 0.0,
          lambda_max: Optional[base.ScalarOrSchedule] = None,
          scale_lower: bool = False,
@@ -67,7 +71,7 @@ def f2sa(f: base.Objective,
 
   .. math::
 
-    z &\leftarrow z - \gamma_k \nabla_y g(x_k, z) \quad (T \text{ steps}) \\
+    z &\leftarrow z - \gamma_k \nabla_y g(x_k, z) \quad (T_z \text{ steps}) \\
     y &\leftarrow y - \alpha_k\big(\nabla_y f(x_k, y)
         + \lambda_k\nabla_y g(x_k, y)\big) \quad (T \text{ steps}) \\
     x_{k+1} &\leftarrow x_k - \xi\alpha_k\big(\nabla_x f(x_k,y)
@@ -105,8 +109,8 @@ def f2sa(f: base.Objective,
   explicit argument. Tests check convergence against closed forms (problem
   A8 of :doc:`/problems`), not against either preset.
 
-  Cost per outer iteration: :math:`2T+2` g-gradients and :math:`T+1`
-  f-gradients (``z`` loop: T g-gradients; ``y`` loop: T pairs; ``x``
+  Cost per outer iteration: :math:`T_z+T+2` g-gradients and :math:`T+1`
+  f-gradients (``z`` loop: :math:`T_z` g-gradients; ``y`` loop: T pairs; ``x``
   direction: one backward of the penalty, two :math:`\nabla_x g` and one
   :math:`\nabla_x f`); no Hessian-vector products. Memory: ``y`` and ``z``.
 
@@ -118,7 +122,9 @@ def f2sa(f: base.Objective,
     lower_optimizer: optax optimizer for ``y`` (step :math:`\alpha_k`).
     value_optimizer: optax optimizer for ``z`` (step :math:`\gamma_k`;
       defaults to ``lower_optimizer`` with its own state).
-    inner_steps: T (static int).
+    inner_steps: T, steps of ``y`` per outer step (static int).
+    value_steps: :math:`T_z`, steps of the value tracker :math:`z` per outer
+      step (static int; defaults to ``inner_steps``, the paper's single T).
     lambda_increment: :math:`\delta_k\ge0` (float, array or schedule of k).
     lambda_max: optional cap :math:`\lambda_{\max}`.
     scale_lower: divide the ``y`` direction by :math:`1+\lambda_k`.
@@ -165,6 +171,8 @@ def f2sa(f: base.Objective,
           "first step. Pass lambda_max >= lambda0 (or lambda_max=None for no "
           "cap).")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
+  value_steps = base.check_static_int(
+      inner_steps if value_steps is None else value_steps, "value_steps")
   value_optimizer, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
   lagrangian = objectives.value_gap_penalty(f, g, has_aux=True)
@@ -175,20 +183,20 @@ def f2sa(f: base.Objective,
     return F2SAState(
         **fields,
         value_state=value_optimizer.init(params.y),
-        z=params.y,
+        y_g=params.y,
         lagrange_multiplier=_initial_multiplier(
             lambda0, lambda_max, base.params_dtype(params)))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "f2sa", z=state.z)
+    params, dtype = base.begin_update(updates, params, "f2sa", y_g=state.y_g)
     x, y = params
     lam = jnp.asarray(state.lagrange_multiplier, dtype)
 
     # T steps of z on g (tracks y*(x_k)).
     z, value_state, _ = inner.inner_solve(
-        lambda y_: g(x, y_, batch), state.z, state.value_state,
-        optimizer=value_optimizer, num_steps=inner_steps, proj=proj_y)
+        lambda y_: g(x, y_, batch), state.y_g, state.value_state,
+        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y)
     # T steps of y on f + lambda g (the y-gradient of the Lagrangian).
     scale = 1.0 / (1.0 + lam) if scale_lower else jnp.ones((), dtype)
 
@@ -217,11 +225,11 @@ def f2sa(f: base.Objective,
     diag = base.diagnostics(
         dtype, f=first.aux["f"], g=first.aux["g"],
         upper_grad_norm=base.diagnostic_norm(direction),
-        lower_grad_norm=first.grad_norm / scale, gamma=lam,
+        lower_grad_norm=first.grad_norm / scale, multiplier=lam,
         g_gap=aux["g_gap"])
     new_state = F2SAState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, z=z,
+        lower_state=lower_state, value_state=value_state, y_g=z,
         lagrange_multiplier=lam_next, diagnostics=diag)
     return base.level_updates(params, x_new, y_new), new_state
 
@@ -233,7 +241,7 @@ def _initial_multiplier(lambda0, lambda_max, dtype):
 
   Concrete values are checked when :func:`f2sa` is built; traced ones (a
   sweep) cannot be, so an invalid pair becomes a NaN multiplier, which the run
-  reports (as ``gamma``) instead of silently clipping it to ``lambda_max``.
+  reports (as ``multiplier``) instead of silently clipping it to ``lambda_max``.
   """
   lam = base.resolve_hyperparameter(lambda0, jnp.zeros([], jnp.int32), dtype)
   if lambda_max is None or callable(lambda_max):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,7 @@ class FOBLOState(NamedTuple):
     upper_state: state of the optimizer of ``x``.
     diagnostics: dict of scalars: ``f`` and ``g`` at :math:`(x_t, y_r)`,
       ``upper_grad_norm`` (norm of the meta-gradient estimate),
-      ``lower_grad_norm`` (:math:`\\|\\nabla_y g(x_t, y_r)\\|`) and ``gamma``
-      (always 0: no penalty constant).
+      and ``lower_grad_norm`` (:math:`\\|\\nabla_y g(x_t, y_r)\\|`).
   """
 
   count: jax.Array
@@ -55,14 +54,16 @@ class UFOBLOState(NamedTuple):
 
 
 def _start(init, params, method):
-  """The start of the inner problem ``y0 = init(x, y)``; MAML's ``x`` by default."""
-  if init is not None:
+  """The start of the inner problem ``y0``: ``x`` (MAML), ``y`` or ``init(x, y)``."""
+  if callable(init):
     return lambda x, y: base.inner_start(init, x, y, method)
+  if init == "previous":
+    return lambda x, y: y
   base.check_same_structure(
       params.x, params.y, "params.x", "params.y",
-      f"{method} (default init: the inner problem starts at y0 = x, as in "
-      "MAML; pass init=lambda x, y: ... otherwise, e.g. lambda x, y: y to "
-      "warm-start)")
+      f"{method} (default inner_start='x': the inner problem starts at "
+      "y0 = x, as in MAML; pass inner_start='previous' to warm-start from "
+      "the previous y, or inner_start=lambda x, y: ...)")
   return lambda x, y: jax.tree.map(lambda a, b: a.astype(b.dtype), x, y)
 
 
@@ -85,7 +86,7 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
-  init = base.check_init(init, method)
+  init = base.check_start(init, method, "inner_start", ("x", "previous"))
   _, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, None, proj_x, proj_y)
   meta_gradient = _meta_gradient_fn(f, g, lower_optimizer, inner_steps,
@@ -126,7 +127,7 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
     diag = base.diagnostics(
         dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(direction),
         lower_grad_norm=base.diagnostic_norm(g_grad),
-        gamma=jnp.zeros((), dtype), **extra)
+        **extra)
     fields = dict(count=optax.safe_increment(state.count),
                   upper_state=upper_state, diagnostics=diag)
     new_state = (FOBLOState(**fields) if correction is None
@@ -137,13 +138,14 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
 
 
 @programs.bilevel_method
+@base.renamed_arguments("fo_blo", {"init": "inner_start"})
 def fo_blo(f: base.Objective,
            g: base.Objective,
            *,
            upper_optimizer: optax.GradientTransformation,
            lower_optimizer: optax.GradientTransformation,
-           inner_steps: int,
-           init: Optional[Callable] = None,
+           inner_steps: int = 5,
+           inner_start: Union[str, Callable] = "x",
            proj_x: Optional[base.Projection] = None,
            proj_y: Optional[base.Projection] = None,
            ) -> optax.GradientTransformationExtraArgs:
@@ -185,10 +187,12 @@ def fo_blo(f: base.Objective,
     g: inner loss ``g(x, y, batch) -> scalar`` (e.g. the support loss).
     upper_optimizer: optax meta-optimizer for ``x``.
     lower_optimizer: the inner (adaptation) optax optimizer.
-    inner_steps: r (static int).
-    init: ``(x, y) -> y0``, the start of the inner problem. Default: ``x``
-      itself (MAML; ``x`` and ``y`` must have the same structure). Use
-      ``lambda x, y: y`` to warm-start from the previous ``y``.
+    inner_steps: r (static int). Default 5, the training setting of MAML
+      on miniImageNet (Finn et al., 2017).
+    inner_start: the start of the inner problem: ``"x"`` (default: ``x``
+      itself, MAML; ``x`` and ``y`` must have the same structure),
+      ``"previous"`` (warm start from the previous ``y``) or a callable
+      ``(x, y) -> y0``; formerly ``init``.
     proj_x: optional projection for ``x``.
     proj_y: optional projection for the inner iterates.
 
@@ -201,7 +205,7 @@ def fo_blo(f: base.Objective,
     >>> prob = jbl.problems.maml_counterexample(jnp.float32)
     >>> tx = jbl.fo_blo(prob.f, prob.g, upper_optimizer=optax.sgd(2.0),
     ...                 lower_optimizer=optax.sgd(prob.info["alpha"]),
-    ...                 inner_steps=5, init=prob.info["init"])
+    ...                 inner_steps=5, inner_start=prob.info["init"])
     >>> params, state, history = jbl.run(tx, prob.params0, num_steps=300)
     >>> round(float(params.x), 3)       # x_FO, not x* = 3.042816
     -6.096
@@ -213,21 +217,23 @@ def fo_blo(f: base.Objective,
   """
   return _blo(f, g, upper_optimizer=upper_optimizer,
               lower_optimizer=lower_optimizer, inner_steps=inner_steps,
-              init=init, proj_x=proj_x, proj_y=proj_y, method="fo_blo",
+              init=inner_start, proj_x=proj_x, proj_y=proj_y, method="fo_blo",
               correction=None)
 
 
 @programs.bilevel_method
+@base.renamed_arguments("ufo_blo", {"init": "inner_start",
+                                    "probability": "correction_probability"})
 def ufo_blo(f: base.Objective,
             g: base.Objective,
             *,
             upper_optimizer: optax.GradientTransformation,
             lower_optimizer: optax.GradientTransformation,
-            inner_steps: int,
+            inner_steps: int = 5,
             key: jax.Array,
-            probability: Optional[base.ScalarOrSchedule] = None,
+            correction_probability: Optional[base.ScalarOrSchedule] = None,
             estimator: str = "bernoulli",
-            init: Optional[Callable] = None,
+            inner_start: Union[str, Callable] = "x",
             proj_x: Optional[base.Projection] = None,
             proj_y: Optional[base.Projection] = None,
             ) -> optax.GradientTransformationExtraArgs:
@@ -279,12 +285,15 @@ def ufo_blo(f: base.Objective,
     upper_optimizer: optax meta-optimizer for ``x``.
     lower_optimizer: the inner optax optimizer (use ``eps_root > 0`` for
       Adam: :func:`jaxbilevel.hypergradient.unrollable_adam`).
-    inner_steps: r (static int).
+    inner_steps: r (static int; default 5, as in :func:`fo_blo`).
     key: a ``jax.random`` key.
-    probability: q in (0, 1] for ``"bernoulli"`` (float, array or schedule;
-      default 1/r); ignored by ``"telescope"``.
+    correction_probability: q in (0, 1], the probability of computing the
+      correction, for ``"bernoulli"`` (float, array or schedule; default 1/r,
+      which keeps the expected time :math:`O(r)`); ignored by
+      ``"telescope"``. Formerly ``probability``.
     estimator: ``"bernoulli"`` or ``"telescope"``.
-    init: ``(x, y) -> y0`` (default ``x``, as in :func:`fo_blo`).
+    inner_start: ``"x"`` (default), ``"previous"`` or ``(x, y) -> y0``, as in
+      :func:`fo_blo`; formerly ``init``.
     proj_x: optional projection for ``x``.
     proj_y: optional projection for the inner iterates.
 
@@ -298,7 +307,8 @@ def ufo_blo(f: base.Objective,
     >>> tx = jbl.ufo_blo(prob.f, prob.g, upper_optimizer=optax.sgd(1.0),
     ...                  lower_optimizer=optax.sgd(prob.info["alpha"]),
     ...                  inner_steps=5, key=jax.random.PRNGKey(0),
-    ...                  probability=1.0, init=prob.info["init"])
+    ...                  correction_probability=1.0,
+    ...                  inner_start=prob.info["init"])
     >>> params, state, history = jbl.run(tx, prob.params0, num_steps=300)
     >>> round(float(params.x), 3)       # q = 1: the exact gradient, x*
     3.043
@@ -315,11 +325,13 @@ def ufo_blo(f: base.Objective,
   if key is None:
     raise base.BilevelValidationError(
         "ufo_blo: key must be a jax.random key (e.g. jax.random.PRNGKey(0)).")
-  q = 1.0 / inner_steps if probability is None else probability
-  q = base.check_hyperparameter(q, "probability")
+  q = (1.0 / inner_steps if correction_probability is None
+       else correction_probability)
+  q = base.check_hyperparameter(q, "correction_probability")
   if not callable(q) and base._is_concrete(q) and float(q) > 1.0:  # pylint: disable=protected-access
     raise base.BilevelValidationError(
-        f"ufo_blo: probability must be in (0, 1], got {float(q)}.")
+        f"ufo_blo: correction_probability must be in (0, 1], got "
+        f"{float(q)}.")
 
   def bernoulli(grad_at, g_fo, draw_key, count, dtype):
     q_t = base.resolve_hyperparameter(q, count, dtype)
@@ -339,6 +351,6 @@ def ufo_blo(f: base.Objective,
 
   return _blo(f, g, upper_optimizer=upper_optimizer,
               lower_optimizer=lower_optimizer, inner_steps=inner_steps,
-              init=init, proj_x=proj_x, proj_y=proj_y, method="ufo_blo",
+              init=inner_start, proj_x=proj_x, proj_y=proj_y, method="ufo_blo",
               correction=bernoulli if estimator == "bernoulli" else telescope,
               key=key)

@@ -25,11 +25,11 @@ class ITDState(NamedTuple):
     lower_state: state of the inner optimizer after the last unroll (the
       starting state of the next one when warm-started).
     y_init: the fixed starting point of the unroll (used when
-      ``warm_start=False``).
+      ``inner_start="initial"``).
     diagnostics: dict of scalars from the last step: ``f`` and ``g`` at
       :math:`(x_t, y_T)`, ``upper_grad_norm`` (norm of the hypergradient),
       ``lower_grad_norm`` (:math:`\\|\\nabla_y g(x_t, y_T)\\|`, the inner
-      accuracy) and ``gamma`` (always 0: ITD has no penalty constant).
+      accuracy).
   """
 
   count: jax.Array
@@ -40,14 +40,17 @@ class ITDState(NamedTuple):
 
 
 @programs.bilevel_method
+@base.renamed_arguments("itd", {
+    "warm_start": ("inner_start",
+                   lambda v: "previous" if v else "initial"),
+    "init": "inner_start"})
 def itd(f: base.Objective,
         g: base.Objective,
         *,
         upper_optimizer: optax.GradientTransformation,
         lower_optimizer: optax.GradientTransformation,
         inner_steps: int = 10,
-        warm_start: Optional[bool] = None,
-        init: Optional[Callable] = None,
+        inner_start: Union[str, Callable] = "previous",
         truncate: Optional[int] = None,
         checkpoint: Union[bool, int] = False,
         proj_x: Optional[base.Projection] = None,
@@ -71,16 +74,15 @@ def itd(f: base.Objective,
 
   The start of each unroll:
 
-  * by default (``warm_start=None`` or ``True``) the previous :math:`y_T`
+  * ``inner_start="previous"`` (default): the previous :math:`y_T`
     and inner optimizer state (standard; the hypergradient ignores the
     dependence of the start on earlier ``x``);
-  * ``warm_start=False``: the initial ``params.y`` with a fresh optimizer
+  * ``inner_start="initial"``: the initial ``params.y`` with a fresh optimizer
     state, every time;
-  * ``init=lambda x, y: ...``: :math:`y_0 = \mathrm{init}(x, y)` with a
+  * ``inner_start=lambda x, y: ...``: :math:`y_0 = y_0(x, y)` with a
     fresh optimizer state, and the hypergradient *includes* the derivative
-    through ``init`` (``init=lambda x, y: x`` with ``y`` the adapted
-    parameters is exact MAML). ``init`` cannot be combined with
-    ``warm_start=True``.
+    through it (``inner_start=lambda x, y: x`` with ``y`` the adapted
+    parameters is exact MAML).
 
   * ``truncate=K`` back-propagates through the last K steps only (T-RHG).
   * ``checkpoint=True`` rematerialises the unroll in :math:`\sqrt T` chunks so
@@ -102,11 +104,10 @@ def itd(f: base.Objective,
     upper_optimizer: optax optimizer for ``x``.
     lower_optimizer: the unrolled inner optax optimizer.
     inner_steps: T (static int).
-    warm_start: start each unroll from the previous lower iterate (default
-      ``True`` unless ``init`` is given); ``False`` restarts from the initial
-      ``params.y``.
-    init: optional ``(x, y) -> y0``, the start of every unroll, differentiated
-      through.
+    inner_start: where each unroll starts: ``"previous"`` (default),
+      ``"initial"`` or a callable ``(x, y) -> y0``, differentiated through
+      (see above; formerly ``warm_start=True``, ``warm_start=False`` and
+      ``init``).
     truncate: K, number of final inner steps differentiated (static int or
       None for all).
     checkpoint: ``False``, ``True`` or a chunk length.
@@ -137,12 +138,8 @@ def itd(f: base.Objective,
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
-  init = base.check_init(init, "itd")
-  if init is not None and warm_start:
-    raise base.BilevelValidationError(
-        "itd: init=... restarts every unroll from init(x, y), which "
-        "contradicts warm_start=True; leave warm_start unset.")
-  warm_start = init is None and warm_start is not False
+  inner_start = base.check_start(inner_start, "itd", "inner_start",
+                                 ("previous", "initial"))
   if truncate is not None:
     truncate = base.check_static_int(truncate, "truncate", minimum=0)
     if truncate > inner_steps:
@@ -162,13 +159,13 @@ def itd(f: base.Objective,
     params, dtype = base.begin_update(updates, params, "itd",
                                       y_init=state.y_init)
     x, y = params
-    if warm_start:
+    if inner_start == "previous":
       start = lambda x_: (y, state.lower_state)
-    elif init is None:
+    elif inner_start == "initial":
       start = lambda x_: (state.y_init, lower_optimizer.init(state.y_init))
     else:
       def start(x_):
-        y0 = base.inner_start(init, x_, y, "itd")
+        y0 = base.inner_start(inner_start, x_, y, "itd")
         return y0, lower_optimizer.init(y0)
 
     def upper_of_unroll(x_):
@@ -190,7 +187,7 @@ def itd(f: base.Objective,
       g_t, g_grad = jnp.zeros((), dtype), None
     diag = base.diagnostics(
         dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(direction),
-        lower_grad_norm=base.diagnostic_norm(g_grad), gamma=jnp.zeros((), dtype))
+        lower_grad_norm=base.diagnostic_norm(g_grad))
     new_state = ITDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, y_init=state.y_init, diagnostics=diag)

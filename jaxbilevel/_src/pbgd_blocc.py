@@ -24,7 +24,8 @@ from jaxbilevel._src import constrained
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
 
-FREE_CC_DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("constraint_violation",)
+FREE_CC_DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("gamma",
+                                                "constraint_violation")
 BLOCC_DIAGNOSTICS = FREE_CC_DIAGNOSTICS + ("g_gap",)
 
 

@@ -12,7 +12,7 @@ from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS
+DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("gamma",)
 
 
 class PBGDFreeState(NamedTuple):

@@ -100,10 +100,14 @@ jax.tree_util.register_pytree_node(
 
 
 def _check_batches(batch, batches, num_steps):
-  if batch is not None and batches is not None:
+  if batch is not None and batches is not None and not (
+      isinstance(batch, dict) and isinstance(batches, dict)
+      and not set(batch) & set(batches)):
     raise base.BilevelValidationError(
         "pass either batch= (the same batch every step) or batches= (one per "
-        "step), not both.")
+        "step), or both as dicts with different keys (batch= then holds what "
+        "every step shares, e.g. frozen model weights, and each step's batch "
+        "is {**batch, **batches[step]}).")
   if batches is None or callable(batches):
     return
   leaves = jax.tree.leaves(batches)
@@ -172,6 +176,8 @@ def _scan_chunk(tx, params, state, batch, batches, start, stopped, *, length,
       batch_t = batches(step)
     elif batches is None:
       batch_t = batch
+    if batches is not None and batch is not None:
+      batch_t = {**batch, **batch_t}
     params, state, stopped, diag, finite, updates_finite, state_finite = _step(
         tx, params, state, batch_t, mode, stopped, diagnostics)
     row = dict(diag, step=step, finite=finite, updates_finite=updates_finite,
@@ -213,9 +219,7 @@ def _chunk_program(build):
         tx, params, state, batch, batches_fn if batches_fn is not None else
         batches, start, stopped, length=length, mode=mode, record=record,
         record_every=record_every, diagnostics=diagnostics)
-    # Outside the loop: one check of everything the chunk leaves behind.
-    end_finite = tree_lib.tree_all_finite((params, state))
-    return params, state, stopped, history, end_finite
+    return params, state, stopped, history
 
   return jax.jit(chunk, static_argnames=(
       "batches_fn", "length", "mode", "record", "record_every",
@@ -331,19 +335,16 @@ def scan_run(tx: optax.GradientTransformationExtraArgs,
   _check_batches(batch, batches, num_steps)
   record_every = _check_record_every(record, record_every, num_steps,
                                      "scan_run")
-  params, state, history, _ = scan_steps(
+  return scan_steps(
       tx, params, num_steps=num_steps, state=state, batch=batch,
       batches=batches, record=record, record_every=record_every,
       diagnostics=diagnostics, mode=on_nonfinite)
-  return params, state, history
 
 
 def scan_steps(tx, params, *, num_steps, state, batch, batches, record,
                record_every, diagnostics, mode):
   """:func:`scan_run` in a given loop mode (``"fast"`` too), checked arguments.
 
-  Also returns whether the final params and state are finite (``"fast"``
-  mode's check, done once after the loop).
   """
   if state is None:
     state = tx.init(params)
@@ -353,8 +354,7 @@ def scan_steps(tx, params, *, num_steps, state, batch, batches, record,
       tx, params, state, batch, batches, jnp.asarray(0, jnp.int32),
       jnp.asarray(False), length=num_steps, mode=mode, record=record,
       record_every=record_every, diagnostics=bool(diagnostics))
-  return (params, state, History(history),
-          tree_lib.tree_all_finite((params, state)))
+  return params, state, History(history)
 
 
 class _Progress:
@@ -429,6 +429,30 @@ def _truncate_history(history, n, record_every):
   return out
 
 
+_device_all_finite = jax.jit(tree_lib.tree_all_finite)
+
+
+def all_finite(tree) -> bool:
+  """Whether every floating leaf of ``tree`` is finite (checked after a chunk).
+
+  On the CPU backend the arrays live in host memory, so NumPy reads them in
+  place and no reduction has to be compiled (compiling one per leaf costs as
+  much as a large part of the step for models with many small leaves); on
+  accelerators, and for arrays spread over processes, a compiled reduction
+  runs where the arrays are.
+  """
+  leaves = [leaf for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  on_host = all(
+      isinstance(leaf, np.ndarray) or (
+          isinstance(leaf, jax.Array) and leaf.is_fully_addressable and all(
+              d.platform == "cpu" for d in leaf.devices()))
+      for leaf in leaves)
+  if on_host:
+    return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in leaves)
+  return bool(_device_all_finite(leaves))
+
+
 def _check_host_call(params, where):
   if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)):
     raise base.BilevelValidationError(
@@ -462,14 +486,15 @@ def drive(tx, params, state, *, batch, batches, first_step, num_steps,
     while done < num_steps:
       length = min(chunk_size, num_steps - done)
       chunk_batches = _slice_batches(batches, done, length)
-      new_params, new_state, _, hist, end_finite = _run_chunk(
+      new_params, new_state, _, hist = _run_chunk(
           tx, params, state, batch, chunk_batches, done, no_stop,
           length=length, mode=loop_mode, **options)
       hist = jax.tree.map(np.asarray, hist)
-      if mode == "stop" and not (bool(end_finite) and hist["finite"].all()):
+      if mode == "stop" and not (hist["finite"].all() and all_finite(
+          (new_params, new_state))):
         # Replay the chunk guarded: it stops at the first non-finite step.
         # It records the diagnostics, so the report can name the quantity.
-        new_params, new_state, stopped, replay, _ = _run_chunk(
+        new_params, new_state, stopped, replay = _run_chunk(
             tx, params, state, batch, chunk_batches, done, no_stop,
             length=length, mode="stop", **dict(options, diagnostics=True))
         replay = jax.tree.map(np.asarray, replay)
@@ -567,7 +592,12 @@ def run(tx: optax.GradientTransformationExtraArgs,
     params: initial :class:`BilevelParams`.
     num_steps: number of outer iterations.
     state: state to resume from (``tx.init(params)`` if None).
-    batch: a batch used at every step (full-batch problems).
+    batch: a batch used at every step (full-batch problems). With
+      ``batches`` too (both dicts, with different keys), what every step
+      shares: each step gets ``{**batch, **batches[step]}``. Arrays are
+      arguments of the compiled program, so large ones (e.g. a model's frozen
+      weights) belong here rather than in a closure of ``f`` or ``g``, which
+      ``jax.jit`` would compile in as constants.
     batches: one batch per step: a pytree with a leading axis of length
       ``>= num_steps`` (sliced per chunk) or a pure callable ``step -> batch``.
       Steps are counted from 0 in each call.

@@ -282,13 +282,12 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
   args = (run_points, params, batch,
           None if batches_fn is not None else batches)
   mode = "fast" if on_nonfinite == "stop" else on_nonfinite
-  *out, end_finite = _sweep_jit(*args, mode=mode, **options)
-  if mode == "fast" and not (np.all(np.asarray(end_finite)) and np.all(
-      np.asarray(out[2]["finite"]))):
+  out = _sweep_jit(*args, mode=mode, **options)
+  if mode == "fast" and not (np.all(np.asarray(out[2]["finite"])) and
+                             run_lib.all_finite(out[:2])):
     # Some point failed: run again with the per-step guard, which freezes
     # each failed point at its last finite iterate.
-    *out, _ = _sweep_jit(*args, mode="stop", **options)
-  out = tuple(out)
+    out = _sweep_jit(*args, mode="stop", **options)
   if mesh is not None and jax.tree.leaves(run_points)[0].shape[0] != num_points:
     out = jax.tree.map(lambda v: v[:num_points], out)
   if on_nonfinite != "ignore":

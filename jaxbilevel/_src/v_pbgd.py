@@ -13,7 +13,7 @@ from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("g_gap",)
+DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("gamma", "g_gap")
 
 
 class VPBGDState(NamedTuple):
@@ -23,8 +23,10 @@ class VPBGDState(NamedTuple):
     count: number of outer steps taken.
     upper_state: state of the optimizer of ``x``.
     lower_state: state of the optimizer of ``y``.
-    value_state: state of the optimizer of the value tracker :math:`\\omega`.
-    omega: the value tracker, an estimate of :math:`y_g^*(x)`.
+    value_state: state of the optimizer of the value tracker.
+    y_g: the value tracker (:math:`\\omega` in the paper), an estimate of
+      :math:`y_g^*(x)`; formerly ``omega`` (a deprecated alias for one
+      release).
     diagnostics: dict of scalars: ``f``, ``g`` at the incoming iterate,
       ``upper_grad_norm`` (:math:`\\|G_x\\|`), ``lower_grad_norm``
       (:math:`\\|G_y\\|`), ``gamma`` and ``g_gap`` :math:`=g(x,y)-g(x,\\omega)`.
@@ -34,8 +36,10 @@ class VPBGDState(NamedTuple):
   upper_state: optax.OptState
   lower_state: optax.OptState
   value_state: optax.OptState
-  omega: base.PyTree
+  y_g: base.PyTree
   diagnostics: dict
+
+  omega = base.deprecated_field("omega", "y_g")
 
 
 @programs.bilevel_method
@@ -124,19 +128,19 @@ def v_pbgd(f: base.Objective,
         **base.init_state_fields(params, "v_pbgd", DIAGNOSTICS, upper_optimizer,
                                  lower_optimizer),
         value_state=value_optimizer.init(params.y),
-        omega=params.y)
+        y_g=params.y)
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
     params, dtype = base.begin_update(updates, params, "v_pbgd",
-                                      omega=state.omega)
+                                      y_g=state.y_g)
     x, y = params
     gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
                                           allow_zero=True)
 
     # T steps of the value tracker omega on g (warm start, never reset).
     omega, value_state, _ = inner.inner_solve(
-        lambda y_: g(x, y_, batch), state.omega, state.value_state,
+        lambda y_: g(x, y_, batch), state.y_g, state.value_state,
         optimizer=value_optimizer, num_steps=value_steps, proj=proj_y)
     # Joint gradient of f + gamma (g(x, y) - g(x, omega)) at (x_k, y_k).
     (_, aux), (grad_x, grad_y) = jax.value_and_grad(
@@ -157,7 +161,7 @@ def v_pbgd(f: base.Objective,
         g_gap=aux["g_gap"])
     new_state = VPBGDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, omega=omega,
+        lower_state=lower_state, value_state=value_state, y_g=omega,
         diagnostics=diag)
     return base.level_updates(params, x_new, y_new), new_state
 

@@ -21,11 +21,11 @@ that each copy takes its own task's step α). With this parametrisation every
 method of jaxbilevel sees the same ``f`` and ``g``:
 
 * :func:`jaxbilevel.fo_blo` / :func:`jaxbilevel.ufo_blo` with
-  ``init=info["init"]`` (:math:`\delta_0=0`): first-order MAML and its
+  ``inner_start=info["init"]`` (:math:`\delta_0=0`): first-order MAML and its
   unbiased correction;
-* :func:`jaxbilevel.itd` with ``warm_start=False`` (every unroll restarts
+* :func:`jaxbilevel.itd` with ``inner_start="initial"`` (every unroll restarts
   from :math:`\delta=0`): exact MAML, differentiated through the r steps;
-* :func:`jaxbilevel.aid` with ``init=info["init"]``: the implicit
+* :func:`jaxbilevel.aid` with ``inner_start=info["init"]``: the implicit
   hypergradient of the proximal (iMAML-style) problem at the r-step
   adaptation from :math:`\delta=0`.
 
@@ -164,7 +164,7 @@ def problem(*, seed: int = 0, meta_batch: int = 25, num_shots: int = 10,
     and returns ``upper_loss`` (mean meta-test query MSE), ``ci95`` (half
     width of its 95% confidence interval) and ``unadapted_loss`` (query MSE
     of :math:`\\theta_0` itself). ``info`` holds ``init`` (the
-    ``init=`` of :func:`jaxbilevel.fo_blo` and :func:`jaxbilevel.aid`),
+    ``inner_start=`` of :func:`jaxbilevel.fo_blo` and :func:`jaxbilevel.aid`),
     ``inner_steps`` and
     ``inner_lr``.
 
@@ -175,7 +175,7 @@ def problem(*, seed: int = 0, meta_batch: int = 25, num_shots: int = 10,
     >>> tx = jbl.fo_blo(app.f, app.g, upper_optimizer=optax.adam(1e-3),
     ...                 lower_optimizer=optax.sgd(app.info["inner_lr"]),
     ...                 inner_steps=app.info["inner_steps"],
-    ...                 init=app.info["init"])
+    ...                 inner_start=app.info["init"])
     >>> params, _, _ = jbl.run(tx, app.params, num_steps=10,
     ...                        batches=batch_stream(app, jax.random.PRNGKey(1)))
     >>> sorted(jax.jit(app.evaluate)(params))

@@ -37,13 +37,19 @@ Scale
   (:func:`jaxbilevel.fsdp_shardings`).
 
 Frozen weights: ``f`` and ``g`` close over ``problem.frozen``, and ``jit``
-embeds closed-over arrays in the compiled program as constants (replicated).
-For a large model, or to keep the frozen weights FSDP-sharded, pass them as
-an argument instead: a batch may carry them under ``"frozen"``
-(``dict(batch, frozen=problem.frozen)``), which ``f`` and ``g`` then use;
-e.g. ``jbl.scan_run(tx, params, num_steps=n, batches=lambda t:
-dict(step_t(batches, t), frozen=frozen))`` inside a ``jax.jit`` that takes
-``frozen`` and ``batches`` as arguments (``tests/test_llm_sharding.py``).
+embeds closed-over arrays in the compiled program as constants (replicated,
+and compiled into the program). For a large model, or to keep the frozen
+weights FSDP-sharded, pass them as an argument instead: a batch may carry
+them under ``"frozen"``, which ``f`` and ``g`` then use::
+
+  @jax.jit
+  def train(params, frozen, batches):
+    def batch_at(t):
+      return dict(jax.tree.map(lambda b: b[t], batches), frozen=frozen)
+    return jbl.scan_run(tx, params, num_steps=n, batches=batch_at)
+
+  params, state, history = train(problem.params0, problem.frozen,
+                                 problem.batches)
 
 References:
   Jiang, Xiao, Chen and Chen, "Beyond Value Functions: Single-Loop Bilevel

@@ -1,0 +1,73 @@
+"""The overhead benchmark's quick mode, end to end (as CI runs it)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("PBGD-Free", "ALT-PBGD", "V-PBGD", "BOME", "F2SA", "AID", "ITD")
+ROW_KEYS = {"method", "ms_per_step", "hand_ms_per_step", "time_ratio",
+            "mflops_per_step", "hand_mflops_per_step", "flops_ratio",
+            "chunk_check_mflops", "floor_ratio", "compile_s",
+            "hand_compile_s"}
+
+
+def _positive(value):
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  out = tmp_path_factory.mktemp("overhead")
+  env = dict(os.environ)
+  env.pop("JAX_ENABLE_X64", None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "overhead.py"),
+       "--quick", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+      text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(out / "overhead_quick.json") as fh:
+    return out, json.load(fh)
+
+
+def test_rows_have_every_column(quick):
+  _, result = quick
+  assert result["quick"] is True and result["machine"]["cpu_count"] >= 1
+  (bench,) = result["problems"].values()
+  assert [row["method"] for row in bench["rows"]] == list(METHODS)
+  for row in bench["rows"]:
+    assert set(row) == ROW_KEYS, row
+    for key in ROW_KEYS - {"method", "compile_s", "hand_compile_s"}:
+      assert _positive(row[key]), (row["method"], key, row[key])
+    assert row["time_ratio"] == pytest.approx(
+        row["ms_per_step"] / row["hand_ms_per_step"])
+    assert row["flops_ratio"] == pytest.approx(
+        row["mflops_per_step"] / row["hand_mflops_per_step"])
+    # Method-level waste is gone: at most the driver's per-step
+    # apply_updates of a difference (a few elementwise ops per variable)
+    # beyond the hand-written step.
+    assert row["flops_ratio"] < 1.25, row
+  assert _positive(bench["floor"]["ms_per_step"])
+
+
+def test_sweep_agrees_with_the_hand_written_vmap(quick):
+  _, result = quick
+  (sweep,) = result["sweep"]
+  assert sweep["points"] == 16 and _positive(sweep["ratio"])
+  assert sweep["history_shape"] == [16, sweep["steps"]]
+  assert sweep["max_abs_difference_x"] < 1e-5
+
+
+def test_no_compilation_in_a_loop_over_gamma(quick):
+  out, result = quick
+  count = result["compile_count"]
+  assert len(count["programs_compiled"]) == 5
+  assert count["programs_compiled"][0] >= 1     # the first call compiles
+  assert count["compilations_after_first"] == 0
+  assert count["backend_compiles"][1:] == [0, 0, 0, 0]
+  table = (out / "overhead_quick.md").read_text()
+  assert "| method | jbl.run ms/step |" in table and "**0**" in table

@@ -1,0 +1,213 @@
+"""One vocabulary across methods (docs/vocabulary.md).
+
+Every method is built from the same shared call plus only the arguments no
+paper fixes; the defaults the papers fix equal their explicit values; old
+names still work with a DeprecationWarning that names the new one and give
+identical iterates; each method's diagnostics keys are the documented ones.
+"""
+
+import inspect
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxbilevel as jbl
+
+_DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "vocabulary.md"
+_KEY = jax.random.PRNGKey(0)
+_P0 = jbl.BilevelParams(x=jnp.array(0.0), y=jnp.array(0.0))
+
+
+def _f(x, y, batch=None):
+  del batch
+  return 0.5 * (x - 1.0) ** 2 + 0.5 * (y - 2.0) ** 2
+
+
+def _g(x, y, batch=None):
+  del batch
+  return 0.5 * (y - x) ** 2
+
+
+def _c(x, y, batch=None):  # y <= 10: inactive near the solution
+  del x, batch
+  return jnp.atleast_1d(y - 10.0)
+
+
+def _hyper_objective(x):
+  """F(x) = f(x, y*(x)) with y*(x) = x; minimised at x* = 1.5."""
+  return 0.5 * (x - 1.0) ** 2 + 0.5 * (x - 2.0) ** 2
+
+
+def _shared():
+  return dict(upper_optimizer=optax.sgd(0.1), lower_optimizer=optax.sgd(0.1))
+
+
+# The arguments that no paper fixes, besides the shared call; c is positional.
+_EXTRA = {
+    "pbgd_free": dict(gamma=2.0),
+    "alt_pbgd": dict(gamma=2.0),
+    "v_pbgd": dict(gamma=2.0),
+    "pbgd_blocc": dict(c=_c, gamma=2.0, dual_step_size=0.1),
+    "pbgd_free_cc": dict(c=_c, gamma=2.0, dual_step_size=0.1),
+    "f2sa": dict(lambda0=10.0),
+    "bome": {},
+    "alright": dict(key=_KEY),
+    "aid": {},
+    "itd": {},
+    "fo_blo": {},
+    "ufo_blo": dict(key=_KEY),
+}
+_SHARED_NAMES = {"f", "g", "upper_optimizer", "lower_optimizer"}
+
+
+def _markdown_table(heading):
+  """Rows of the first table under ``## heading`` in docs/vocabulary.md."""
+  text = _DOC.read_text()
+  section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+  rows = [line for line in section.splitlines() if line.startswith("| `")]
+  return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def _names(cell):
+  return set(re.findall(r"`([^`]+)`", cell))
+
+
+def _build(name, **kwargs):
+  extra = dict(_EXTRA[name])
+  args = (_f, _g) + ((extra.pop("c"),) if "c" in extra else ())
+  return getattr(jbl, name)(*args, **{**_shared(), **extra, **kwargs})
+
+
+def test_required_arguments_are_the_documented_few():
+  documented = {row[0].strip("`"): _names(row[1])
+                for row in _markdown_table("The shared call")}
+  assert set(documented) == set(_EXTRA)
+  for name in _EXTRA:
+    params = inspect.signature(getattr(jbl, name)).parameters
+    required = {k for k, p in params.items()
+                if p.default is inspect.Parameter.empty}
+    assert required - _SHARED_NAMES == documented[name] == set(_EXTRA[name]), (
+        name)
+
+
+@pytest.mark.parametrize("name", sorted(_EXTRA))
+def test_every_method_runs_from_the_shared_call(name):
+  tx = _build(name)
+  params, state, hist = jbl.run(tx, _P0, num_steps=20, diagnostics=True)
+  # Every method lowers F(x) = f(x, y*(x)) from F(0) = 2.5 (min 0.25).
+  assert float(_hyper_objective(params.x)) < 2.5 - 0.3, name
+  # Its diagnostics are exactly the documented ones, all finite.
+  documented = {row[0].strip("`"): _names(row[1])
+                for row in _markdown_table("Diagnostics")}
+  assert set(state.diagnostics) == documented[name]
+  assert set(jbl.COMMON_DIAGNOSTICS) <= documented[name]
+  for key in documented[name]:
+    assert np.all(np.isfinite(hist[key])), (name, key)
+
+
+def test_gamma_means_a_penalty_constant_only():
+  for name in ("pbgd_free", "alt_pbgd", "v_pbgd", "pbgd_blocc"):
+    _, _, hist = jbl.run(_build(name, gamma=7.0), _P0, num_steps=2,
+                         diagnostics=True)
+    np.testing.assert_array_equal(hist["gamma"], [7.0, 7.0])
+  _, _, hist = jbl.run(_build("f2sa", lambda0=3.0, lambda_increment=0.5), _P0,
+                       num_steps=3, diagnostics=True)
+  np.testing.assert_allclose(hist["multiplier"], [3.0, 3.5, 4.0])
+  _, _, hist = jbl.run(_build("alright", probability=0.25), _P0, num_steps=2,
+                       diagnostics=True)
+  np.testing.assert_array_equal(hist["probability"], [0.25, 0.25])
+
+
+def _final(tx, steps=3):
+  params, state, _ = jbl.run(tx, _P0, num_steps=steps)
+  return np.asarray([params.x, params.y]), state
+
+
+@pytest.mark.parametrize("name, default, explicit", [
+    ("bome", {}, dict(eta=0.5)),
+    ("alright", {}, dict(probability=0.5)),
+    ("fo_blo", {}, dict(inner_steps=5)),
+    ("ufo_blo", {}, dict(inner_steps=5, correction_probability=0.2)),
+    ("f2sa", dict(inner_steps=4), dict(inner_steps=4, value_steps=4)),
+])
+def test_defaults_are_the_papers_values(name, default, explicit):
+  np.testing.assert_array_equal(_final(_build(name, **default))[0],
+                                _final(_build(name, **explicit))[0])
+
+
+def test_f2sa_value_steps_is_its_own_loop():
+  one, _ = _final(_build("f2sa", inner_steps=3, value_steps=1))
+  three, _ = _final(_build("f2sa", inner_steps=3))
+  assert not np.allclose(one, three)
+
+
+_ZERO_START = lambda x, y: jnp.zeros_like(y)
+
+# (method, old keywords, new keywords, the new name the warning names)
+_RENAMED = [
+    ("alt_pbgd", dict(y_gamma_start="y_g"), dict(inner_start="y_g"),
+     "inner_start"),
+    ("bome", dict(inner_steps=3), dict(value_steps=3), "value_steps"),
+    ("bome", dict(inner_start="current"), dict(value_start="y"),
+     "value_start"),
+    ("bome", dict(inner_start="previous"), dict(value_start="previous"),
+     "value_start"),
+    ("aid", dict(init=_ZERO_START), dict(inner_start=_ZERO_START),
+     "inner_start"),
+    ("itd", dict(warm_start=False), dict(inner_start="initial"),
+     "inner_start"),
+    ("itd", dict(warm_start=True), dict(inner_start="previous"),
+     "inner_start"),
+    ("itd", dict(init=_ZERO_START), dict(inner_start=_ZERO_START),
+     "inner_start"),
+    ("fo_blo", dict(init=_ZERO_START), dict(inner_start=_ZERO_START),
+     "inner_start"),
+    ("ufo_blo", dict(probability=0.5), dict(correction_probability=0.5),
+     "correction_probability"),
+    ("ufo_blo", dict(init=_ZERO_START), dict(inner_start=_ZERO_START),
+     "inner_start"),
+]
+
+
+@pytest.mark.parametrize("name, old, new, new_name", _RENAMED)
+def test_old_names_warn_and_give_identical_results(name, old, new, new_name):
+  with pytest.warns(DeprecationWarning, match=f"use {new_name}"):
+    tx_old = _build(name, **old)
+  with pytest.warns(DeprecationWarning):  # the run rebuilds it
+    old_result, _ = _final(tx_old)
+  new_result, _ = _final(_build(name, **new))
+  np.testing.assert_array_equal(old_result, new_result)
+
+
+def test_the_start_option_changes_the_iterates():
+  # Guards the renames above against a no-op mapping.
+  warm, _ = _final(_build("itd", inner_start="previous", inner_steps=2))
+  cold, _ = _final(_build("itd", inner_start="initial", inner_steps=2))
+  assert not np.allclose(warm, cold)
+  fresh, _ = _final(_build("bome", value_steps=2))
+  carried, _ = _final(_build("bome", value_steps=2, value_start="previous"))
+  assert not np.allclose(fresh, carried)
+
+
+@pytest.mark.parametrize("name, old", [("v_pbgd", "omega"), ("bome", "y_hat"),
+                                       ("f2sa", "z")])
+def test_old_state_fields_warn_and_alias_y_g(name, old):
+  _, state = _final(_build(name))
+  with pytest.warns(DeprecationWarning, match=f"state field {old} .*use y_g"):
+    value = getattr(state, old)
+  np.testing.assert_array_equal(value, state.y_g)
+  assert old not in type(state)._fields
+
+
+def test_an_old_name_with_its_new_one_is_an_error():
+  with pytest.warns(DeprecationWarning), pytest.raises(
+      jbl.BilevelValidationError, match="both inner_steps .* and value_steps"):
+    _build("bome", inner_steps=2, value_steps=3)
+  with pytest.warns(DeprecationWarning), pytest.raises(
+      jbl.BilevelValidationError, match="both init .* and inner_start"):
+    _build("itd", warm_start=False, init=_ZERO_START)
