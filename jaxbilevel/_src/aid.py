@@ -28,7 +28,8 @@ class AIDState(NamedTuple):
     diagnostics: dict of scalars from the last step: ``f`` and ``g`` at
       :math:`(x_t, y_{t+1})` (the point where the hypergradient is taken),
       ``upper_grad_norm`` (norm of the hypergradient), ``lower_grad_norm``
-      (norm of :math:`\\nabla_y g` at the start of the inner solve), ``linear_residual``
+      (norm of :math:`\\nabla_y g` at the start of the inner solve),
+      ``linear_residual``
       :math:`\\|\\nabla_y f - Hv\\|` and ``tol`` (the CG tolerance of
       the step: NaN when a traced or scheduled ``tol`` was negative, so that
       the run reports it by name).

@@ -559,15 +559,6 @@ def level_arguments(upper_optimizer, lower_optimizer, value_optimizer, proj_x,
           optional_projection(proj_y, "proj_y"))
 
 
-def check_init(init, method: str):
-  """Checks an optional inner start ``init(x, y) -> y0`` (``None`` passes)."""
-  if init is not None and not callable(init):
-    raise BilevelValidationError(
-        f"{method}: init must be a callable (x, y) -> y0 (the start of the "
-        f"inner problem), got {type(init).__name__}.")
-  return init
-
-
 def inner_start(init, x, y, method: str):
   """``init(x, y)``, checked to have the structure, shapes and dtypes of ``y``."""
   y0 = init(x, y)
@@ -867,21 +858,8 @@ def renamed_arguments(method: str, renames: dict) -> Callable:
   return decorate
 
 
-def renamed_value(method: str, name: str, value, aliases: dict):
-  """``aliases[value]`` with a DeprecationWarning, or ``value`` unchanged.
-
-  For option values that were renamed (e.g. ``"current"`` -> ``"y"``).
-  """
-  if isinstance(value, str) and value in aliases:
-    warnings.warn(_deprecation_message(
-        method, f"{name}={value!r}", f"{name}={aliases[value]!r}"),
-                  DeprecationWarning, stacklevel=3)
-    return aliases[value]
-  return value
-
-
 def deprecated_field(old: str, new: str) -> property:
-  """A read-only state attribute ``old`` that warns and returns field ``new``."""
+  """A read-only state attribute ``old`` that warns and returns ``new``."""
   def get(self):
     warnings.warn(_deprecation_message(
         type(self).__name__, f"the state field {old}", new),
@@ -892,7 +870,7 @@ def deprecated_field(old: str, new: str) -> property:
 
 
 def check_start(start, method: str, name: str, choices) -> Any:
-  """Checks an inner-start option: one of ``choices`` or a callable ``(x, y) -> y0``."""
+  """Checks an inner-start option: one of ``choices`` or ``(x, y) -> y0``."""
   if callable(start) or (isinstance(start, str) and start in choices):
     return start
   raise BilevelValidationError(

@@ -257,6 +257,8 @@ def save(directory, params, state, *, step: int,
     raise base.BilevelValidationError(
         f"save: history must be a dict of arrays (as returned by "
         f"jaxbilevel.run) or None, got {type(history).__name__}.")
+  if history is not None:
+    history = dict(history)  # run's History is a dict subclass, not a pytree
   key_data, key_meta = _split_key(key)
   arrays = {"params": params, "state": state}
   if key_data is not None:
@@ -495,7 +497,7 @@ def restore(directory, params, state, *,
       key = jax.random.wrap_key_data(key, impl=key_meta["impl"])
   history = None
   if meta.get("has_history"):
-    history = jax.tree.map(np.asarray, restored.history)
+    history = run_lib.History(jax.tree.map(np.asarray, restored.history))
   return RunCheckpoint(params=arrays["params"], state=arrays["state"],
                        step=int(meta["step"]), history=history, key=key)
 
@@ -612,7 +614,7 @@ def resumable_run(tx: optax.GradientTransformationExtraArgs,
       num_steps=num_steps, chunk_size=save_every, on_nonfinite=on_nonfinite,
       record=record, record_every=1, diagnostics=diagnostics, progress=False,
       after_chunk=after_chunk)
-  history = whole_history(new_parts)
+  history = run_lib.History(whole_history(new_parts))
   _report_nonfinite(history, on_nonfinite, failure, state)
   return params, state, history
 

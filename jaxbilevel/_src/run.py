@@ -79,9 +79,10 @@ def _with_diagnostics(state, diag):
 
 
 class History(dict):
-  """The history of a run: a dict of arrays, one row per step.
+  """The history that :func:`run` and :func:`jaxbilevel.sweep` return: a dict of arrays.
 
-  Looking up a diagnostic that was not recorded says how to record it.
+  Looking up a diagnostic that was not recorded says how to record it. It is
+  a pytree node like a dict (keys sorted), so ``jax.tree.map`` works on it.
   """
 
   def __missing__(self, key):
@@ -93,10 +94,12 @@ class History(dict):
         "jaxbilevel.lower_level_evaluation(...).")
 
 
-jax.tree_util.register_pytree_node(
+jax.tree_util.register_pytree_with_keys(
     History,
-    lambda h: (tuple(h[k] for k in sorted(h)), tuple(sorted(h))),
-    lambda keys, values: History(zip(keys, values)))
+    lambda h: (tuple((jax.tree_util.DictKey(k), h[k]) for k in sorted(h)),
+               tuple(sorted(h))),
+    lambda keys, values: History(zip(keys, values)),
+    flatten_func=lambda h: (tuple(h[k] for k in sorted(h)), tuple(sorted(h))))
 
 
 def _check_batches(batch, batches, num_steps):
@@ -354,7 +357,7 @@ def scan_steps(tx, params, *, num_steps, state, batch, batches, record,
       tx, params, state, batch, batches, jnp.asarray(0, jnp.int32),
       jnp.asarray(False), length=num_steps, mode=mode, record=record,
       record_every=record_every, diagnostics=bool(diagnostics))
-  return params, state, History(history)
+  return params, state, history
 
 
 class _Progress:
@@ -372,7 +375,7 @@ class _Progress:
       except ImportError:
         tqdm_auto = None
       if tqdm_auto is not None:
-        self.bar = tqdm_auto.tqdm(total=total, leave=True)
+        self.bar = tqdm_auto.tqdm(total=total, leave=True, smoothing=0)
 
   def update(self, done, diag_row):
     if not self.enabled:
@@ -635,7 +638,8 @@ def run(tx: optax.GradientTransformationExtraArgs,
     >>> tx = jbl.pbgd_free(f, g, gamma=15.0, upper_optimizer=optax.sgd(0.01),
     ...                    lower_optimizer=optax.sgd(0.01))
     >>> p0 = jbl.BilevelParams(x=jnp.array(2.0), y=jnp.array(3.0))
-    >>> params, state, history = jbl.run(tx, p0, num_steps=3000)
+    >>> params, state, history = jbl.run(tx, p0, num_steps=3000,
+    ...                                  diagnostics=True)
     >>> history["f"].shape
     (3000,)
   """

@@ -230,7 +230,8 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
     ...                       lower_optimizer=optax.sgd(0.2), inner_steps=5)
     >>> p0 = jbl.BilevelParams(x=jnp.array(0.0), y=jnp.array(0.0))
     >>> grid = jbl.product_grid(gamma=[10.0, 100.0], lr=[0.1, 0.2])
-    >>> params, state, history = jbl.sweep(make_tx, p0, grid, num_steps=300)
+    >>> params, state, history = jbl.sweep(make_tx, p0, grid, num_steps=300,
+    ...                                    diagnostics=True)
     >>> params.x.shape, history["f"].shape
     ((4,), (4, 300))
     >>> # argmin F_gamma = gamma / (2 gamma + 1): 0.4762 and 0.4975.
@@ -292,4 +293,4 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
     out = jax.tree.map(lambda v: v[:num_points], out)
   if on_nonfinite != "ignore":
     _warn_nonfinite(out[2], points, num_points)
-  return out
+  return out[0], out[1], run_lib.History(out[2])
