@@ -352,7 +352,7 @@ def test_pbgd_free_refuses_an_upper_objective_that_ignores_x():
 def test_run_argument_errors():
   prob = _dpo()
   tx = _free(prob)
-  with pytest.raises(jbl.BilevelValidationError, match="not both"):
+  with pytest.raises(jbl.BilevelValidationError, match="or both as dicts with different keys"):
     jbl.run(tx, prob.params0, num_steps=3, batch=1.0, batches=jnp.ones(3))
   with pytest.raises(jbl.BilevelValidationError,
                      match=re.escape("leading axis of length >= num_steps=5")):
