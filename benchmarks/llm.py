@@ -256,10 +256,11 @@ def load_data(args, tokenizer, config, pairs):
                                                seed=seed)
   if args.sft_data:
     sft = llm_data.load_sft_jsonl(args.sft_data)
-    sft_source = args.sft_data
+    sft_source = os.path.basename(args.sft_data)
   else:
     sft = llm_data.preference_to_sft(other)
-    sft_source = (f"chosen dialogues of the other half of {args.dpo_data} "
+    sft_source = (f"chosen dialogues of the other half of "
+                  f"{os.path.basename(args.dpo_data)} "
                   f"({len(other)} pairs, disjoint from the DPO half)")
   if len(dpo_pairs) <= args.eval_pairs or len(sft) <= args.eval_pairs:
     raise SystemExit(
@@ -684,8 +685,7 @@ def main(argv=None):
 
   result = dict(
       benchmark="llm", quick=args.quick,
-      command=" ".join(["python", "benchmarks/llm.py"]
-                       + list(sys.argv[1:] if argv is None else argv)),
+      command=command_line(sys.argv[1:] if argv is None else argv),
       machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
                    backend=jax.default_backend(),
                    device=str(jax.devices()[0].device_kind),
@@ -716,6 +716,15 @@ def main(argv=None):
     write_outputs(result, args.out)
   print(markdown(result))
   return result
+
+
+def command_line(argv):
+  """The command as run, data files named by their base name only."""
+  words, hide = ["python", "benchmarks/llm.py"], False
+  for word in argv:
+    words.append(os.path.basename(word) if hide else word)
+    hide = word in ("--dpo-data", "--sft-data")
+  return " ".join(words)
 
 
 def placement(mesh, params, frozen):
@@ -838,7 +847,11 @@ def plot(result, path):
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for r in result["methods"].values():
     c1, c2 = r["stage1_run"]["curve"], r["stage2_run"]["curve"]
-    t = [p["time"] for p in c1] + [budget + p["time"] for p in c2]
+    # Stage 2 starts where stage 1 stopped (its last chunk may overrun the
+    # budget a little).
+    t = ([p["time"] for p in c1]
+         + [c1[-1]["time"] + p["time"] for p in c2[1:]])
+    c2 = c2[1:]
     for ax, key in zip(axes, ("dpo", "sft")):
       ax.plot(t, [p[key] for p in c1] + [p[key] for p in c2], marker="o",
               ms=3, label=r["label"])

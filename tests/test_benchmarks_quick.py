@@ -10,6 +10,17 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPS = ("hyper_cleaning", "regularization", "nlsy", "dpo_sft", "sinusoid")
+# Tables that do not read the application (the others need its data).
+APP_FREE_TABLES = ("nlsy", "dpo_sft")
+
+
+def _methods_module():
+  """``benchmarks/apps/methods.py`` (the benchmark is not an installed package)."""
+  path = os.path.join(REPO, "benchmarks")
+  if path not in sys.path:
+    sys.path.insert(0, path)
+  from apps import methods  # pylint: disable=import-outside-toplevel
+  return methods
 
 
 def _finite(value):
@@ -108,3 +119,71 @@ def test_nlsy_parity_gap_and_sinusoid_implicit_check(quick_run):
   assert check[1]["relative_residual"] < 1e-3
   assert check[1]["cos_aid_itd"] > 0.9
 
+
+def _as_tuple(value, methods):
+  """A table argument as the nested tuples the recorders below produce."""
+  if isinstance(value, methods.Call):
+    return (value.fn.__name__, tuple(_as_tuple(a, methods) for a in value.args),
+            {k: _as_tuple(v, methods) for k, v in (value.kwargs or {}).items()})
+  return value
+
+
+def _recorder(name):
+  return lambda *args, **kwargs: (name, args, kwargs)
+
+
+@pytest.mark.parametrize("app", APP_FREE_TABLES)
+def test_settings_text_reads_back_as_the_arguments(app):
+  # The settings text is generated from the table's arguments: evaluated as
+  # Python (with each factory recording its call) it gives them back.
+  methods = _methods_module()
+  rows = [row for row in methods.METHOD_TABLES[app](None) if row.constructor]
+  assert len(rows) >= 6
+  for row in rows:
+    text = row.settings.split("; ")[0]
+    factories = {}
+    for value in row.kwargs.values():
+      stack = [value]
+      while stack:
+        v = stack.pop()
+        if isinstance(v, methods.Call):
+          factories[v.fn.__name__] = _recorder(v.fn.__name__)
+          stack += list(v.args) + list((v.kwargs or {}).values())
+    # pylint: disable-next=eval-used
+    parsed = eval(f"dict({text})", {"__builtins__": {"dict": dict}},
+                  factories)
+    assert parsed == {k: _as_tuple(v, methods) for k, v in row.kwargs.items()}
+    assert row.note == "" or "=" not in row.note, row.note
+
+
+def test_settings_text_format_and_unknown_argument():
+  methods = _methods_module()
+  import optax  # pylint: disable=import-outside-toplevel
+  import jaxbilevel as jbl  # pylint: disable=import-outside-toplevel
+  row = methods.method(
+      "ALT-PBGD", jbl.alt_pbgd, gamma=10.0, inner_steps=5,
+      upper_optimizer=methods.call(optax.adam, 1e-3),
+      lower_optimizer=methods.call(
+          optax.chain, methods.call(optax.clip_by_global_norm, 1.0),
+          methods.call(optax.sgd, 0.5, momentum=0.9)))
+  assert row.settings == (
+      "gamma=10, inner_steps=5, upper_optimizer=adam(0.001), "
+      "lower_optimizer=chain(clip_by_global_norm(1), sgd(0.5, momentum=0.9))")
+  assert methods.format_value(1e-8) == "1e-08"
+  assert methods.format_value(0.123456789) == "0.123456789"
+  with pytest.raises(TypeError, match="has no parameter .'gama'."):
+    methods.method("ALT-PBGD", jbl.alt_pbgd, gama=10.0)
+  with pytest.raises(TypeError, match="record it as call"):
+    methods.format_value(object())
+
+
+def test_report_settings_are_the_tables(quick_run):
+  _, results = quick_run
+  methods = _methods_module()
+  for app in APP_FREE_TABLES:
+    table = {row.name: row.settings for row in methods.METHOD_TABLES[app](None)
+             if row.constructor}
+    rows = {row["method"]: row["settings"]
+            for row in results["applications"][app]["rows"]
+            if row["role"] in ("floor", "method") and "final" in row}
+    assert rows == table

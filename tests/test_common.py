@@ -3,10 +3,12 @@
 A new method gets all of these checks by adding one entry to
 ``METHOD_CASES``: a builder ``(f, g, hyper, upper_optimizer, lower_optimizer)
 -> tx`` where ``hyper`` is the method's swept penalty-like scalar (gamma,
-lambda_0, BOME's eta, ALRIGHT's probability, ...).
+lambda_0, BOME's eta, ALRIGHT's probability, ...), and one entry to
+``CONVERGENCE``: the closed-form point it must reach on a small quadratic.
 """
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -315,3 +317,165 @@ def test_state_is_a_pytree_of_arrays(name):
   assert jax.tree.structure(updates) == jax.tree.structure(params)
 
 
+# ---------------------------------------------------------------------------
+# Convergence: every method reaches the closed-form answer of the problem it
+# solves on a small quadratic.
+# ---------------------------------------------------------------------------
+
+_LOWER_CURVATURE = 2.0           # the lower Hessian is A = 2 I
+_EXACT_LOWER_LR = 1.0 / _LOWER_CURVATURE   # one SGD step solves min_y g
+
+
+def _convergence_problem(coupled):
+  """A quadratic bilevel problem (``jbl.problems.QuadraticBilevel`` form).
+
+  ``g = 1/2 y^T A y + x^T C y + a^T y`` with ``A = 2 I``, so that SGD with
+  step 1/2 solves the lower level in one step and unrolled (ITD, UFO-BLO)
+  and implicit (AID: CG, Neumann with step 2/HYPER = 1/2) hypergradients are
+  exact; ``f = 1/2 x^T P x + x^T B y + 1/2 ||y - y_t||^2 + q^T x``.
+
+  ``coupled=True``: random B, q, y_t, so that the bilevel solution, the
+  penalty minimisers and PBGD-Free's and FO-BLO's fixed points all differ
+  (by 2.5e-2 or more). ``coupled=False``: B = 0, q = -P x0 and
+  y_t = y_g*(x0), so grad f vanishes at (x0, y_g*(x0)): x* = x0 and f is flat
+  there, which makes x0 a fixed point of every method.
+  """
+  rng = np.random.default_rng(0)
+  dim_x, dim_y = 2, 3
+  a_mat = _LOWER_CURVATURE * np.eye(dim_y)
+  c_mat, a_vec = rng.normal(size=(dim_x, dim_y)), rng.normal(size=dim_y)
+  p_mat = np.array([[4.0, 0.5], [0.5, 3.0]])
+  if coupled:
+    b_mat, q_vec = rng.normal(size=(dim_x, dim_y)), rng.normal(size=dim_x)
+    y_t = 3.0 * rng.normal(size=dim_y)
+  else:
+    x0 = np.array([0.5, -1.0])
+    b_mat, q_vec = np.zeros((dim_x, dim_y)), -p_mat @ x0
+    y_t = -np.linalg.solve(a_mat, c_mat.T @ x0 + a_vec)
+  coeffs = jbl.problems.QuadraticBilevel(A=a_mat, C=c_mat, a=a_vec, P=p_mat,
+                                         B=b_mat, q=q_vec, y_t=y_t)
+  c = {k: jnp.asarray(v, jnp.float64) for k, v in coeffs._asdict().items()}
+
+  def g(x, y, batch=None):
+    del batch
+    return 0.5 * y @ c["A"] @ y + x @ c["C"] @ y + c["a"] @ y
+
+  def f(x, y, batch=None):
+    del batch
+    return (0.5 * x @ c["P"] @ x + x @ c["B"] @ y
+            + 0.5 * jnp.sum((y - c["y_t"]) ** 2) + c["q"] @ x)
+
+  params = jbl.BilevelParams(jnp.zeros(dim_x, jnp.float64),
+                             jnp.zeros(dim_y, jnp.float64))
+  return f, g, params, coeffs
+
+
+def _mixture_minimiser(coeffs, weight):
+  """x of argmin over (x, y) of weight f + (1 - weight) g (ALRIGHT's target)."""
+  cross = weight * coeffs.B + (1.0 - weight) * coeffs.C
+  hessian = np.block([
+      [weight * coeffs.P, cross],
+      [cross.T, weight * np.eye(len(coeffs.a)) + (1.0 - weight) * coeffs.A]])
+  assert np.linalg.eigvalsh(hessian).min() > 0.1  # a unique minimiser
+  grad0 = np.concatenate([weight * coeffs.q,
+                          (1.0 - weight) * coeffs.a - weight * coeffs.y_t])
+  return np.linalg.solve(hessian, -grad0)[:len(coeffs.q)]
+
+
+# The closed-form point each kind of method converges to (HYPER as passed
+# to the builders of METHOD_CASES).
+_ANSWERS = {
+    # The bilevel solution: implicit hypergradient zero.
+    "x*": lambda c: c.x_star(),
+    # Penalty methods: the minimiser of the reduced penalty
+    # F_gamma(x) = min_y f + gamma (g - min g), at gamma = HYPER ...
+    "argmin F_gamma": lambda c: c.argmin_f_gamma(HYPER),
+    # ... and F2SA at its final multiplier lambda_max = 2 HYPER.
+    "argmin F_2gamma": lambda c: c.argmin_f_gamma(2.0 * HYPER),
+    # PBGD-Free (biased when f is not flat): grad_x f(x, y_gamma*(x)) = 0.
+    "PBGD-Free point": lambda c: c.pbgd_free_limit(HYPER),
+    # FO-BLO, whose start y does not depend on x: grad_x f(x, y_g*(x)) = 0.
+    "FO-BLO point": lambda c: c.pbgd_free_limit(),
+    # ALRIGHT (bi-objective, lambda = HYPER / (1 + HYPER)).
+    "mixture": lambda c: _mixture_minimiser(c, HYPER / (1.0 + HYPER)),
+}
+
+
+class _Convergence(NamedTuple):
+  answer: str                 # key of _ANSWERS
+  coupled: bool = True        # which _convergence_problem
+  lower_lr: float = _EXACT_LOWER_LR
+  steps: int = 300
+  tol: float = 1e-8           # max-abs error of x
+  average: bool = False       # stochastic: mean of the last half of the x's
+
+
+CONVERGENCE = {
+    "pbgd_free": _Convergence("PBGD-Free point"),
+    # The coupled constraint sum(y) - 1 - 0.1 sum(x) <= 0 is inactive at the
+    # answers (checked below), so the multipliers go to 0 and the CC methods
+    # reach the unconstrained methods' points.
+    "pbgd_free_cc": _Convergence("PBGD-Free point"),
+    "alt_pbgd": _Convergence("argmin F_gamma"),
+    # Restarting y at y_g every step: one SGD step with 1/(2 + 1/gamma), the
+    # inverse curvature of f/gamma + g, reaches y_gamma exactly.
+    "alt_pbgd_restart": _Convergence(
+        "argmin F_gamma", lower_lr=1.0 / (_LOWER_CURVATURE + 1.0 / HYPER)),
+    "pbgd_blocc": _Convergence("argmin F_gamma"),
+    "v_pbgd": _Convergence("argmin F_gamma", steps=500),
+    # y steps on f + lambda g (curvature 1 + 2 lambda_max = 17): a small step.
+    "f2sa": _Convergence("argmin F_2gamma", lower_lr=0.05, steps=500),
+    "aid_cg": _Convergence("x*"),
+    "aid_neumann": _Convergence("x*"),
+    "itd": _Convergence("x*"),
+    "itd_checkpoint_truncated": _Convergence("x*"),
+    "fo_blo": _Convergence("FO-BLO point"),
+    # Unbiased but random hypergradients: with a constant step the iterates
+    # fluctuate around x*; their average converges (at rate 1/sqrt(steps)).
+    # x* is 2.5e-2 or more from the other points.
+    "ufo_blo": _Convergence("x*", steps=16000, tol=5e-3, average=True),
+    "ufo_blo_telescope": _Convergence("x*", steps=16000, tol=5e-3,
+                                      average=True),
+    # With constant steps BOME stalls in an O(1/lambda) neighbourhood of x*
+    # unless grad f vanishes there: the flat problem, where x* = x0.
+    "bome": _Convergence("x*", coupled=False, steps=500),
+    # Random alternation of f and g steps: in expectation SGD on the mixture
+    # (jointly strongly convex on the B = 0 problem); averaged iterates.
+    "alright": _Convergence("mixture", coupled=False, lower_lr=0.1,
+                            steps=16000, tol=5e-3, average=True),
+}
+
+
+def _trajectory(tx, params, num_steps):
+  """The x iterates of ``num_steps`` jitted steps (a ``lax.scan``)."""
+  def body(carry, _):
+    params, state = carry
+    updates, state = tx.update(None, state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, state), params.x
+  return jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None,
+                                        length=num_steps)[1])(params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_converges_to_the_closed_form_answer(name):
+  assert name in CONVERGENCE, (
+      f"{name}: add its problem, closed-form answer and tolerance to "
+      "CONVERGENCE in tests/test_common.py.")
+  case = CONVERGENCE[name]
+  f, g, params, coeffs = _convergence_problem(case.coupled)
+  answer = _ANSWERS[case.answer](coeffs)
+  if name in ("pbgd_blocc", "pbgd_free_cc"):
+    y = coeffs.y_gamma(answer, HYPER)
+    assert float(_sum_constraint(answer, y)[0]) < -1.0   # inactive
+  tx = METHOD_CASES[name](f, g, HYPER, optax.sgd(0.1),
+                          optax.sgd(case.lower_lr))
+  xs = np.asarray(_trajectory(tx, params, case.steps))
+  estimate = xs[case.steps // 2:].mean(axis=0) if case.average else xs[-1]
+  error = np.max(np.abs(estimate - answer))
+  assert error < case.tol, (name, case.answer, error)
+  # The answer is specific: the other closed-form points are far away.
+  others = [np.max(np.abs(fn(coeffs) - answer)) for key, fn in
+            _ANSWERS.items() if case.coupled and key != case.answer and
+            key != "mixture"]
+  assert all(d > 4 * case.tol for d in others), (name, others)

@@ -79,7 +79,7 @@ def _bome_tx(f, g):
 
 
 def _bome_hand_step(f, g, directions):
-  """One BOME step in plain JAX; ``directions`` picks how (grad f, grad q) are taken.
+  """One BOME step in plain JAX; ``directions``: how (grad f, grad q) are taken.
 
   ``"benchopt"``: three gradients as in benchopt's BOME (f on both blocks,
   g on both blocks at y, g's x-block at y_hat). ``"jvp"``: the previous

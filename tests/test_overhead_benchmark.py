@@ -12,7 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("PBGD-Free", "ALT-PBGD", "V-PBGD", "BOME", "F2SA", "AID", "ITD")
 ROW_KEYS = {"method", "ms_per_step", "hand_ms_per_step", "time_ratio",
             "mflops_per_step", "hand_mflops_per_step", "flops_ratio",
-            "chunk_check_mflops", "floor_ratio", "compile_s",
+            "chunk_check_mflops", "mbytes_per_step", "bytes_ratio",
+            "floor_ratio", "compile_s",
             "hand_compile_s"}
 
 

@@ -32,6 +32,7 @@ MAX_PROGRAMS = 16
 """The most compiled driver programs kept alive at once (least recently used dropped)."""
 
 _RECIPE = "_jaxbilevel_recipe"
+_PROGRAM = "_jaxbilevel_program"
 
 
 def bilevel_method(constructor: Callable) -> Callable:
@@ -132,7 +133,24 @@ class Program(collections.namedtuple("Program", "key build hyperparameters")):
 
 
 def program_of(tx) -> Program:
-  """The cache key of ``tx``, a builder and its traced hyperparameters."""
+  """The cache key of ``tx``, a builder and its traced hyperparameters.
+
+  Computed once per transformation (kept on its ``update`` function), so a
+  run that reuses ``tx`` pays for the fingerprint only on its first call.
+  """
+  update = getattr(tx, "update", None)
+  cached = getattr(update, _PROGRAM, None)
+  if cached is not None:
+    return cached
+  program = _program_of(tx)
+  try:
+    setattr(update, _PROGRAM, program)
+  except AttributeError:
+    pass
+  return program
+
+
+def _program_of(tx) -> Program:
   recipe = getattr(getattr(tx, "update", None), _RECIPE, None)
   if recipe is None:
     return Program(("tx", fingerprint(tx)), lambda values: tx, ())

@@ -3,13 +3,17 @@
 Each function returns a projection ``tree -> tree`` that can be passed as the
 ``proj_x`` or ``proj_y`` argument of every method. Bounds may be Python
 numbers, arrays broadcastable to the leaves, or pytrees matching the
-variables.
+variables. The projections themselves are optax's (``optax.projections``);
+these wrappers add the broadcasting of scalar bounds and keep each leaf's
+dtype. Any optax projection can be passed directly too, e.g.
+``proj_y=lambda y: optax.projections.projection_l2_ball(y, 1.0)``.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxbilevel._src.base import BilevelValidationError
 
@@ -60,13 +64,15 @@ def box(lower=None, upper=None):
   def project(tree):
     lo = _bound_tree(lower, tree, -jnp.inf)
     hi = _bound_tree(upper, tree, jnp.inf)
-    return jax.tree.map(
-        lambda t, l, h: jnp.clip(t, l, h).astype(jnp.result_type(t)),
-        tree, lo, hi)
+    projected = optax.projections.projection_box(tree, lo, hi)
+    return jax.tree.map(lambda p, t: p.astype(jnp.result_type(t)), projected,
+                        tree)
 
   return project
 
 
 def nonnegative(floor=0.0):
   """Projection onto ``{v >= floor}`` (e.g. multipliers, SVM margins)."""
+  if isinstance(floor, (int, float)) and floor == 0:
+    return optax.projections.projection_non_negative
   return box(lower=floor, upper=None)

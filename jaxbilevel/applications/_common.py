@@ -7,6 +7,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxbilevel._src import base
 
@@ -102,6 +103,5 @@ def train_val_batch(arrays: dict) -> dict:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy for integer labels."""
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  """Per-example softmax cross-entropy for integer labels (optax's)."""
+  return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
