@@ -32,11 +32,9 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
 _CHILD = r'''
 import json, resource, sys, time
@@ -108,13 +106,58 @@ def _child(code, *args):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def write_markdown(result, path):
+  """Writes the Markdown table of ``result`` (the JSON's content) to ``path``."""
+  rows, rounds = result["rows"], result["rounds"]
+  lines = [
+      "# Compile time and memory against the number of leaves",
+      "",
+      f"Machine: {result['machine']}. First call (trace + compile + 50 "
+      f"steps) of PBGD-Free in a fresh process, median of {rounds} "
+      "interleaved round(s); leaves of shape (4,). Written by "
+      "`benchmarks/compile_memory.py`. The hand-written scan takes gamma as "
+      "an argument, as `jbl.run`'s program does (one program serves every "
+      "gamma value); compiled with gamma as a constant it is the next column. "
+      "Wall-clock times on a shared machine (other jobs were running), so "
+      "compare the interleaved ratios rather than single numbers.",
+      "",
+      "| leaves per level | hand scan (s) | jbl.run (s) | run / hand | "
+      "hand scan, gamma constant (s) | run / that | hand jit(vmap) (s) | "
+      "jbl.sweep (s) | sweep / hand | peak RSS hand / run / sweep (MB) |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r['leaves_per_level']} | {r['hand_s']:.2f} | {r['run_s']:.2f} | "
+        f"{r['run_over_hand']:.2f} | {r['hand_const_s']:.2f} | "
+        f"{r['run_over_hand_const']:.2f} | {r['hand_sweep_s']:.2f} | "
+        f"{r['sweep_s']:.2f} | {r['sweep_over_hand']:.2f} | "
+        f"{r['hand_peak_mb']:.0f} / {r['run_peak_mb']:.0f} / "
+        f"{r['sweep_peak_mb']:.0f} |")
+  m = result["many_runs"]
+  lines += ["", f"{m['runs']} calls of `jbl.run`, each with a newly built "
+            f"(identical) transformation, in one process: resident memory "
+            f"{m['rss_first_mb']:.0f} MB after the first, "
+            f"{m['rss_last_mb']:.0f} MB after the last "
+            f"(growth {m['growth_mb']:+.1f} MB).", ""]
+  with open(path, "w") as fh:
+    fh.write("\n".join(lines))
+  print("\n".join(lines))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--out", default=os.path.join(
       os.path.dirname(__file__), "results"))
+  parser.add_argument("--markdown", metavar="JSON",
+                      help="only rewrite the Markdown table of a results file")
   args = parser.parse_args()
+  if args.markdown:
+    with open(args.markdown) as fh:
+      write_markdown(json.load(fh), args.markdown[:-len(".json")] + ".md")
+    return
   sizes = (10, 100) if args.quick else (10, 100, 1000)
   rounds = 1 if args.quick else args.rounds
   contenders = ("hand", "run", "hand_const", "hand_sweep", "sweep")
@@ -148,36 +191,8 @@ def main():
   name = "compile_memory_quick" if args.quick else "compile_memory"
   with open(os.path.join(args.out, name + ".json"), "w") as fh:
     json.dump(result, fh, indent=1)
-  lines = [
-      "# Compile time and memory against the number of leaves",
-      "",
-      f"Machine: {result['machine']}. First call (trace + compile + 50 "
-      f"steps) of PBGD-Free in a fresh process, median of {rounds} "
-      "interleaved round(s); leaves of shape (4,). Written by "
-      "`benchmarks/compile_memory.py`.",
-      "",
-      "| leaves per level | hand scan (s) | jbl.run (s) | run / hand | "
-      "hand scan, gamma constant (s) | run / that | hand jit(vmap) (s) | "
-      "jbl.sweep (s) | sweep / hand | peak RSS hand / run / sweep (MB) |",
-      "|---|---|---|---|---|---|---|---|---|---|",
-  ]
-  for r in rows:
-    lines.append(
-        f"| {r['leaves_per_level']} | {r['hand_s']:.2f} | {r['run_s']:.2f} | "
-        f"{r['run_over_hand']:.2f} | {r['hand_const_s']:.2f} | "
-        f"{r['run_over_hand_const']:.2f} | {r['hand_sweep_s']:.2f} | "
-        f"{r['sweep_s']:.2f} | {r['sweep_over_hand']:.2f} | "
-        f"{r['hand_peak_mb']:.0f} / {r['run_peak_mb']:.0f} / "
-        f"{r['sweep_peak_mb']:.0f} |")
-  m = result["many_runs"]
-  lines += ["", f"{m['runs']} calls of `jbl.run`, each with a newly built "
-            f"(identical) transformation, in one process: resident memory "
-            f"{m['rss_first_mb']:.0f} MB after the first, "
-            f"{m['rss_last_mb']:.0f} MB after the last "
-            f"(growth {m['growth_mb']:+.1f} MB).", ""]
-  with open(os.path.join(args.out, name + ".md"), "w") as fh:
-    fh.write("\n".join(lines))
-  print("\n".join(lines))
+  write_markdown(result, os.path.join(args.out, name + ".md"))
+
 
 
 if __name__ == "__main__":

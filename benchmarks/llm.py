@@ -73,8 +73,6 @@ import optax
 
 import jaxbilevel as jbl
 from jaxbilevel import llm
-from jaxbilevel._src.llm import data as llm_data
-from jaxbilevel._src.llm import losses
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(os.path.dirname(HERE), "tests", "data",
@@ -252,13 +250,13 @@ def first_id(value):
 def load_data(args, tokenizer, config, pairs):
   """Tokenized train / eval sets: DPO half, disjoint SFT half (or file)."""
   seed = args.seed
-  dpo_pairs, other = llm_data.train_eval_split(pairs, eval_size=0.5,
+  dpo_pairs, other = llm.train_eval_split(pairs, eval_size=0.5,
                                                seed=seed)
   if args.sft_data:
-    sft = llm_data.load_sft_jsonl(args.sft_data)
+    sft = llm.load_sft_jsonl(args.sft_data)
     sft_source = os.path.basename(args.sft_data)
   else:
-    sft = llm_data.preference_to_sft(other)
+    sft = llm.preference_to_sft(other)
     sft_source = (f"chosen dialogues of the other half of "
                   f"{os.path.basename(args.dpo_data)} "
                   f"({len(other)} pairs, disjoint from the DPO half)")
@@ -266,17 +264,17 @@ def load_data(args, tokenizer, config, pairs):
     raise SystemExit(
         f"--eval-pairs {args.eval_pairs}: the data has {len(dpo_pairs)} DPO "
         f"pairs and {len(sft)} SFT examples; lower --eval-pairs.")
-  dpo_train, dpo_eval = llm_data.train_eval_split(
+  dpo_train, dpo_eval = llm.train_eval_split(
       dpo_pairs, eval_size=args.eval_pairs, seed=seed + 1)
-  sft_train, sft_eval = llm_data.train_eval_split(
+  sft_train, sft_eval = llm.train_eval_split(
       sft, eval_size=args.eval_pairs, seed=seed + 2)
   kw = dict(max_len=args.max_len, eos_id=first_id(config.eos_token_id),
             pad_id=0)
   sets = dict(
-      dpo_train=llm_data.tokenize_preferences(dpo_train, tokenizer, **kw),
-      dpo_eval=llm_data.tokenize_preferences(dpo_eval, tokenizer, **kw),
-      sft_train=llm_data.tokenize_sft(sft_train, tokenizer, **kw),
-      sft_eval=llm_data.tokenize_sft(sft_eval, tokenizer, **kw))
+      dpo_train=llm.tokenize_preferences(dpo_train, tokenizer, **kw),
+      dpo_eval=llm.tokenize_preferences(dpo_eval, tokenizer, **kw),
+      sft_train=llm.tokenize_sft(sft_train, tokenizer, **kw),
+      sft_eval=llm.tokenize_sft(sft_eval, tokenizer, **kw))
   counts = dict(pairs_read=len(pairs), dpo_train=len(dpo_train),
                 dpo_eval=len(dpo_eval), sft_train=len(sft_train),
                 sft_eval=len(sft_eval), sft_source=sft_source)
@@ -292,7 +290,7 @@ class Batches:
   """
 
   def __init__(self, sets, args, reference, place):
-    self.iterator = llm_data.batch_iterator(
+    self.iterator = llm.batch_iterator(
         {"dpo": sets["dpo_train"], "sft": sets["sft_train"]},
         {"dpo": args.pairs, "sft": args.sft_batch}, num_epochs=None,
         seed=args.seed + 3)
@@ -480,7 +478,7 @@ def main(argv=None):
   t_start = time.perf_counter()
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   mesh = parse_mesh(args.mesh)
-  pairs = llm_data.load_preference_jsonl(args.dpo_data)
+  pairs = llm.load_preference_jsonl(args.dpo_data)
   model, tokenizer, config, source, total_params = build_model(args, pairs,
                                                                dtype)
   sets, counts = load_data(args, tokenizer, config, pairs)
@@ -494,17 +492,17 @@ def main(argv=None):
   def model_fn(x, y, ids, mask):
     return apply_fn(x, y, ids, mask, frozen=frozen)
 
-  f = losses.make_dpo_loss(model_fn, beta=args.beta)
-  g = losses.make_sft_loss(model_fn)
+  f = llm.make_dpo_loss(model_fn, beta=args.beta)
+  g = llm.make_sft_loss(model_fn)
   x_ref = llm.zero_adapters(params0.x)
 
   @jax.jit
   def reference(dpo):
-    return losses.dpo_logprobs(model_fn, x_ref, params0.y, dpo, key=None)
+    return llm.dpo_logprobs(model_fn, x_ref, params0.y, dpo, key=None)
 
   @jax.jit
   def eval_parts(x, y, dpo, sft):
-    pi_c, pi_r = losses.dpo_logprobs(model_fn, x, y, dpo, key=None)
+    pi_c, pi_r = llm.dpo_logprobs(model_fn, x, y, dpo, key=None)
     ids = sft["input_ids"]
     ce = optax.losses.softmax_cross_entropy_with_integer_labels(
         model_fn(x, y, ids, sft["attention_mask"])[:, :-1], ids[:, 1:])
@@ -608,7 +606,6 @@ def main(argv=None):
         lambda: step_a(params0, state_a, one_batch),
         lambda: floor_step(params0, floor_state, one_batch),
         args.floor_rounds)
-    del step_a
 
     # -- stage 1: the bilevel method for the budget.
     def stage1_chunk(carry, stacked, start, tx=tx):
