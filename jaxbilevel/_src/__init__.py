@@ -1,0 +1,1 @@
+"""Implementation of jaxbilevel; the public names are re-exported by the package modules."""
