@@ -7,6 +7,9 @@ differentiated through. FLOPs are XLA's cost analysis of the compiled step
 (a loop body counted once, the same loops in both programs).
 """
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,33 +24,14 @@ from jaxbilevel._src import base
 
 
 def _mlp(features=5, hidden=8, batch=16, seed=0):
-  """An MLP feature extractor x and a linear head y (the NLSY shape, small)."""
-  k = jax.random.split(jax.random.PRNGKey(seed), 6)
-  x = {"w1": jax.random.normal(k[0], (features, hidden)) / np.sqrt(features),
-       "b1": jnp.zeros(hidden),
-       "w2": jax.random.normal(k[1], (hidden, hidden)) / np.sqrt(hidden),
-       "b2": jnp.zeros(hidden)}
-  y = {"w": jax.random.normal(k[2], (hidden,)) / np.sqrt(hidden),
-       "b": jnp.zeros(())}
-  w = jax.random.normal(k[3], (features,))
-  a0 = jax.random.normal(k[4], (batch, features))
-  a1 = jax.random.normal(k[5], (batch, features)) + 0.5
-  data = {"a0": a0, "t0": jnp.tanh(a0 @ w), "a1": a1,
-          "t1": jnp.tanh(a1 @ w) + 0.3}
-
-  def net(x, y, a):
-    h = jax.nn.relu(a @ x["w1"] + x["b1"])
-    h = jax.nn.relu(h @ x["w2"] + x["b2"])
-    return h @ y["w"] + y["b"]
-
-  def f(x, y, batch):
-    return jnp.mean((net(x, y, batch["a0"]) - batch["t0"]) ** 2)
-
-  def g(x, y, batch):
-    return jnp.mean((net(x, y, batch["a1"]) - batch["t1"]) ** 2) + (
-        1e-2 * otu.tree_vdot(y, y))
-
-  return f, g, jbl.BilevelParams(x, y), data
+  """The benchmark's NLSY-shaped problem (``benchmarks/overhead.py``), small."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / (
+      "overhead.py")
+  spec = importlib.util.spec_from_file_location("_overhead_benchmark", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  p = module.mlp_problem(features, hidden, batch, seed)
+  return p["f"], p["g"], p["params"], p["batch"]
 
 
 def _compiled(fn, *args):
