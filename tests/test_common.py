@@ -354,17 +354,7 @@ def _convergence_problem(coupled):
     y_t = -np.linalg.solve(a_mat, c_mat.T @ x0 + a_vec)
   coeffs = jbl.problems.QuadraticBilevel(A=a_mat, C=c_mat, a=a_vec, P=p_mat,
                                          B=b_mat, q=q_vec, y_t=y_t)
-  c = {k: jnp.asarray(v, jnp.float64) for k, v in coeffs._asdict().items()}
-
-  def g(x, y, batch=None):
-    del batch
-    return 0.5 * y @ c["A"] @ y + x @ c["C"] @ y + c["a"] @ y
-
-  def f(x, y, batch=None):
-    del batch
-    return (0.5 * x @ c["P"] @ x + x @ c["B"] @ y
-            + 0.5 * jnp.sum((y - c["y_t"]) ** 2) + c["q"] @ x)
-
+  f, g = coeffs.objectives(jnp.float64)
   params = jbl.BilevelParams(jnp.zeros(dim_x, jnp.float64),
                              jnp.zeros(dim_y, jnp.float64))
   return f, g, params, coeffs

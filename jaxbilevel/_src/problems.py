@@ -179,6 +179,21 @@ class QuadraticBilevel(NamedTuple):
   q: np.ndarray
   y_t: np.ndarray
 
+  def objectives(self, dtype=jnp.float64):
+    """The objectives ``(f, g)`` with these coefficients, in ``dtype``."""
+    c = {k: jnp.asarray(v, dtype) for k, v in self._asdict().items()}
+
+    def g(x, y, batch=None):
+      del batch
+      return 0.5 * y @ c["A"] @ y + x @ c["C"] @ y + c["a"] @ y
+
+    def f(x, y, batch=None):
+      del batch
+      return (0.5 * x @ c["P"] @ x + x @ c["B"] @ y
+              + 0.5 * jnp.sum((y - c["y_t"]) ** 2) + c["q"] @ x)
+
+    return f, g
+
   def y_star(self, x):
     """The lower solution :math:`y_g^*(x)=-A^{-1}(C^\\top x+a)`."""
     return -np.linalg.solve(self.A, self.C.T @ x + self.a)
@@ -248,17 +263,7 @@ def random_quadratic(seed: int = 0, dim_x: int = 3, dim_y: int = 4,
       a=rng.normal(size=dim_y), P=p @ p.T / dim_x + 0.5 * np.eye(dim_x),
       B=0.3 * rng.normal(size=(dim_x, dim_y)), q=rng.normal(size=dim_x),
       y_t=rng.normal(size=dim_y))
-  c = {k: jnp.asarray(v, dtype) for k, v in coeffs._asdict().items()}
-
-  def g(x, y, batch=None):
-    del batch
-    return 0.5 * y @ c["A"] @ y + x @ c["C"] @ y + c["a"] @ y
-
-  def f(x, y, batch=None):
-    del batch
-    return (0.5 * x @ c["P"] @ x + x @ c["B"] @ y
-            + 0.5 * jnp.sum((y - c["y_t"]) ** 2) + c["q"] @ x)
-
+  f, g = coeffs.objectives(dtype)
   return BilevelProblem(
       f, g, BilevelParams(jnp.zeros(dim_x, dtype), jnp.zeros(dim_y, dtype)),
       dict(coefficients=coeffs,
@@ -277,15 +282,12 @@ def quadratic_a8(dtype=jnp.float64) -> BilevelProblem:
                                                         [0.5, 1.0]]),
       a=np.array([1.0, -1.0]), P=0.1 * np.eye(2), B=np.zeros((2, 2)),
       q=np.zeros(2), y_t=np.array([1.0, 2.0]))
-  c = {k: jnp.asarray(v, dtype) for k, v in coeffs._asdict().items()}
+  _, g = coeffs.objectives(dtype)
+  y_t = jnp.asarray(coeffs.y_t, dtype)
 
-  def g(x, y, batch=None):
+  def f(x, y, batch=None):  # P = 0.1 I, B = 0, q = 0, written out
     del batch
-    return 0.5 * y @ c["A"] @ y + x @ c["C"] @ y + c["a"] @ y
-
-  def f(x, y, batch=None):
-    del batch
-    return 0.5 * jnp.sum((y - c["y_t"]) ** 2) + 0.05 * jnp.sum(x ** 2)
+    return 0.5 * jnp.sum((y - y_t) ** 2) + 0.05 * jnp.sum(x ** 2)
 
   return BilevelProblem(
       f, g, BilevelParams(jnp.zeros(2, dtype), jnp.zeros(2, dtype)),
