@@ -22,6 +22,7 @@ import collections
 import functools
 import numbers
 import types
+import warnings
 from typing import Callable
 
 import jax
@@ -132,6 +133,24 @@ class Program(collections.namedtuple("Program", "key build hyperparameters")):
   """How to rebuild a transformation: ``build(hyperparameters) -> tx``."""
 
 
+class _Key:
+  """A program key whose (deep, tuple) hash is computed once."""
+
+  __slots__ = ("parts", "_hash")
+
+  def __init__(self, parts):
+    self.parts = parts
+    self._hash = hash(parts)
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return self is other or (isinstance(other, _Key)
+                             and self._hash == other._hash
+                             and self.parts == other.parts)
+
+
 def program_of(tx) -> Program:
   """The cache key of ``tx``, a builder and its traced hyperparameters.
 
@@ -153,22 +172,26 @@ def program_of(tx) -> Program:
 def _program_of(tx) -> Program:
   recipe = getattr(getattr(tx, "update", None), _RECIPE, None)
   if recipe is None:
-    return Program(("tx", fingerprint(tx)), lambda values: tx, ())
+    return Program(_Key(("tx", fingerprint(tx))), lambda values: tx, ())
   constructor, args, kwargs = recipe
   leaves, treedef = jax.tree.flatten((args, kwargs))
   where = [i for i, leaf in enumerate(leaves) if _is_hyperparameter(leaf)]
   values = tuple(jnp.asarray(leaves[i]) for i in where)
-  key = ("recipe", constructor, treedef, tuple(where),
-         tuple(("hp", v.dtype, v.weak_type) if i in where else
-               fingerprint(leaf) for i, (leaf, v) in enumerate(
-                   zip(leaves, _aligned(leaves, where, values)))))
+  key = _Key(("recipe", constructor, treedef, tuple(where),
+              tuple(("hp", v.dtype, v.weak_type) if i in where else
+                    fingerprint(leaf) for i, (leaf, v) in enumerate(
+                        zip(leaves, _aligned(leaves, where, values))))))
 
   def build(traced):
     filled = list(leaves)
     for i, v in zip(where, traced):
       filled[i] = v
     b_args, b_kwargs = jax.tree.unflatten(treedef, filled)
-    return constructor(*b_args, **b_kwargs)
+    with warnings.catch_warnings():
+      # A deprecated argument name was already reported when the user built
+      # the transformation; rebuilding it inside the program is ours.
+      warnings.simplefilter("ignore", DeprecationWarning)
+      return constructor(*b_args, **b_kwargs)
 
   return Program(key, build, values)
 
@@ -184,7 +207,7 @@ def static_program(program: Program) -> Program:
   """The same program with the hyperparameters baked in (keyed by value)."""
   values = tuple(np.asarray(v).item() for v in program.hyperparameters)
   build = program.build
-  return Program(("static", program.key, values),
+  return Program(_Key(("static", program.key, values)),
                  lambda traced: build(values), ())
 
 

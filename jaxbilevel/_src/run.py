@@ -21,6 +21,7 @@ uses the guarded loop directly.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -139,9 +140,12 @@ def _check_record_every(record, record_every, num_steps, where):
 
 def _step(tx, params, state, batch, mode, stopped, diagnostics):
   """One update of ``tx`` with the checks of ``mode`` (see the module doc)."""
-  with base.recording_diagnostics(diagnostics):
+  with base.recording_diagnostics(diagnostics), \
+      base.capturing_new_params() as captured:
     updates, new_state = tx.update(None, state, params, batch=batch)
-  new_params = optax.apply_updates(params, updates)
+  new_params = base.captured_new_params(captured, params, updates)
+  if new_params is None:
+    new_params = optax.apply_updates(params, updates)
   diag = find_diagnostics(new_state)
   if not diagnostics:
     # Keep the incoming (unchanged) diagnostics in the carry: nothing reads
@@ -183,8 +187,14 @@ def _scan_chunk(tx, params, state, batch, batches, start, stopped, *, length,
       batch_t = {**batch, **batch_t}
     params, state, stopped, diag, finite, updates_finite, state_finite = _step(
         tx, params, state, batch_t, mode, stopped, diagnostics)
-    row = dict(diag, step=step, finite=finite, updates_finite=updates_finite,
-               state_finite=state_finite)
+    if mode == "fast":
+      # Unchecked steps: the step numbers and the (true) update and state
+      # flags are filled in after the loop, so that the loop writes no
+      # per-step rows it does not need.
+      row = dict(diag, finite=finite) if diagnostics else {}
+    else:
+      row = dict(diag, finite=finite, updates_finite=updates_finite,
+                 state_finite=state_finite)
     return (params, state, stopped), row
 
   steps = start + jnp.arange(length, dtype=jnp.int32)
@@ -208,6 +218,10 @@ def _scan_chunk(tx, params, state, batch, batches, start, stopped, *, length,
     history = jax.tree.map(lambda v: v.reshape((length,) + v.shape[2:]),
                            history)
     history["record"] = recorded
+  history["step"] = steps
+  unchecked = jnp.ones((length,), bool)
+  for key in ("finite", "updates_finite", "state_finite"):
+    history.setdefault(key, unchecked)
   params, state, stopped = carry
   return params, state, stopped, history
 
@@ -236,19 +250,13 @@ _TRACER_ERRORS = (jax.errors.ConcretizationTypeError,
                   jax.errors.TracerIntegerConversionError)
 
 
-def _run_chunk(tx, params, state, batch, batches, start, stopped, *, length,
-               mode, record, record_every, diagnostics):
-  """Runs one chunk through the shared, bounded program cache."""
+def _call_program(cache, tx, *args, **kwargs):
+  """Calls the jitted program of ``tx`` in ``cache`` (see :mod:`programs`)."""
   program = programs.program_of(tx)
   if program.key in _NEEDS_STATIC:
     program = programs.static_program(program)
-  fn = batches if callable(batches) else None
-  kwargs = dict(batches_fn=fn, length=length, mode=mode, record=record,
-                record_every=record_every, diagnostics=diagnostics)
-  args = (params, state, batch, None if fn else batches,
-          jnp.asarray(start, jnp.int32), stopped)
   try:
-    return _PROGRAMS.get(program)(program.hyperparameters, *args, **kwargs)
+    return cache.get(program)(program.hyperparameters, *args, **kwargs)
   except _TRACER_ERRORS:
     if not program.hyperparameters:
       raise
@@ -256,7 +264,35 @@ def _run_chunk(tx, params, state, batch, batches, start, stopped, *, length,
     # branches on one): key the program by value instead.
     _NEEDS_STATIC.add(program.key)
     program = programs.static_program(program)
-    return _PROGRAMS.get(program)(program.hyperparameters, *args, **kwargs)
+    return cache.get(program)(program.hyperparameters, *args, **kwargs)
+
+
+def _run_chunk(tx, params, state, batch, batches, start, stopped, *, length,
+               mode, record, record_every, diagnostics):
+  """Runs one chunk through the shared, bounded program cache."""
+  fn = batches if callable(batches) else None
+  return _call_program(
+      _PROGRAMS, tx, params, state, batch, None if fn else batches,
+      np.int32(start), stopped, batches_fn=fn, length=length, mode=mode,
+      record=record, record_every=record_every, diagnostics=diagnostics)
+
+
+_INITS = programs.ProgramCache(
+    lambda build: jax.jit(lambda hyperparameters, params:
+                          build(hyperparameters).init(params)))
+
+
+def init_state(tx, params):
+  """``tx.init(params)`` as one compiled call (shared like the chunks).
+
+  Eager initialisation dispatches one small operation per state leaf, which
+  costs more than a whole short run of a small problem; an ``init`` that needs
+  concrete values (a user's optimizer) still runs eagerly.
+  """
+  try:
+    return _call_program(_INITS, tx, params)
+  except _TRACER_ERRORS:
+    return tx.init(params)
 
 
 def scan_run(tx: optax.GradientTransformationExtraArgs,
@@ -410,7 +446,9 @@ def _interactive() -> bool:
 
 def _strongly_typed(tree):
   """Drops weak types (e.g. ``jnp.asarray(1.0)``) so calls share compilations."""
-  return jax.tree.map(lambda v: jnp.asarray(v, dtype=jnp.result_type(v)), tree)
+  return jax.tree.map(
+      lambda v: v if isinstance(v, jax.Array) and not v.weak_type else
+      jnp.asarray(v, dtype=jnp.result_type(v)), tree)
 
 
 def _slice_batches(batches, start, length):
@@ -420,6 +458,8 @@ def _slice_batches(batches, start, length):
 
 
 def _concat_history(parts):
+  if len(parts) == 1:
+    return parts[0]
   return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts)
 
 
@@ -445,15 +485,24 @@ def all_finite(tree) -> bool:
   runs where the arrays are.
   """
   leaves = [leaf for leaf in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-  on_host = all(
-      isinstance(leaf, np.ndarray) or (
-          isinstance(leaf, jax.Array) and leaf.is_fully_addressable and all(
-              d.platform == "cpu" for d in leaf.devices()))
-      for leaf in leaves)
-  if on_host:
+            if jnp.issubdtype(_dtype(leaf), jnp.inexact)]
+  if all(isinstance(leaf, np.ndarray) or (
+      isinstance(leaf, jax.Array) and _on_host(leaf.sharding))
+         for leaf in leaves):
     return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in leaves)
   return bool(_device_all_finite(leaves))
+
+
+def _dtype(leaf):
+  dtype = getattr(leaf, "dtype", None)
+  return jnp.result_type(leaf) if dtype is None else dtype
+
+
+@functools.lru_cache(maxsize=64)
+def _on_host(sharding) -> bool:
+  """Whether arrays with ``sharding`` are all in this process's host memory."""
+  return sharding.is_fully_addressable and all(
+      d.platform == "cpu" for d in sharding.device_set)
 
 
 def _check_host_call(params, where):
@@ -482,7 +531,7 @@ def drive(tx, params, state, *, batch, batches, first_step, num_steps,
   loop_mode = {"stop": "fast", "skip": "skip", "ignore": "ignore"}[mode]
   bar = _Progress(num_steps - first_step, progress)
   parts, done, failure = [], first_step, None
-  no_stop = jnp.asarray(False)
+  no_stop = np.bool_(False)
   options = dict(record=record, record_every=record_every,
                  diagnostics=diagnostics)
   try:
@@ -658,7 +707,7 @@ def run(tx: optax.GradientTransformationExtraArgs,
                    num_steps)
   params = _strongly_typed(params)
   if state is None:
-    state = tx.init(params)
+    state = init_state(tx, params)
   find_diagnostics(state)  # fails clearly for a non-bilevel transformation
   num_chunks = math.ceil(num_steps / chunk_size)
   if progress is None:
