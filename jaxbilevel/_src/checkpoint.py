@@ -41,7 +41,7 @@ import shutil
 import signal
 import threading
 import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -511,7 +511,7 @@ def resumable_run(tx: optax.GradientTransformationExtraArgs,
                   batch: Any = None,
                   batches: Any = None,
                   record: Optional[Callable] = None,
-                  diagnostics: bool = False,
+                  diagnostics: Union[bool, Sequence[str]] = False,
                   on_nonfinite: str = "stop",
                   max_to_keep: Optional[int] = 2):
   """:func:`jaxbilevel.run` with a checkpoint every ``save_every`` steps, resuming from the latest.
@@ -612,7 +612,9 @@ def resumable_run(tx: optax.GradientTransformationExtraArgs,
   params, state, new_parts, failure = run_lib.drive(
       tx, params, state, batch=batch, batches=batches, first_step=done,
       num_steps=num_steps, chunk_size=save_every, on_nonfinite=on_nonfinite,
-      record=record, record_every=1, diagnostics=diagnostics, progress=False,
+      record=record, record_every=1,
+      diagnostics=run_lib.diagnostics_option(diagnostics, "resumable_run"),
+      progress=False,
       after_chunk=after_chunk)
   history = run_lib.History(whole_history(new_parts))
   _report_nonfinite(history, on_nonfinite, failure, state)

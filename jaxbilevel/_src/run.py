@@ -17,6 +17,28 @@ first non-finite step exactly as a guarded run would. Steps are deterministic
 (the batches and the random keys in the state are the same), so the replay
 reaches the same iterates. :func:`scan_run`, which must stay a pure function,
 uses the guarded loop directly.
+
+What an unguarded step costs
+----------------------------
+
+The loop of an unguarded chunk does what the same algorithm written by hand
+does, and nothing else:
+
+* A bilevel method's ``update`` returns ``new - old`` (optax's contract);
+  the drivers take a bare method's new parameters directly (captured in
+  ``base.level_updates``) instead of adding that difference back, which
+  would cost two elementwise passes over every variable. A transformation
+  that changes the updates (an optax chain, :func:`jaxbilevel.apply_if_finite`)
+  is applied with ``optax.apply_updates`` as usual.
+* Diagnostics not recorded are neither traced nor carried. Recorded ones
+  are written once per step; whether they are finite, the step numbers and
+  the final state's last diagnostics are derived after the loop (on the
+  host, :func:`unchecked_rows` and :func:`with_last_diagnostics`).
+* Nothing is checked per step (see above).
+
+Around the loop a call of :func:`run` costs a fixed amount (arguments
+checked, one compiled ``init``, the program looked up, the final params and
+state checked on the host): ``benchmarks/results/overhead.md`` reports it.
 """
 
 from __future__ import annotations
@@ -26,7 +48,7 @@ import math
 import sys
 import time
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -138,24 +160,58 @@ def _check_record_every(record, record_every, num_steps, where):
   return record_every
 
 
-def _step(tx, params, state, batch, mode, stopped, diagnostics):
-  """One update of ``tx`` with the checks of ``mode`` (see the module doc)."""
-  with base.recording_diagnostics(diagnostics), \
+def diagnostics_option(diagnostics, where: str):
+  """``diagnostics=`` of the drivers as ``True``, ``False`` or a tuple of names."""
+  if isinstance(diagnostics, (bool, np.bool_)):
+    return bool(diagnostics)
+  if isinstance(diagnostics, str):
+    diagnostics = (diagnostics,)
+  try:
+    names = tuple(diagnostics)
+  except TypeError:
+    names = None
+  if names is None or not names or not all(isinstance(n, str) for n in names):
+    raise base.BilevelValidationError(
+        f"{where}: diagnostics must be True, False or a non-empty sequence of "
+        f"diagnostic names (e.g. ('f',)), got {diagnostics!r}.")
+  return names
+
+
+def _step(tx, params, state, batch, mode, stopped, diagnostics,
+          keep_diagnostics=False):
+  """One update of ``tx`` with the checks of ``mode`` (see the module doc).
+
+  With ``keep_diagnostics`` the returned state keeps the incoming
+  diagnostics: the caller records the new ones and puts the last of them in
+  the final state (so the loop does not carry them).
+  """
+  with base.recording_diagnostics(bool(diagnostics)), \
       base.capturing_new_params() as captured:
     updates, new_state = tx.update(None, state, params, batch=batch)
   new_params = base.captured_new_params(captured, params, updates)
   if new_params is None:
     new_params = optax.apply_updates(params, updates)
   diag = find_diagnostics(new_state)
-  if not diagnostics:
-    # Keep the incoming (unchanged) diagnostics in the carry: nothing reads
-    # the new ones, so XLA removes their computation.
+  if diagnostics is not True:
+    # Keep the incoming (unchanged) values of the diagnostics not recorded in
+    # the carry: nothing reads the new ones, so XLA removes their computation.
+    names = diagnostics or ()
+    unknown = sorted(set(names) - set(diag))
+    if unknown:
+      raise base.BilevelValidationError(
+          f"diagnostics={tuple(names)!r}: {unknown} not recorded by this "
+          f"method; it records {sorted(diag)}.")
+    old = find_diagnostics(state)
+    new_state = _with_diagnostics(
+        new_state, {k: diag[k] if k in names else old[k] for k in old})
+    diag = {k: diag[k] for k in names}
+  if keep_diagnostics:
     new_state = _with_diagnostics(new_state, find_diagnostics(state))
-    diag = {}
-  diag_finite = tree_lib.tree_all_finite(diag)
   if mode == "fast":
+    # Unchecked: the caller derives "finite" from the recorded diagnostics.
     true = jnp.asarray(True)
-    return new_params, new_state, stopped, diag, diag_finite, true, true
+    return new_params, new_state, stopped, diag, true, true, true
+  diag_finite = tree_lib.tree_all_finite(diag)
   updates_finite = tree_lib.tree_all_finite(updates)
   # The optimizer state without the diagnostics (reported by name above).
   state_finite = tree_lib.tree_all_finite(_with_diagnostics(new_state, {}))
@@ -176,6 +232,14 @@ def _scan_chunk(tx, params, state, batch, batches, start, stopped, *, length,
                 mode, record, record_every, diagnostics):
   """``length`` steps of ``tx`` in ``lax.scan``; returns the history too."""
 
+  # Where every step is accepted, the loop does not carry the diagnostics
+  # in the state: the final state gets the last recorded row (from the host
+  # after an unchecked chunk, see with_last_diagnostics; here otherwise),
+  # and an unchecked chunk checks the rows after the loop. (With a record
+  # function, which may read the state, the state stays current.)
+  keep_diagnostics = mode in ("fast", "ignore") and record is None
+  incoming = find_diagnostics(state)
+
   def body(carry, inputs):
     params, state, stopped = carry
     step, batch_t = inputs
@@ -186,12 +250,13 @@ def _scan_chunk(tx, params, state, batch, batches, start, stopped, *, length,
     if batches is not None and batch is not None:
       batch_t = {**batch, **batch_t}
     params, state, stopped, diag, finite, updates_finite, state_finite = _step(
-        tx, params, state, batch_t, mode, stopped, diagnostics)
+        tx, params, state, batch_t, mode, stopped, diagnostics,
+        keep_diagnostics)
     if mode == "fast":
-      # Unchecked steps: the step numbers and the (true) update and state
-      # flags are filled in after the loop, so that the loop writes no
-      # per-step rows it does not need.
-      row = dict(diag, finite=finite) if diagnostics else {}
+      # Unchecked steps: the step numbers, the finiteness flags and the
+      # (true) update and state flags are filled in after the loop, so that
+      # the loop writes no per-step rows it does not need.
+      row = dict(diag)
     else:
       row = dict(diag, finite=finite, updates_finite=updates_finite,
                  state_finite=state_finite)
@@ -218,12 +283,37 @@ def _scan_chunk(tx, params, state, batch, batches, start, stopped, *, length,
     history = jax.tree.map(lambda v: v.reshape((length,) + v.shape[2:]),
                            history)
     history["record"] = recorded
-  history["step"] = steps
-  unchecked = jnp.ones((length,), bool)
-  for key in ("finite", "updates_finite", "state_finite"):
-    history.setdefault(key, unchecked)
   params, state, stopped = carry
+  recorded_diag = [k for k in incoming if k in history]
+  if mode == "fast":
+    # One flag for the chunk: whether every recorded diagnostic is finite.
+    # The host expands it and fills in the step numbers and the (true)
+    # update and state flags (unchecked_rows); a chunk that is not finite is
+    # replayed with the per-step checks.
+    history["finite"] = functools.reduce(
+        jnp.logical_and, [jnp.all(jnp.isfinite(history[k]))
+                          for k in recorded_diag], jnp.ones((), bool))
+  else:
+    history["step"] = steps
+  if keep_diagnostics and mode != "fast":
+    state = with_last_diagnostics(state, history)
   return params, state, stopped, history
+
+
+def with_last_diagnostics(state, history):
+  """``state`` with the recorded diagnostics set to their last rows.
+
+  An unchecked chunk returns the state with the diagnostics it started
+  with (carrying them through the loop, or slicing them from the history
+  inside the program, costs more than the step on small problems); the host
+  calls this on the result. Rows have the step as their last axis.
+  """
+  old = find_diagnostics(state)
+  if not any(k in history for k in old):
+    return state
+  return _with_diagnostics(state, {
+      k: jnp.asarray(history[k][..., -1]) if k in history else v
+      for k, v in old.items()})
 
 
 def _chunk_program(build):
@@ -267,6 +357,26 @@ def _call_program(cache, tx, *args, **kwargs):
     return cache.get(program)(program.hyperparameters, *args, **kwargs)
 
 
+def unchecked_rows(history, start: int, length: int) -> dict:
+  """``history`` of an unchecked (``"fast"``) chunk with the host-side rows.
+
+  An unchecked chunk returns one ``finite`` flag (per grid point in a
+  sweep: its leading axes) for all its recorded diagnostics. This expands it
+  to one per step and adds ``step`` (from ``start``) and the
+  ``updates_finite`` and ``state_finite`` flags, all true: the chunk does
+  not compute them (the host checks the final params and state, and replays
+  the chunk with the per-step checks if anything is not finite).
+  """
+  finite = np.asarray(history["finite"])
+  shape = finite.shape + (length,)
+  steps = np.arange(start, start + length, dtype=np.int32)
+  out = dict(history, step=np.broadcast_to(steps, shape).copy())
+  out["finite"] = np.broadcast_to(finite[..., None], shape).copy()
+  out["updates_finite"] = np.ones(shape, bool)
+  out["state_finite"] = np.ones(shape, bool)
+  return out
+
+
 def _run_chunk(tx, params, state, batch, batches, start, stopped, *, length,
                mode, record, record_every, diagnostics):
   """Runs one chunk through the shared, bounded program cache."""
@@ -304,7 +414,7 @@ def scan_run(tx: optax.GradientTransformationExtraArgs,
              batches: Any = None,
              record: Optional[Callable] = None,
              record_every: int = 1,
-             diagnostics: bool = False,
+             diagnostics: Union[bool, Sequence[str]] = False,
              on_nonfinite: str = "stop"):
   """Runs ``num_steps`` outer iterations as one ``lax.scan`` (pure, traceable).
 
@@ -333,11 +443,13 @@ def scan_run(tx: optax.GradientTransformationExtraArgs,
     record_every: record after steps ``record_every - 1, 2 * record_every - 1,
       ...``; ``num_steps`` must be a multiple of it.
     diagnostics: also record the method's diagnostics (``f``, ``g``,
-      ``upper_grad_norm``, ...) every step. Off by default: they are then
-      not computed at all, so a step costs what the method's algorithm
-      costs. Note that ``f`` is taken at the iterate ``params.y``, not at
-      the lower solution; record :func:`jaxbilevel.lower_level_evaluation`
-      to compare settings honestly.
+      ``upper_grad_norm``, ...) every step: ``True`` for all of them, or a
+      sequence of names (e.g. ``("f",)``) for those only. Off by default:
+      they are then not computed at all, so a step costs what the method's
+      algorithm costs; diagnostics not named are not computed either. Note
+      that ``f`` is taken at the iterate ``params.y``, not at the lower
+      solution; record :func:`jaxbilevel.lower_level_evaluation` to compare
+      settings honestly.
     on_nonfinite: ``"stop"`` freezes the iterate at the first non-finite
       step, ``"skip"`` rejects non-finite steps and continues, ``"ignore"``
       applies every step as computed.
@@ -392,7 +504,8 @@ def scan_steps(tx, params, *, num_steps, state, batch, batches, record,
   params, state, _, history = _scan_chunk(
       tx, params, state, batch, batches, jnp.asarray(0, jnp.int32),
       jnp.asarray(False), length=num_steps, mode=mode, record=record,
-      record_every=record_every, diagnostics=bool(diagnostics))
+      record_every=record_every,
+      diagnostics=diagnostics_option(diagnostics, "scan_run"))
   return params, state, history
 
 
@@ -542,6 +655,9 @@ def drive(tx, params, state, *, batch, batches, first_step, num_steps,
           tx, params, state, batch, chunk_batches, done, no_stop,
           length=length, mode=loop_mode, **options)
       hist = jax.tree.map(np.asarray, hist)
+      if loop_mode == "fast":
+        hist = unchecked_rows(hist, done, length)
+        new_state = with_last_diagnostics(new_state, hist)
       if mode == "stop" and not (hist["finite"].all() and all_finite(
           (new_params, new_state))):
         # Replay the chunk guarded: it stops at the first non-finite step.
@@ -619,7 +735,7 @@ def run(tx: optax.GradientTransformationExtraArgs,
         batches: Any = None,
         record: Optional[Callable] = None,
         record_every: int = 1,
-        diagnostics: bool = False,
+        diagnostics: Union[bool, Sequence[str]] = False,
         chunk_size: Optional[int] = None,
         progress: Optional[bool] = None,
         on_nonfinite: str = "stop"):
@@ -659,9 +775,10 @@ def run(tx: optax.GradientTransformationExtraArgs,
     record_every: record after steps ``record_every - 1, 2 * record_every -
       1, ...``; ``num_steps`` must be a multiple of it.
     diagnostics: also record the method's diagnostics (``f``, ``g``,
-      ``upper_grad_norm``, ...) every step; off by default, when they are
-      not computed at all (see :func:`scan_run`). A non-finite step is
-      named by quantity either way.
+      ``upper_grad_norm``, ...) every step: ``True`` for all, or a sequence
+      of names (e.g. ``("f",)``); off by default, when they are not
+      computed at all (see :func:`scan_run`). A non-finite step is named by
+      quantity either way.
     chunk_size: steps per compiled chunk (default ``min(num_steps, 1000)``,
       rounded to a multiple of ``record_every``).
     progress: show a progress bar (``tqdm.auto`` when installed, so it draws
@@ -715,7 +832,8 @@ def run(tx: optax.GradientTransformationExtraArgs,
   params, state, parts, failure = drive(
       tx, params, state, batch=batch, batches=batches, first_step=0,
       num_steps=num_steps, chunk_size=chunk_size, on_nonfinite=on_nonfinite,
-      record=record, record_every=record_every, diagnostics=bool(diagnostics),
+      record=record, record_every=record_every,
+      diagnostics=diagnostics_option(diagnostics, "run"),
       progress=progress)
   history = History(_concat_history(parts))
   if failure is not None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import warnings
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from jax.sharding import PartitionSpec
 from jaxbilevel._src import base
 from jaxbilevel._src import run as run_lib
 from jaxbilevel._src import sharding as sharding_lib
+from jaxbilevel._src import tree as tree_lib
 
 Grid = Mapping[str, Any]
 
@@ -71,9 +73,12 @@ def _check_grid(grid, make_tx, dtype) -> tuple[dict, int]:
           "belongs in make_tx (e.g. a default argument), not in the grid.")
     kind = arr.dtype
     if jnp.issubdtype(kind, jnp.floating):
-      arr = jnp.asarray(arr, dtype=dtype if dtype is not None else kind)
+      target = dtype if dtype is not None else kind
+      if not (isinstance(arr, jax.Array) and arr.dtype == target):
+        arr = jnp.asarray(arr, dtype=target)
     elif jnp.issubdtype(kind, jnp.integer):
-      arr = jnp.asarray(arr)
+      if not isinstance(arr, jax.Array):
+        arr = jnp.asarray(arr)
     else:
       raise base.BilevelValidationError(
           f"sweep: grid[{name!r}] must hold numbers (floats or ints), got "
@@ -88,15 +93,26 @@ def _check_grid(grid, make_tx, dtype) -> tuple[dict, int]:
   if num_points == 0:
     raise base.BilevelValidationError("sweep: the grid has no points.")
   try:
-    inspect.signature(make_tx).bind(**{name: None for name in points})
+    _checked_callable_with(make_tx, tuple(points))
+  except TypeError:  # an unhashable make_tx: check it every time
+    _check_callable_with(make_tx, tuple(points))
+  return points, num_points
+
+
+def _check_callable_with(make_tx, names):
+  """Checks that ``make_tx(**point)`` binds the grid names."""
+  try:
+    inspect.signature(make_tx).bind(**{name: None for name in names})
   except TypeError as err:
     raise base.BilevelValidationError(
         f"sweep: make_tx cannot be called as make_tx(**point) with the grid "
-        f"names {sorted(points)}: {err}. Its signature is "
+        f"names {sorted(names)}: {err}. Its signature is "
         f"{inspect.signature(make_tx)}.") from None
   except ValueError:
     pass  # No signature available (e.g. a builtin): let the call decide.
-  return points, num_points
+
+
+_checked_callable_with = functools.lru_cache(maxsize=64)(_check_callable_with)
 
 
 def _sweep_core(points, params, batch, batches, *, make_tx, params_fn,
@@ -117,7 +133,25 @@ def _sweep_core(points, params, batch, batches, *, make_tx, params_fn,
         batches=batches if batches_fn is None else batches_fn, record=record,
         record_every=record_every, diagnostics=diagnostics, mode=mode)
 
-  return jax.vmap(one)(points)
+  params, state, history = jax.vmap(one)(points)
+  # Whether every point's steps (in the unchecked "fast" mode
+  # history["finite"] holds one flag per point) and, for a small model, its
+  # final iterate are finite, as one value read by the host.
+  finite = jnp.all(history["finite"])
+  if _checked_in_program((params, state)):
+    finite &= tree_lib.tree_all_finite((params, state))
+  return params, state, history, finite
+
+
+# Up to this many leaves of params and state, the compiled sweep checks them:
+# a compiled check is one fused reduction, cheaper than reading every leaf on
+# the host, but its compile time grows with the number of leaves, so larger
+# models are checked on the host (as jaxbilevel.run always does).
+_MAX_LEAVES_CHECKED_IN_PROGRAM = 64
+
+
+def _checked_in_program(tree) -> bool:
+  return len(jax.tree.leaves(tree)) <= _MAX_LEAVES_CHECKED_IN_PROGRAM
 
 
 # Module-level jit: calls with the same make_tx, shapes and static options
@@ -126,6 +160,10 @@ _sweep_jit = jax.jit(
     _sweep_core,
     static_argnames=("make_tx", "params_fn", "batches_fn", "num_steps",
                      "record", "record_every", "diagnostics", "mode"))
+
+
+# One compiled call instead of a slice per diagnostic.
+_with_last_diagnostics = jax.jit(run_lib.with_last_diagnostics)
 
 
 def _pad_points(points, num_points, multiple):
@@ -162,7 +200,7 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
           batches: Any = None,
           record: Optional[Callable] = None,
           record_every: int = 1,
-          diagnostics: bool = False,
+          diagnostics: Union[bool, Sequence[str]] = False,
           on_nonfinite: str = "stop",
           mesh: Optional[Mesh] = None,
           axis: Optional[str] = None):
@@ -204,8 +242,10 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
     record: optional ``(params, state) -> pytree`` recorded after every
       ``record_every``-th step (e.g. :func:`jaxbilevel.lower_level_evaluation`).
     record_every: see :func:`run`; ``num_steps`` must be a multiple of it.
-    diagnostics: also record each method's diagnostics every step (off by
-      default: they are then not computed; see :func:`scan_run`).
+    diagnostics: also record each method's diagnostics every step: ``True``
+      for all, or a sequence of names (e.g. ``("f",)``: the upper objective
+      the step computes anyway, at no extra cost). Off by default: they are
+      then not computed; see :func:`scan_run`.
     on_nonfinite: ``"stop"``, ``"skip"`` or ``"ignore"``, per point (see
       :func:`scan_run`); a warning names the first point with non-finite
       steps. With ``"stop"`` the points run unguarded and the sweep is run
@@ -279,18 +319,28 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
       record, record_every, num_steps, "sweep")
   options = dict(make_tx=make_tx, params_fn=params_fn, batches_fn=batches_fn,
                  num_steps=num_steps, record=record, record_every=record_every,
-                 diagnostics=bool(diagnostics))
+                 diagnostics=run_lib.diagnostics_option(diagnostics, "sweep"))
   args = (run_points, params, batch,
           None if batches_fn is not None else batches)
   mode = "fast" if on_nonfinite == "stop" else on_nonfinite
-  out = _sweep_jit(*args, mode=mode, **options)
-  if mode == "fast" and not (np.all(np.asarray(out[2]["finite"])) and
-                             run_lib.all_finite(out[:2])):
-    # Some point failed: run again with the per-step guard, which freezes
-    # each failed point at its last finite iterate.
-    out = _sweep_jit(*args, mode="stop", **options)
-  if mesh is not None and jax.tree.leaves(run_points)[0].shape[0] != num_points:
+  *out, finite = _sweep_jit(*args, mode=mode, **options)
+  finite = bool(finite) and (_checked_in_program(out[:2])
+                             or run_lib.all_finite(out[:2]))
+  if mode == "fast":
+    if diagnostics:
+      out[1] = _with_last_diagnostics(out[1], out[2])
+    out[2] = run_lib.unchecked_rows(out[2], 0, num_steps)
+  if not finite:
+    if mode == "fast":
+      # Some point failed: run again with the per-step guard, which freezes
+      # each failed point at its last finite iterate.
+      *out, _ = _sweep_jit(*args, mode="stop", **options)
+    if mesh is not None and jax.tree.leaves(
+        run_points)[0].shape[0] != num_points:
+      out = jax.tree.map(lambda v: v[:num_points], out)
+    if on_nonfinite != "ignore":
+      _warn_nonfinite(out[2], points, num_points)
+  elif mesh is not None and jax.tree.leaves(
+      run_points)[0].shape[0] != num_points:
     out = jax.tree.map(lambda v: v[:num_points], out)
-  if on_nonfinite != "ignore":
-    _warn_nonfinite(out[2], points, num_points)
   return out[0], out[1], run_lib.History(out[2])
