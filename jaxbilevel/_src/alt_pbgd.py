@@ -144,9 +144,8 @@ def alt_pbgd(f: base.Objective,
   def init_fn(params):
     return ALTPBGDState(
         **base.init_state_fields(params, "alt_pbgd", DIAGNOSTICS,
-                                 upper_optimizer, lower_optimizer),
-        value_state=value_optimizer.init(params.y),
-        y_g=params.y)
+                                 upper_optimizer, lower_optimizer,
+                                 value_optimizer))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args

@@ -624,13 +624,14 @@ def checked_projection(proj: Projection, name: str) -> Projection:
 
 
 def init_state_fields(params, method: str, diagnostics_keys, upper_optimizer,
-                      lower_optimizer=None) -> dict:
+                      lower_optimizer=None, value_optimizer=None) -> dict:
   """Checks ``params`` and returns the fields every method's state starts with.
 
   ``count`` (0), ``upper_state`` (and ``lower_state`` when a lower optimizer
   is given) initialised on ``params``, and zero ``diagnostics`` with the keys
-  the method's update writes. Use as ``State(**init_state_fields(...),
-  other_field=...)``.
+  the method's update writes; with a ``value_optimizer``, also the lower-level
+  value tracker: ``y_g`` (started at ``params.y``) and its ``value_state``.
+  Use as ``State(**init_state_fields(...), other_field=...)``.
   """
   refuse_optax_wrappers(method)
   params = check_params(params, method)
@@ -638,6 +639,9 @@ def init_state_fields(params, method: str, diagnostics_keys, upper_optimizer,
                 upper_state=upper_optimizer.init(params.x))
   if lower_optimizer is not None:
     fields["lower_state"] = lower_optimizer.init(params.y)
+  if value_optimizer is not None:
+    fields["value_state"] = value_optimizer.init(params.y)
+    fields["y_g"] = params.y
   fields["diagnostics"] = empty_diagnostics(diagnostics_keys,
                                             params_dtype(params))
   return fields

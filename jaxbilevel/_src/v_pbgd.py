@@ -126,9 +126,7 @@ def v_pbgd(f: base.Objective,
   def init_fn(params):
     return VPBGDState(
         **base.init_state_fields(params, "v_pbgd", DIAGNOSTICS, upper_optimizer,
-                                 lower_optimizer),
-        value_state=value_optimizer.init(params.y),
-        y_g=params.y)
+                                 lower_optimizer, value_optimizer))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
