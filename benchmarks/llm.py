@@ -341,8 +341,8 @@ def make_methods(names, f, g, args):
           value_steps=k, value_start="previous"),
                f"eta=0.5, T={k}, tracker warm-started"),
       "f2sa": (lambda: jbl.f2sa(
-          f, g, lambda0=gamma, upper_optimizer=ux(), lower_optimizer=ly(),
-          inner_steps=k, scale_lower=True), f"lambda={gamma:g}, T={k}"),
+          f, g, gamma=gamma, upper_optimizer=ux(), lower_optimizer=ly(),
+          inner_steps=k, scale_lower=True), f"gamma={gamma:g}, T={k}"),
       "alright": (lambda: jbl.alright(
           f, g, probability=0.5, upper_optimizer=ux(), lower_optimizer=ly(),
           key=jax.random.PRNGKey(args.seed), g_updates="lower"),

@@ -25,9 +25,11 @@ linear head ``y`` and 500 samples per group (the shape of the NLSY
 application, on synthetic data so that the script needs no files), and a
 separable quadratic with ``d = 10^4`` and ``10^6`` variables per level.
 
-Also measured: ``jbl.sweep`` (history on: both record a per-step ``f``)
-against a hand-written ``jit(vmap(scan))`` of PBGD-Free on a ``d = 32``
-quadratic, 500 steps, at N = 16, 256 and 4,096 settings; and the number of
+Also measured: ``jbl.run``'s fixed cost per call (a one-step run against a
+one-step hand-written call); ``jbl.sweep`` against a hand-written
+``jit(vmap(scan))`` of PBGD-Free on a ``d = 32`` quadratic, 500 steps, at
+N = 16, 256 and 4,096 settings, with three histories, each recorded by both
+(none; ``f``; every diagnostic); and the number of
 compilations when a Python loop over 5 values of ``gamma`` builds a new
 transformation and calls ``jbl.run`` for each (0 after the first).
 
@@ -140,7 +142,7 @@ def library_tx(method, prob):
     return jbl.bome(f, g, eta=0.5, value_steps=INNER, value_optimizer=low(),
                     **common)
   if method == "F2SA":  # the y loop is on f + lambda g: a smaller step
-    return jbl.f2sa(f, g, lambda0=GAMMA, inner_steps=INNER,
+    return jbl.f2sa(f, g, gamma=GAMMA, inner_steps=INNER,
                     upper_optimizer=up(),
                     lower_optimizer=optax.sgd(prob["lr_y"] / (1 + GAMMA)),
                     value_optimizer=low())
@@ -358,6 +360,11 @@ def run_benchmark(prob, methods, steps, rounds):
     flops[method + " (hand)"] = hand_flops(init, step, prob)
     flops[method + " (check)"] = chunk_check_flops(tx, prob)
     kinds[method] = tx
+  # The fixed cost of a call: one-step runs of the first method.
+  contenders["one step"] = library_runner(kinds[methods[0]], prob, 1)
+  init, step = hand_method(methods[0], prob)
+  contenders["one step (hand)"] = hand_runner(hand_program(init, step, 1),
+                                              prob)
   timing = interleaved(contenders, rounds)
   floor_s = timing["floor"][0]
   rows = []
@@ -377,6 +384,8 @@ def run_benchmark(prob, methods, steps, rounds):
   num_variables = sum(np.size(v) for v in jax.tree.leaves(prob["params"]))
   return dict(description=prob["desc"], steps=steps, rounds=rounds,
               num_variables=int(num_variables),
+              per_call_ms=1e3 * (timing["one step"][0]
+                                 - timing["one step (hand)"][0]),
               floor=dict(ms_per_step=1e3 * floor_s / steps,
                          mflops_per_step=flops["floor"][0] / 1e6,
                          compile_s=timing["floor"][1]),
@@ -388,7 +397,53 @@ def run_benchmark(prob, methods, steps, rounds):
 # ---------------------------------------------------------------------------
 
 
+HISTORIES = {"none": False, "f": ("f",), "all": True}
+"""The histories compared: none, f alone, every diagnostic."""
+
+
+def hand_sweep(prob, steps, history):
+  """PBGD-Free by hand, ``jit(vmap(scan))`` over (gamma, lr), with a history."""
+  f, g = prob["f"], prob["g"]
+
+  @jax.jit
+  def hand(gammas, lrs, params, batch):
+    def one(gamma, lr):
+      ox, oy = optax.adam(lr), optax.sgd(prob["lr_y"])
+
+      def body(c, _):
+        x, y, sx, sy = c
+        def lower(v):  # f / gamma + g; f and g at the iterate as aux
+          fv, gv = f(x, v, batch), g(x, v, batch)
+          return fv / gamma + gv, (fv, gv)
+
+        (_, (fv, gv)), gy = jax.value_and_grad(lower, has_aux=True)(y)
+        y, sy = _opt_step(oy, gy, sy, y)
+        dx = jax.grad(f)(x, y, batch)
+        x, sx = _opt_step(ox, dx, sx, x)
+        row = {"none": {}, "f": {"f": fv},
+               "all": {"f": fv, "g": gv, "upper_grad_norm": otu.tree_norm(dx),
+                       "lower_grad_norm": otu.tree_norm(gy),
+                       "gamma": gamma}}[history]
+        return (x, y, sx, sy), row
+
+      (x, y, _, _), rows = jax.lax.scan(
+          body, (params.x, params.y, ox.init(params.x), oy.init(params.y)),
+          None, length=steps)
+      return jbl.BilevelParams(x, y), rows
+    return jax.vmap(one)(gammas, lrs)
+
+  return hand
+
+
 def sweep_benchmark(num_points, steps, rounds, d=32):
+  """``jbl.sweep`` against a hand-written ``jit(vmap(scan))`` recording the same.
+
+  Three histories, each against a hand version that records the same values
+  per point and step: none; ``f`` alone (``diagnostics=("f",)``: f at the
+  iterate, from the pass that computes the lower gradient); and every
+  diagnostic (``diagnostics=True``: f, g, the norms of both levels' steps and
+  gamma).
+  """
   prob = quadratic_problem(d)
   f, g, p0, batch = prob["f"], prob["g"], prob["params"], prob["batch"]
   rng = np.random.default_rng(0)
@@ -401,61 +456,39 @@ def sweep_benchmark(num_points, steps, rounds, d=32):
 
   grid = {"gamma": gammas, "lr": lrs}
 
-  def library():  # history on: the method's diagnostics, f among them
-    out = jbl.sweep(make_tx, p0, grid, num_steps=steps, batch=batch,
-                    diagnostics=True)
-    return out[0], out[2]["f"]
+  def library(history):
+    def call():
+      out = jbl.sweep(make_tx, p0, grid, num_steps=steps, batch=batch,
+                      diagnostics=HISTORIES[history])
+      return out[0], {k: v for k, v in out[2].items()
+                      if k in ("f", "g", "upper_grad_norm", "lower_grad_norm",
+                               "gamma")}
+    return call
 
-  def f_of(params, state):  # defined once: sweep compiles per function
-    del state
-    return f(params.x, params.y, batch)
+  def hand_program(history):
+    hand = hand_sweep(prob, steps, history)
+    return lambda: hand(gammas, lrs, p0, batch)
 
-  def record_f():  # history of f alone (at the new iterate: one more f)
-    return jbl.sweep(make_tx, p0, grid, num_steps=steps, batch=batch,
-                     record=f_of)[0]
-
-  def no_history():
-    return jbl.sweep(make_tx, p0, grid, num_steps=steps, batch=batch)[0]
-
-  @jax.jit
-  def hand(gammas, lrs, params, batch):
-    def one(gamma, lr):
-      ox, oy = optax.adam(lr), optax.sgd(prob["lr_y"])
-
-      def body(c, _):
-        x, y, sx, sy = c
-        def lower(v):  # f / gamma + g, and f (recorded) from the same pass
-          fv = f(x, v, batch)
-          return fv / gamma + g(x, v, batch), fv
-
-        (_, fv), gy = jax.value_and_grad(lower, has_aux=True)(y)
-        y, sy = _opt_step(oy, gy, sy, y)
-        x, sx = _opt_step(ox, jax.grad(f)(x, y, batch), sx, x)
-        return (x, y, sx, sy), fv
-
-      (x, y, _, _), fs = jax.lax.scan(
-          body, (params.x, params.y, ox.init(params.x), oy.init(params.y)),
-          None, length=steps)
-      return jbl.BilevelParams(x, y), fs
-    return jax.vmap(one)(gammas, lrs)
-
-  timing = interleaved({
-      "sweep": library, "hand": lambda: hand(gammas, lrs, p0, batch),
-      "record_f": record_f, "no_history": no_history}, rounds)
-  lib_params, lib_f = library()
-  hand_params, hand_f = hand(gammas, lrs, p0, batch)
-  agree = float(jnp.max(jnp.abs(lib_params.x - hand_params.x)))
-  return dict(points=num_points, steps=steps, d=d,
-              sweep_s=timing["sweep"][0], hand_s=timing["hand"][0],
-              ratio=timing["sweep"][0] / timing["hand"][0],
-              record_f_s=timing["record_f"][0],
-              record_f_ratio=timing["record_f"][0] / timing["hand"][0],
-              no_history_s=timing["no_history"][0],
-              no_history_ratio=timing["no_history"][0] / timing["hand"][0],
-              sweep_compile_s=timing["sweep"][1],
-              hand_compile_s=timing["hand"][1],
-              max_abs_difference_x=agree,
-              history_shape=list(np.shape(lib_f)))
+  contenders = {}
+  for history in HISTORIES:
+    contenders["hand " + history] = hand_program(history)
+    contenders["sweep " + history] = library(history)
+  timing = interleaved(contenders, rounds)
+  row = dict(points=num_points, steps=steps, d=d)
+  for history in HISTORIES:
+    lib_params, lib_rows = contenders["sweep " + history]()
+    hand_params, hand_rows = contenders["hand " + history]()
+    diff = max([float(jnp.max(jnp.abs(lib_params.x - hand_params.x)))] + [
+        float(np.max(np.abs(np.asarray(lib_rows[k]) - np.asarray(v))))
+        for k, v in hand_rows.items()])
+    row[history] = dict(
+        sweep_s=timing["sweep " + history][0],
+        hand_s=timing["hand " + history][0],
+        ratio=timing["sweep " + history][0] / timing["hand " + history][0],
+        sweep_compile_s=timing["sweep " + history][1],
+        hand_compile_s=timing["hand " + history][1],
+        recorded=sorted(hand_rows), max_abs_difference=diff)
+  return row
 
 
 def compile_count(prob, steps, gammas=(1.0, 3.0, 10.0, 30.0, 100.0)):
@@ -535,7 +568,10 @@ def markdown(result):
         f"{bench['steps']} outer steps per call, median of {bench['rounds']} "
         f"rounds. Floor (fused optax step on ∇(f+g)): "
         f"{fl['ms_per_step']:.3f} ms/step, {fl['mflops_per_step']:.2f} "
-        "MFLOP/step.", "",
+        "MFLOP/step."
+        + (f" Fixed cost of a `jbl.run` call (included in the times): "
+           f"{bench['per_call_ms']:.2f} ms." if "per_call_ms" in bench
+           else ""), "",
         "| method | jbl.run ms/step | hand ms/step | time ratio | "
         "MFLOP/step | hand MFLOP/step | FLOP ratio | MB accessed/step | "
         "bytes ratio | vs floor | compile s (jbl / hand) |",
@@ -551,22 +587,23 @@ def markdown(result):
     lines.append("")
   lines += [
       "## jbl.sweep vs hand-written jit(vmap(scan))", "",
-      "PBGD-Free on a d = 32 quadratic, (gamma, lr) per point. The hand "
-      "version records f per step (from the pass that computes the lower "
-      "gradient). `jbl.sweep` with history on (`diagnostics=True`: f, g, "
-      "two gradient norms and gamma per step), with `record=` f alone (an "
-      "extra f evaluation per step), and without history; every ratio is "
-      "against the hand version with its f history.", "",
-      "| points | steps | hand s | jbl.sweep (history) s | ratio | "
-      "record f only: ratio | no history: ratio | compile s (sweep / hand) "
-      "| max abs x difference |",
-      "|---|---|---|---|---|---|---|---|---|"]
+      "PBGD-Free on a d = 32 quadratic, (gamma, lr) per point. Each history "
+      "is timed against a hand version that records the same values per "
+      "point and step: none; f alone (`diagnostics=(\"f\",)`: f at the "
+      "iterate, from the pass that computes the lower gradient); every "
+      "diagnostic (`diagnostics=True`: f, g, the norms of both levels' "
+      "steps, gamma).", "",
+      "| points | steps | history | hand s | jbl.sweep s | ratio | compile s "
+      "(sweep / hand) | max abs difference |",
+      "|---|---|---|---|---|---|---|---|"]
   for s in result["sweep"]:
-    lines.append(
-        f"| {s['points']:,} | {s['steps']} | {s['hand_s']:.4f} | "
-        f"{s['sweep_s']:.4f} | {s['ratio']:.2f} | {s['record_f_ratio']:.2f} "
-        f"| {s['no_history_ratio']:.2f} | {s['sweep_compile_s']:.2f} / "
-        f"{s['hand_compile_s']:.2f} | {s['max_abs_difference_x']:.1e} |")
+    for history in HISTORIES:
+      h = s[history]
+      lines.append(
+          f"| {s['points']:,} | {s['steps']} | {history} | {h['hand_s']:.4f} "
+          f"| {h['sweep_s']:.4f} | {h['ratio']:.2f} | "
+          f"{h['sweep_compile_s']:.2f} / {h['hand_compile_s']:.2f} | "
+          f"{h['max_abs_difference']:.1e} |")
   lines += ["", "## Notes", ""] + notes(result)
   c = result["compile_count"]
   lines += [
@@ -587,41 +624,46 @@ def notes(result):
     per_var = [(r["mflops_per_step"] - r["hand_mflops_per_step"]) * 1e6
                / bench["num_variables"] for r in bench["rows"]]
     extra[key] = (min(per_var), max(per_var))
+  off = sorted({r["method"] for bench in result["problems"].values()
+                for r in bench["rows"] if abs(r["flops_ratio"] - 1) > 0.005})
   out.append(
       "* FLOPs beyond the hand-written step, per variable and step: "
       + "; ".join(f"{k}: {lo:.1f} to {hi:.1f}" for k, (lo, hi) in
                   extra.items())
       + ". No method evaluates anything more than its hand-written twin "
       "(BOME takes benchopt's two reverse passes; F2SA, AID, ITD and "
-      "FO-BLO skip values used only for the record). What remains is mostly "
-      "2 elementwise operations per variable and step, the same for every "
-      "method: a method's `update` returns the difference `new - old` "
-      "(optax's contract) and the driver adds it back with "
-      "`optax.apply_updates`; the rest is how sums are associated (e.g. "
-      "F2SA's Lagrangian gradient). Where gradients dominate (the MLP) the "
-      "FLOP ratio is 1.00; on the cheap quadratics this is the whole gap.")
+      "FO-BLO skip values used only for the record), and the driver takes a "
+      "method's new parameters directly instead of adding the returned "
+      "`new - old` back. Methods more than 0.5% off the hand FLOPs: "
+      + (", ".join(off) if off else "none")
+      + " (F2SA scales its lower objective by 1/(1 + lambda_k) at every "
+      "step, because lambda_k may grow, where the hand version with a "
+      "constant lambda folds the factor into the step size, and it "
+      "differentiates its Lagrangian f + lambda (g(y) - g(z)) as a whole; "
+      "AID's conjugate gradient is the library's own, stopped at its "
+      "tolerance, against `jax.scipy.sparse.linalg.cg` in the hand "
+      "version, and XLA counts its loop body as smaller).")
+  per_call = {k: b["per_call_ms"] for k, b in result["problems"].items()
+              if "per_call_ms" in b}
   out.append(
-      "* Time ratios: on this shared machine, earlier runs of this script "
-      "under heavier load timed programs whose FLOPs and bytes agree to a "
-      "few percent between 0.6x and 1.6x of each other, so a single time "
-      "ratio can be noise; the FLOP and byte ratios are the stable measure. "
-      "`jbl.run` also has a fixed cost per call (building the state, "
-      "looking up the program, copying the history: about 1-3 ms here), "
-      "amortised over the steps of the call; it shows on the d = 10^4 "
-      "quadratic, whose steps take tens of microseconds.")
+      "* Time ratios include `jbl.run`'s fixed cost per call (validation, "
+      "one compiled `init`, the program look-up, the host's finiteness check "
+      "of the final params and state, the history copy)"
+      + (": " + "; ".join(f"{k}: {v:.2f} ms" for k, v in per_call.items())
+         + " (one-step `jbl.run` minus a one-step hand-written call)"
+         if per_call else "")
+      + ", amortised over the steps of a call; it shows where steps take "
+      "microseconds (the d = 10^4 quadratic). Timings on a shared machine "
+      "move by a few percent between runs; the FLOP and byte ratios are "
+      "exact.")
   if result["sweep"]:
-    worst = max(s["ratio"] for s in result["sweep"])
-    rec = max(s["record_f_ratio"] for s in result["sweep"])
-    bare = max(s["no_history_ratio"] for s in result["sweep"])
+    worst = {h: max(s[h]["ratio"] for s in result["sweep"])
+             for h in HISTORIES}
     out.append(
-        f"* Sweeps: with `diagnostics=True` the sweep costs up to {worst:.1f}x "
-        "the hand version: it computes two gradient norms per step and "
-        "stores 9 arrays per point and step (f, g, the two norms, gamma, "
-        "step and three finiteness flags) where the hand version stores "
-        f"one. Recording f alone (`record=`) costs at most {rec:.2f}x, and "
-        f"the sweep without history at most {bare:.2f}x the hand version "
-        "with its f history (the smallest grid pays the sweep's fixed cost "
-        "per call).")
+        "* Sweeps: the largest ratio over the grid sizes is "
+        + ", ".join(f"{worst[h]:.2f} with history {h}" for h in HISTORIES)
+        + ". The sweep's per-point history also holds the step number and "
+        "three finiteness flags, filled in after the loop.")
   return out
 
 
@@ -649,8 +691,8 @@ def main(argv=None):
   else:
     problems = {
         "NLSY MLP": (mlp_problem, 100),
-        "quadratic d=1e4": (lambda: quadratic_problem(10_000), 1000),
-        "quadratic d=1e6": (lambda: quadratic_problem(1_000_000), 50)}
+        "quadratic d=1e4": (lambda: quadratic_problem(10_000), 5000),
+        "quadratic d=1e6": (lambda: quadratic_problem(1_000_000), 200)}
     sweeps, sweep_steps, rounds = (16, 256, 4096), 500, args.rounds or 9
     loop_prob = quadratic_problem(10_000)
 

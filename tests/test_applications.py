@@ -1,4 +1,5 @@
-"""The applications of jaxbilevel.applications: data, objectives, hypergradients."""
+"""The applications of jaxbilevel.applications: data, objectives, hypergradients,
+and untrusted NLSY CSV files (refused with file, line and column)."""
 
 import os
 
@@ -381,3 +382,84 @@ def test_applications_are_exported():
   assert set(apps.__all__) >= {"dpo_sft", "hyper_cleaning", "nlsy",
                                "regularization", "sinusoid", "Application"}
   assert os.path.isfile(nlsy.sample_path())
+
+
+# ---------------------------------------------------------------------------
+# NLSY CSV files: refused with file, line and column.
+# ---------------------------------------------------------------------------
+
+
+def _nlsy_lines():
+  with open(nlsy.sample_path(), encoding="utf-8") as fh:
+    return fh.read().splitlines()
+
+
+def _edit(lines, line, column, value):
+  """Sets a cell (1-based line number, column name)."""
+  header = lines[0].split(",")
+  cells = lines[line - 1].split(",")
+  cells[header.index(column)] = value
+  out = list(lines)
+  out[line - 1] = ",".join(cells)
+  return out
+
+
+def _bad_nlsy():
+  lines = _nlsy_lines()
+  header = lines[0]
+  short = list(lines)
+  short[4] = short[4].rsplit(",", 2)[0]
+  # (id, line, column, value, message): one cell set to a bad value.
+  cells = [
+      ("gender 0.7", 5, "gender", "0.7",
+       "line 5: column 'gender' holds '0.7'; it must be 0 or 1"),
+      ("gender 2", 3, "gender", "2", "line 3: column 'gender' holds '2'"),
+      ("income nan", 7, "income", "nan",
+       "line 7: column 'income' holds 'nan', not a finite"),
+      ("income inf", 7, "income", "-inf",
+       "line 7: column 'income' holds '-inf'"),
+      ("income 1e400", 8, "income", "1e400",
+       "line 8: column 'income' holds '1e400'"),
+      ("word in a cell", 9, "afqt89", "n/a",
+       "line 9: column 'afqt89' holds 'n/a'"),
+      ("underscore", 9, "age", "1_4", "line 9: column 'age' holds '1_4'"),
+  ]
+  return [(name, _edit(lines, line, column, value), message)
+          for name, line, column, value, message in cells] + [
+      ("short row", short, "line 5: the row has 21 cells, the header 23"),
+      ("duplicated column", [header + ",income"] + [
+          line + ",1" for line in lines[1:]],
+       r"line 1: the header names the columns \['income'\] more than once"),
+      ("header only", [header], "the file has a header but no data rows"),
+      ("empty", [], "the file is empty"),
+  ]
+
+
+@pytest.mark.parametrize("name,lines,message", _bad_nlsy(),
+                         ids=[b[0] for b in _bad_nlsy()])
+def test_bad_nlsy_csv_names_file_line_and_column(tmp_path, name, lines,
+                                                 message):
+  del name
+  path = tmp_path / "nlsy.csv"
+  path.write_text("\n".join(lines) + ("\n" if lines else ""),
+                  encoding="utf-8")
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=f"nlsy.load_csv: '.*nlsy.csv'.*{message}"):
+    nlsy.load_csv(path)
+
+
+def test_nlsy_csv_encodings(tmp_path):
+  expected = nlsy.load_csv(nlsy.sample_path())
+  text = "\n".join(_nlsy_lines()) + "\n"
+  # Excel's "CSV UTF-8" starts with a byte-order mark and ends lines in CRLF.
+  path = tmp_path / "excel.csv"
+  path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+  got = nlsy.load_csv(path)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(got[key], value)
+    assert got[key].dtype == value.dtype
+  path = tmp_path / "latin1.csv"
+  path.write_bytes(text.encode() + b"1,2.0,caf\xe9\n")
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"latin1.csv', line 202: not UTF-8 text"):
+    nlsy.load_csv(path)

@@ -4,8 +4,13 @@ One table of bad inputs, run against every method constructor: the shared
 checks in ``jaxbilevel/_src/base.py`` and ``inner.projected_step`` must give
 each method the same message naming the argument. Errors are raised when the
 method is built or when its update is traced (``jax.eval_shape``), so nothing
-is run. The last tests check invalid *traced* values (a sweep), which cannot
-be rejected when the method is built and must surface as a NaN the run names.
+is run. A second table gives one bad input to every other public entry point
+(run, scan_run, objectives, projections, sweeps, sharding, flax_utils,
+checkpoints). The last tests check invalid *traced* values (a sweep), which
+cannot be rejected when the method is built and must surface as a NaN the
+run names.
+
+A cross-method suite: it stays one file, beside the files of the modules.
 """
 
 import jax
@@ -15,7 +20,11 @@ import optax
 import pytest
 
 import jaxbilevel as jbl
+from jaxbilevel import checkpoint
+from jaxbilevel import flax_utils
 from jaxbilevel import hypergradient
+from jaxbilevel import objectives
+from jaxbilevel import projections
 
 # ---------------------------------------------------------------------------
 # A tiny problem and every method built on it.
@@ -43,8 +52,9 @@ _SGD = optax.sgd(0.1)
 _KEY = jax.random.PRNGKey(0)
 
 # name -> (builder(f, g, **overrides) -> tx, the name of its float
-# hyperparameter and a valid value, or None when it has none). f2sa's lambda0
-# cannot be a schedule; its lambda_increment is the one that is scheduled.
+# hyperparameter and a valid value, or None when it has none). f2sa's gamma
+# (the initial penalty) cannot be a schedule; its gamma_increment is the one
+# that is scheduled.
 METHODS = {
     "pbgd_free": (lambda f, g, **kw: jbl.pbgd_free(
         f, g, **{"gamma": 2.0, **kw}), ("gamma", 2.0)),
@@ -55,7 +65,7 @@ METHODS = {
     "bome": (lambda f, g, **kw: jbl.bome(
         f, g, **{"eta": 0.5, "value_steps": 2, **kw}), ("eta", 0.5)),
     "f2sa": (lambda f, g, **kw: jbl.f2sa(
-        f, g, **{"lambda0": 2.0, "inner_steps": 2, **kw}), ("lambda0", 2.0)),
+        f, g, **{"gamma": 2.0, "inner_steps": 2, **kw}), ("gamma", 2.0)),
     "alright": (lambda f, g, **kw: jbl.alright(
         f, g, **{"probability": 0.5, "key": _KEY, **kw}),
                 ("probability", 0.5)),
@@ -197,7 +207,7 @@ def _hyper_cases():
     if hyper is None:
       continue
     name, good = hyper
-    scheduled = "lambda_increment" if method == "f2sa" else name
+    scheduled = "gamma_increment" if method == "f2sa" else name
     cases += [
         pytest.param(method, (lambda m, n=name: _build(m, **{n: "10"})),
                      rf"{name} must be a number, got the string '10'\. "
@@ -236,6 +246,195 @@ def test_bad_input_gets_a_clear_message_in_every_method(method, call,
 
 
 # ---------------------------------------------------------------------------
+# Every public entry point validates its inputs (table-driven).
+# ---------------------------------------------------------------------------
+
+
+def _entry_f(x, y, batch):
+  return jnp.sum(x ** 2) + jnp.sum(y)
+
+
+def _entry_g(x, y, batch):
+  return jnp.sum((y - x) ** 2)
+
+
+_OPT = optax.sgd(0.1)
+
+
+def _method(name, **kw):
+  fn = {"pbgd_free": jbl.pbgd_free, "alt_pbgd": jbl.alt_pbgd,
+        "v_pbgd": jbl.v_pbgd}[name]
+  args = dict(gamma=1.0, upper_optimizer=_OPT, lower_optimizer=_OPT)
+  args.update(kw)
+  f = args.pop("f", _entry_f)
+  g = args.pop("g", _entry_g)
+  return fn(f, g, **args)
+
+
+def _update(name, params=_P, state_params=_P, updates=None, **kw):
+  tx = _method(name, **kw)
+  return tx.update(updates, tx.init(state_params), params)
+
+
+_PFREE = _method("pbgd_free")
+
+
+# (entry point, call, error message pattern). Each call gets one bad input.
+ENTRY_POINT_BAD_INPUTS = [
+    # Methods: construction.
+    ("pbgd_free gamma=0", lambda: _method("pbgd_free", gamma=0.0),
+     "gamma must be > 0, got 0.0"),
+    ("pbgd_free gamma<0", lambda: _method("pbgd_free", gamma=-2.0),
+     "gamma must be > 0, got -2.0"),
+    ("pbgd_free gamma=nan", lambda: _method("pbgd_free", gamma=np.nan),
+     "gamma must be finite"),
+    ("pbgd_free gamma vector", lambda: _method("pbgd_free",
+                                               gamma=jnp.ones(3)),
+     r"gamma must be a scalar .*jax.vmap"),
+    ("pbgd_free gamma=None", lambda: _method("pbgd_free", gamma=None),
+     "gamma must be given"),
+    ("pbgd_free gamma=True", lambda: _method("pbgd_free", gamma=True),
+     "gamma must be a number"),
+    ("pbgd_free inner_steps=0", lambda: _method("pbgd_free", inner_steps=0),
+     "inner_steps must be >= 1, got 0"),
+    ("pbgd_free inner_steps float", lambda: _method("pbgd_free",
+                                                    inner_steps=2.0),
+     "inner_steps must be a Python int"),
+    ("pbgd_free f not callable", lambda: _method("pbgd_free", f="f"),
+     r"f must be a callable f\(x, y, batch\) -> scalar"),
+    ("pbgd_free proj_x not callable", lambda: _method("pbgd_free",
+                                                      proj_x="box"),
+     "proj_x must be a callable"),
+    ("alt_pbgd gamma=0", lambda: _method("alt_pbgd", gamma=0.0),
+     "gamma must be > 0"),
+    ("alt_pbgd inner_steps=0", lambda: _method("alt_pbgd", inner_steps=0),
+     "inner_steps must be >= 1"),
+    ("alt_pbgd value_steps=0", lambda: _method("alt_pbgd", value_steps=0),
+     "value_steps must be >= 1"),
+    ("alt_pbgd inner_start", lambda: _method("alt_pbgd",
+                                             inner_start="zero"),
+     "inner_start must be one of"),
+    ("v_pbgd gamma<0", lambda: _method("v_pbgd", gamma=-1.0),
+     "gamma must be >= 0, got -1.0"),
+    ("v_pbgd value_steps=0", lambda: _method("v_pbgd", value_steps=0),
+     "value_steps must be >= 1"),
+    # Methods: params, pytree structure, dtypes, objectives (trace time).
+    ("pbgd_free params tuple", lambda: _PFREE.init((jnp.ones(2), jnp.ones(2))),
+     r"params must be a jaxbilevel.BilevelParams\(x, y\), got tuple"),
+    ("pbgd_free int params", lambda: _PFREE.init(
+        jbl.BilevelParams(jnp.ones(2, jnp.int32), jnp.ones(2))),
+     r"params.x has dtype int32; bilevel variables must be floating"),
+    ("pbgd_free empty y", lambda: _PFREE.init(jbl.BilevelParams(jnp.ones(2),
+                                                               {})),
+     "params.y has no array leaves"),
+    ("pbgd_free updates structure", lambda: _update(
+        "pbgd_free", updates=jbl.BilevelParams({"a": jnp.ones(2)},
+                                               jnp.ones(2))),
+     "the structure of updates.x does not match params.x"),
+    ("pbgd_free f vector-valued", lambda: _update(
+        "pbgd_free", f=lambda x, y, b: x * y),
+     r"f\(x, y, batch\) must return a scalar, .* shape \(2,\)"),
+    ("pbgd_free g integer-valued", lambda: _update(
+        "pbgd_free", g=lambda x, y, b: jnp.sum(y).astype(jnp.int32)),
+     "must return a floating scalar"),
+    ("pbgd_free f ignores x", lambda: _update(
+        "pbgd_free", f=lambda x, y, b: jnp.sum(y ** 2)),
+     "the upper objective f does not depend on x"),
+    ("alt_pbgd state/params shapes", lambda: _update(
+        "alt_pbgd", state_params=jbl.BilevelParams(jnp.ones(2), jnp.ones(3))),
+     r"state.y_g has a leaf of shape \(3,\) where params.y has shape \(2,\)"),
+    ("v_pbgd state/params shapes", lambda: _update(
+        "v_pbgd", state_params=jbl.BilevelParams(jnp.ones(2), jnp.ones(3))),
+     r"state.y_g has a leaf of shape \(3,\)"),
+    # run and scan_run.
+    ("run num_steps=0", lambda: jbl.run(_PFREE, _P, num_steps=0),
+     "num_steps must be >= 1, got 0"),
+    ("run num_steps float", lambda: jbl.run(_PFREE, _P, num_steps=10.0),
+     "num_steps must be a Python int"),
+    ("run chunk_size=0", lambda: jbl.run(_PFREE, _P, num_steps=3,
+                                         chunk_size=0),
+     "chunk_size must be >= 1"),
+    ("run on_nonfinite", lambda: jbl.run(_PFREE, _P, num_steps=3,
+                                         on_nonfinite="warn"),
+     "on_nonfinite must be one of"),
+    ("run batch and batches", lambda: jbl.run(_PFREE, _P, num_steps=3,
+                                              batch=1.0, batches=jnp.ones(3)),
+     "pass either batch= .* or batches="),
+    ("run batches too short", lambda: jbl.run(_PFREE, _P, num_steps=5,
+                                              batches={"a": jnp.ones((3, 2))}),
+     r"leading axis of length >= num_steps=5 .* shape \(3, 2\)"),
+    ("run batches scalar leaf", lambda: jbl.run(_PFREE, _P, num_steps=5,
+                                                batches={"a": jnp.ones(())}),
+     r"got a leaf of shape \(\)"),
+    ("run batches empty", lambda: jbl.run(_PFREE, _P, num_steps=5,
+                                          batches={}),
+     "batches= has no array leaves"),
+    ("run not a bilevel transformation", lambda: jbl.run(optax.sgd(0.1), _P,
+                                                         num_steps=2),
+     "this state has no `diagnostics`"),
+    ("scan_run on_nonfinite=raise", lambda: jbl.scan_run(
+        _PFREE, _P, num_steps=2, on_nonfinite="raise"),
+     "scan_run: on_nonfinite must be 'stop', 'skip' or 'ignore'"),
+    ("scan_run num_steps=0", lambda: jbl.scan_run(_PFREE, _P, num_steps=0),
+     "num_steps must be >= 1"),
+    # Objectives and projections.
+    ("lower_penalized f None", lambda: objectives.lower_penalized(
+        None, _entry_g), "f must be a callable"),
+    ("value_gap_penalty vector f", lambda: objectives.value_gap_penalty(
+        lambda x, y, b: x * y, _entry_g)(jnp.ones(2), jnp.ones(2),
+                                         jnp.ones(2), 1.0),
+     "must return a scalar"),
+    ("grad_norm_penalty g None", lambda: objectives.grad_norm_penalty(
+        _entry_f, None), "g must be a callable"),
+    ("box no bounds", projections.box, "box\\(\\) needs at least one of"),
+    ("box lower > upper", lambda: projections.box(2.0, 1.0),
+     "lower bound 2.0 exceeds upper bound 1.0"),
+    # Sweeps, sharding, flax_utils, checkpoints.
+    ("sweep grid lengths", lambda: jbl.sweep(
+        lambda gamma, lr: _PFREE, _P, {"gamma": [1.0, 2.0], "lr": [0.1]},
+        num_steps=2), "same number of points"),
+    ("sweep grid name", lambda: jbl.sweep(
+        lambda gamma: _PFREE, _P, {"lr": [1.0]}, num_steps=2),
+     r"cannot be called as make_tx\(\*\*point\) with the grid names"),
+    ("product_grid 2-D", lambda: jbl.product_grid(a=[[1.0]]),
+     "non-empty 1-D sequence"),
+    ("shard_batch mesh", lambda: jbl.shard_batch({"a": jnp.ones(2)}, None),
+     "mesh must be a jax.sharding.Mesh"),
+    ("split_params empty x", lambda: flax_utils.split_params(
+        {"a": jnp.ones(2), "b": jnp.ones(2)}, "^c"),
+     "selects no parameter, so x would be empty"),
+    ("checkpoint step<0", lambda: checkpoint.save("/tmp/unused", _P, None,
+                                                  step=-1),
+     "step must be >= 0"),
+    ("checkpoint directory type", lambda: checkpoint.latest_step(3),
+     "checkpoint directory must be a path"),
+    ("checkpoint key type", lambda: checkpoint.save("/tmp/unused", _P, None,
+                                                    step=1, key="k"),
+     "key must be a JAX PRNG key"),
+    ("resumable_run save_every=0", lambda: checkpoint.resumable_run(
+        _PFREE, _P, num_steps=2, directory="/tmp/unused", save_every=0),
+     "save_every must be >= 1"),
+    ("upper_optimizer not optax", lambda: _method("pbgd_free",
+                                                  upper_optimizer=0.1),
+     "upper_optimizer must be an optax"),
+    ("lower_optimizer None", lambda: _method("alt_pbgd", lower_optimizer=None),
+     "lower_optimizer must be an optax"),
+    ("optimizer state of other params", lambda: _update(
+        "pbgd_free", upper_optimizer=optax.adam(0.1),
+        state_params=jbl.BilevelParams({"a": jnp.ones(2)}, jnp.ones(2))),
+     "structure of state"),
+]
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [pytest.param(c, m, id=n) for n, c, m in ENTRY_POINT_BAD_INPUTS])
+def test_bad_input_gets_a_clear_message(call, message):
+  with pytest.raises(jbl.BilevelValidationError, match=message):
+    call()
+
+
+# ---------------------------------------------------------------------------
 # Shared pieces used outside the methods.
 # ---------------------------------------------------------------------------
 
@@ -268,14 +467,14 @@ def test_projected_step_names_an_optimizer_that_fails_at_trace_time():
     _trace_update(tx, params)
 
 
-def test_f2sa_lambda_max_below_lambda0_is_rejected():
+def test_f2sa_gamma_max_below_gamma_is_rejected():
   with pytest.raises(jbl.BilevelValidationError,
-                     match=r"f2sa: lambda_max=1.0 is below lambda0=5.0"):
-    _build("f2sa", lambda0=5.0, lambda_max=1.0)
-  # Equal is fine: the multiplier stays at lambda0 = lambda_max.
-  tx = _build("f2sa", lambda0=2.0, lambda_max=2.0, lambda_increment=1.0)
+                     match=r"f2sa: gamma_max=1.0 is below gamma=5.0"):
+    _build("f2sa", gamma=5.0, gamma_max=1.0)
+  # Equal is fine: the penalty stays at gamma = gamma_max.
+  tx = _build("f2sa", gamma=2.0, gamma_max=2.0, gamma_increment=1.0)
   _, state, hist = jbl.run(tx, _P, num_steps=2, diagnostics=True)
-  np.testing.assert_array_equal(hist["multiplier"], [2.0, 2.0])
+  np.testing.assert_array_equal(hist["gamma"], [2.0, 2.0])
   assert float(state.lagrange_multiplier) == 2.0
 
 
@@ -293,6 +492,25 @@ def test_cg_with_a_nan_tolerance_returns_nan():
   bad = hypergradient.conjugate_gradient(lambda v: h @ v, b, num_iters=2,
                                          tol=jnp.nan)
   assert np.isnan(bad.solution).all() and np.isnan(bad.residual_norm)
+
+
+_P0 = jbl.BilevelParams(jnp.zeros(2), jnp.zeros(2))
+
+
+def test_sweep_reports_traced_nonpositive_gamma():
+  def make_tx(gamma):
+    return jbl.pbgd_free(lambda x, y, b: jnp.sum(x ** 2) + jnp.sum(y),
+                         lambda x, y, b: jnp.sum((y - x) ** 2), gamma=gamma,
+                         upper_optimizer=optax.sgd(0.1),
+                         lower_optimizer=optax.sgd(0.1))
+
+  with pytest.warns(RuntimeWarning, match=r"1 of 2 grid points.*'gamma': "
+                                          r"-1\.0"):
+    params, _, hist = jbl.sweep(make_tx, _P0, {"gamma": [2.0, -1.0]},
+                                num_steps=5, diagnostics=True)
+  assert np.isnan(hist["gamma"][1]).all()
+  assert np.isfinite(hist["gamma"][0]).all()
+  np.testing.assert_array_equal(params.x[1], _P0.x)  # never moved
 
 
 def test_aid_sweep_reports_a_traced_negative_tol():
@@ -319,17 +537,17 @@ def test_aid_sweep_reports_a_traced_negative_tol():
   np.testing.assert_allclose(hist["tol"][0], 1e-8, rtol=1e-6)
 
 
-def test_f2sa_sweep_reports_a_traced_lambda_max_below_lambda0():
-  def make_tx(lambda_max):
-    return jbl.f2sa(_f, _g, lambda0=1.0, lambda_max=lambda_max,
-                    lambda_increment=0.5, upper_optimizer=optax.sgd(0.1),
+def test_f2sa_sweep_reports_a_traced_gamma_max_below_gamma():
+  def make_tx(gamma_max):
+    return jbl.f2sa(_f, _g, gamma=1.0, gamma_max=gamma_max,
+                    gamma_increment=0.5, upper_optimizer=optax.sgd(0.1),
                     lower_optimizer=optax.sgd(0.1), inner_steps=2)
 
   with pytest.warns(RuntimeWarning,
-                    match=r"1 of 2 grid points.*'lambda_max': 0\.5"):
-    _, state, hist = jbl.sweep(make_tx, _P, {"lambda_max": [2.0, 0.5]},
+                    match=r"1 of 2 grid points.*'gamma_max': 0\.5"):
+    _, state, hist = jbl.sweep(make_tx, _P, {"gamma_max": [2.0, 0.5]},
                                num_steps=3, diagnostics=True)
-  assert np.isnan(hist["multiplier"][1]).all()
+  assert np.isnan(hist["gamma"][1]).all()
   # The valid point ramps 1.0, 1.5, 2.0 and is then capped at 2.0.
-  np.testing.assert_allclose(hist["multiplier"][0], [1.0, 1.5, 2.0])
+  np.testing.assert_allclose(hist["gamma"][0], [1.0, 1.5, 2.0])
   np.testing.assert_allclose(state.lagrange_multiplier[0], 2.0)

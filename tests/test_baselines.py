@@ -2,6 +2,10 @@
 F2SA and AID / ITD (A8), ALRIGHT (A2), with their documented guards.
 
 The problem labels and golden values are those of docs/problems.md.
+
+A cross-method suite (the methods that came from other papers' code, checked
+against closed forms and their authors' settings): it stays one file, beside
+the files of the modules (test_<module>.py).
 """
 
 import inspect
@@ -166,7 +170,7 @@ def test_fo_blo_validation():
 def test_f2sa_constant_multiplier_converges_to_reduced_penalty_minimiser():
   prob = problems.quadratic_a8()
   coeffs = prob.info["coefficients"]
-  tx = jbl.f2sa(prob.f, prob.g, lambda0=100.0, scale_lower=True,
+  tx = jbl.f2sa(prob.f, prob.g, gamma=100.0, scale_lower=True,
                 upper_optimizer=optax.sgd(1 / _L_H),
                 lower_optimizer=optax.sgd(1 / prob.info["lower_lipschitz"]))
   params, state, _ = jbl.run(tx, prob.params0, num_steps=2000)
@@ -180,22 +184,22 @@ def test_f2sa_constant_multiplier_converges_to_reduced_penalty_minimiser():
 
 def test_f2sa_increasing_multiplier_shrinks_the_bias():
   prob = problems.quadratic_a8()
-  tx = jbl.f2sa(prob.f, prob.g, lambda0=1.0, lambda_increment=0.05,
-                lambda_max=1000.0, scale_lower=True,
+  tx = jbl.f2sa(prob.f, prob.g, gamma=1.0, gamma_increment=0.05,
+                gamma_max=1000.0, scale_lower=True,
                 upper_optimizer=optax.sgd(1 / _L_H),
                 lower_optimizer=optax.sgd(1 / prob.info["lower_lipschitz"]))
   params, state, hist = jbl.run(tx, prob.params0, num_steps=20000,
                                 diagnostics=True)
   assert float(state.lagrange_multiplier) == 1000.0
-  np.testing.assert_allclose(hist["multiplier"][:3], [1.0, 1.05, 1.1])
+  np.testing.assert_allclose(hist["gamma"][:3], [1.0, 1.05, 1.1])
   gap = np.linalg.norm(np.asarray(params.x) - prob.info["x_star"])
   np.testing.assert_allclose(gap, 3.27e-4, rtol=0.05)  # A8 golden
 
 
 def test_f2sa_schedule_presets_follow_their_formulas():
   s = jbl.f2sa_schedules("benchopt", inner_steps=10, lower_step=0.1,
-                         value_step=0.2, outer_ratio=2.0, lambda0=3.0,
-                         lambda_delta=0.5)
+                         value_step=0.2, outer_ratio=2.0, gamma=3.0,
+                         gamma_delta=0.5)
   k = 4
   np.testing.assert_allclose(float(s.lower(10 * k + 7)), 0.1 * 5 ** (-5 / 7),
                              rtol=1e-6)
@@ -203,21 +207,21 @@ def test_f2sa_schedule_presets_follow_their_formulas():
                              rtol=1e-6)
   np.testing.assert_allclose(float(s.upper(k)), 0.05 * 5 ** (-4 / 7),
                              rtol=1e-6)
-  np.testing.assert_allclose(float(s.lambda_increment(k)), 0.5 * 5 ** (-1 / 7),
+  np.testing.assert_allclose(float(s.gamma_increment(k)), 0.5 * 5 ** (-1 / 7),
                              rtol=1e-6)
-  assert s.lambda0 == 3.0
+  assert s.gamma == 3.0
   p = jbl.f2sa_schedules("paper", inner_steps=10, lower_step=0.1,
                          value_step=0.2)
   lam = lambda k: 0.2 * (k + 1) ** (-4 / 7) / (2 * 0.1 * (k + 1) ** (-5 / 7))
-  np.testing.assert_allclose(p.lambda0, lam(0), rtol=1e-6)
-  np.testing.assert_allclose(float(p.lambda_increment(k)),
+  np.testing.assert_allclose(p.gamma, lam(0), rtol=1e-6)
+  np.testing.assert_allclose(float(p.gamma_increment(k)),
                              lam(k + 1) - lam(k), rtol=1e-4)
   np.testing.assert_allclose(float(p.upper(k)), 0.1 * 5 ** (-5 / 7),
                              rtol=1e-6)
   # The presets plug into f2sa and run.
   prob = problems.quadratic_a8()
-  tx = jbl.f2sa(prob.f, prob.g, lambda0=p.lambda0,
-                lambda_increment=p.lambda_increment,
+  tx = jbl.f2sa(prob.f, prob.g, gamma=p.gamma,
+                gamma_increment=p.gamma_increment,
                 upper_optimizer=optax.sgd(p.upper),
                 lower_optimizer=optax.sgd(p.lower),
                 value_optimizer=optax.sgd(p.value))

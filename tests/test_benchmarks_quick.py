@@ -1,12 +1,12 @@
 """The application benchmark's quick mode, end to end (as CI runs it)."""
 
-import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
+
+from _helpers import run_benchmark_quick as _run_benchmark_quick
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPS = ("hyper_cleaning", "regularization", "nlsy", "dpo_sft", "sinusoid")
@@ -29,16 +29,8 @@ def _finite(value):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("bench")
-  env = dict(os.environ)
-  env.pop("JAX_ENABLE_X64", None)
-  proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--quick",
-       "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-      timeout=600, check=False)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  with open(out / "applications.json") as fh:
-    return out, json.load(fh)
+  return _run_benchmark_quick("run.py", tmp_path_factory,
+                              "applications.json")
 
 
 def test_every_application_ran_with_finite_numbers(quick_run):

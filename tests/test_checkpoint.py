@@ -232,7 +232,8 @@ def test_nonfinite_stop_keeps_last_good_checkpoint(tmp_path):
   _assert_identical(params, jbl.run(tx, p0, num_steps=27, batches=data)[0])
 
 
-# PBGD-Free with Adam on the negative example (the same in _CRASH_SCRIPT).
+# PBGD-Free with Adam on the negative example (the same in
+# _SMALL_PROBLEM_SCRIPT).
 _SMALL_TX = jbl.pbgd_free(lambda x, y, batch: x ** 2 + 10.0 * y,
                           lambda x, y, batch: (y - x + 1.0) ** 2, gamma=15.0,
                           upper_optimizer=optax.adam(0.01),
@@ -330,7 +331,8 @@ def test_missing_or_mismatched_checkpoint_errors(tmp_path):
                              save_every=4)
 
 
-_CRASH_SCRIPT = textwrap.dedent("""
+# The subprocesses below start with _SMALL_TX and _SMALL_P0 of this module.
+_SMALL_PROBLEM_SCRIPT = textwrap.dedent("""
     import os, sys
     import jax, jax.numpy as jnp, optax
     jax.config.update("jax_enable_x64", True)  # as in tests/conftest.py
@@ -343,6 +345,9 @@ _CRASH_SCRIPT = textwrap.dedent("""
     tx = jbl.pbgd_free(f, g, gamma=15.0, upper_optimizer=optax.adam(0.01),
                        lower_optimizer=optax.sgd(0.01))
     p0 = jbl.BilevelParams(jnp.float32(2.0), jnp.float32(3.0))
+""")
+
+_CRASH_SCRIPT = _SMALL_PROBLEM_SCRIPT + textwrap.dedent("""
     params, state, hist = jbl.run(tx, p0, num_steps=10)
     checkpoint.save(sys.argv[1], params, state, step=10, history=hist,
                     max_to_keep=1)
@@ -563,19 +568,8 @@ def test_incomplete_step_directories_are_ignored(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["5", "9"]
 
 
-_SIGINT_TRIALS_SCRIPT = textwrap.dedent("""
-    import os, random, signal, sys, tempfile, threading, time
-    import jax, jax.numpy as jnp, optax
-    jax.config.update("jax_enable_x64", True)  # as in tests/conftest.py
-    import jaxbilevel as jbl
-    from jaxbilevel import checkpoint
-    from orbax.checkpoint._src.path import async_path
-
-    f = lambda x, y, batch: x ** 2 + 10.0 * y
-    g = lambda x, y, batch: (y - x + 1.0) ** 2
-    tx = jbl.pbgd_free(f, g, gamma=15.0, upper_optimizer=optax.adam(0.01),
-                       lower_optimizer=optax.sgd(0.01))
-    p0 = jbl.BilevelParams(jnp.float32(2.0), jnp.float32(3.0))
+_SIGINT_TRIALS_SCRIPT = _SMALL_PROBLEM_SCRIPT + textwrap.dedent("""
+    import random, signal, tempfile, threading, time
     real_rename = async_path.rename
     armed = []
 

@@ -3,8 +3,11 @@
 A new method gets all of these checks by adding one entry to
 ``METHOD_CASES``: a builder ``(f, g, hyper, upper_optimizer, lower_optimizer)
 -> tx`` where ``hyper`` is the method's swept penalty-like scalar (gamma,
-lambda_0, BOME's eta, ALRIGHT's probability, ...), and one entry to
-``CONVERGENCE``: the closed-form point it must reach on a small quadratic.
+F2SA's initial gamma, BOME's eta, ALRIGHT's probability, ...), and one entry
+to ``CONVERGENCE``: the closed-form point it must reach on a small quadratic.
+
+A cross-method suite: it stays one file, beside the files of the modules
+(test_<module>.py).
 """
 
 import functools
@@ -55,8 +58,8 @@ METHOD_CASES = {
         f, g, upper_optimizer=uo, lower_optimizer=lo, inner_steps=5,
         truncate=4, checkpoint=True),
     "f2sa": lambda f, g, hyper, uo, lo: jbl.f2sa(
-        f, g, lambda0=hyper, upper_optimizer=uo, lower_optimizer=lo,
-        inner_steps=2, lambda_increment=0.5, lambda_max=2.0 * hyper),
+        f, g, gamma=hyper, upper_optimizer=uo, lower_optimizer=lo,
+        inner_steps=2, gamma_increment=0.5, gamma_max=2.0 * hyper),
     "bome": lambda f, g, hyper, uo, lo: jbl.bome(
         f, g, eta=hyper / 8.0, upper_optimizer=uo, lower_optimizer=lo,
         value_steps=3),
@@ -380,7 +383,7 @@ _ANSWERS = {
     # Penalty methods: the minimiser of the reduced penalty
     # F_gamma(x) = min_y f + gamma (g - min g), at gamma = HYPER ...
     "argmin F_gamma": lambda c: c.argmin_f_gamma(HYPER),
-    # ... and F2SA at its final multiplier lambda_max = 2 HYPER.
+    # ... and F2SA at its final penalty gamma_max = 2 HYPER.
     "argmin F_2gamma": lambda c: c.argmin_f_gamma(2.0 * HYPER),
     # PBGD-Free (biased when f is not flat): grad_x f(x, y_gamma*(x)) = 0.
     "PBGD-Free point": lambda c: c.pbgd_free_limit(HYPER),
@@ -413,7 +416,7 @@ CONVERGENCE = {
         "argmin F_gamma", lower_lr=1.0 / (_LOWER_CURVATURE + 1.0 / HYPER)),
     "pbgd_blocc": _Convergence("argmin F_gamma"),
     "v_pbgd": _Convergence("argmin F_gamma", steps=500),
-    # y steps on f + lambda g (curvature 1 + 2 lambda_max = 17): a small step.
+    # y steps on f + gamma g (curvature 1 + 2 gamma_max = 17): a small step.
     "f2sa": _Convergence("argmin F_2gamma", lower_lr=0.05, steps=500),
     "aid_cg": _Convergence("x*"),
     "aid_neumann": _Convergence("x*"),

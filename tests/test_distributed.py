@@ -8,8 +8,7 @@ problem, the methods and :func:`jaxbilevel.shard_batch`
 (``process_local=True``) compose with it.
 """
 
-import json
-import os
+import inspect
 import socket
 import subprocess
 import sys
@@ -18,9 +17,14 @@ import textwrap
 import numpy as np
 import pytest
 
+from _helpers import result_json as _result_json
+from _helpers import subprocess_env as _subprocess_env
+from _helpers import tiny_preference_pairs as _tiny_preference_pairs
+
 pytest.importorskip("flax")
 
-_SCRIPT = textwrap.dedent(r'''
+# The pairs' helper travels as source (see _helpers.py).
+_SCRIPT = inspect.getsource(_tiny_preference_pairs) + textwrap.dedent(r'''
     import json, sys
     mode, process_id, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     import jax
@@ -37,14 +41,7 @@ _SCRIPT = textwrap.dedent(r'''
     config = llm.LMConfig(vocab_size=48, hidden_size=16, intermediate_size=32,
                           num_hidden_layers=1, num_attention_heads=2,
                           num_key_value_heads=1)
-    rng = np.random.default_rng(0)
-    n, t = 24, 12
-    mask = np.zeros((n, t), np.int32); mask[:, 5:10] = 1
-    att = np.zeros((n, t), np.int32); att[:, :10] = 1
-    pairs = dict(chosen_ids=rng.integers(1, 48, (n, t)),
-                 chosen_attention_mask=att, chosen_loss_mask=mask,
-                 rejected_ids=rng.integers(1, 48, (n, t)),
-                 rejected_attention_mask=att, rejected_loss_mask=mask)
+    pairs = tiny_preference_pairs(48, n=24, t=12)
     problem = llm.dpo_sft_problem(
         llm.CausalLM(config, rngs=nnx.Rngs(0)), None, pairs, num_steps=4,
         dpo_batch_size=4, sft_batch_size=4, eval_size=2, lora_rank=2)
@@ -92,18 +89,14 @@ def _free_port():
 def _result(proc, timeout):
   out, err = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, err[-3000:]
-  line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+  return _result_json(out)
 
 
 @pytest.mark.slow  # 2 processes: ~30 s of CPU, 60-70 s wall on 2 busy cores.
 def test_two_process_data_parallel_run_equals_single_process(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(_SCRIPT)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  env = _subprocess_env()  # one device per process: no XLA_FLAGS
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, str(script), mode, str(i), port],
                             env=env, stdout=subprocess.PIPE,

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from _helpers import blocc_toy_method as _blocc_toy_method
 import jaxbilevel as jbl
 from jaxbilevel import flatness
 from jaxbilevel import problems
@@ -122,11 +123,8 @@ def test_matches_flatness_residual_pointwise():
 
 def test_pytree_trackers_from_pbgd_blocc_history():
   prob = problems.blocc_toy(1, jnp.float64)
-  tx = jbl.pbgd_blocc(prob.f, prob.g, prob.info["c"], gamma=5.0,
-                      upper_optimizer=optax.sgd(0.01),
-                      lower_optimizer=optax.sgd(0.1), dual_step_size=0.1,
-                      dual_steps=10, primal_steps=1,
-                      proj_x=jbl.projections.box(0.0, 3.0))
+  tx = _blocc_toy_method(jbl.pbgd_blocc, prob, dual_steps=10,
+                         proj_x=jbl.projections.box(0.0, 3.0))
   _, _, history = jbl.run(tx, prob.params0, num_steps=20,
                           record=flatness.record_trackers)
   report = flatness.flatness_report(

@@ -1,6 +1,6 @@
 """Hypergradient building blocks: closed forms (A10 in docs/problems.md), finite
 differences, jaxopt as a cross-library oracle, and the numerical guards (CG
-masking, eps_root, checkpoint memory)."""
+masking and its stop at the tolerance, eps_root, checkpoint memory)."""
 
 import jax
 import jax.numpy as jnp
@@ -392,3 +392,51 @@ def test_validation_errors():
                       num_steps=3, truncate=jnp.asarray(2), checkpoint=True)
   with pytest.raises(jbl.BilevelValidationError, match="eps_root"):
     hg.unrollable_adam(0.1, eps_root=0.0)
+
+
+# ---------------------------------------------------------------------------
+# CG stops at its tolerance when it is not differentiated through
+# ---------------------------------------------------------------------------
+
+
+def _counting_matvec(h):
+  count = []
+
+  def matvec(v):
+    jax.debug.callback(lambda: count.append(1))
+    return h @ v
+
+  return matvec, count
+
+
+def test_cg_stops_at_tolerance_when_not_differentiated():
+  rng = np.random.default_rng(0)
+  q, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+  h = jnp.asarray(q @ np.diag(np.linspace(1.0, 3.0, 40)) @ q.T)
+  b = jnp.asarray(rng.normal(size=40))
+  solves = {}
+  for differentiable in (True, False):
+    matvec, count = _counting_matvec(h)
+    res = jax.jit(lambda b_, m=matvec, d=differentiable:
+                  hg.conjugate_gradient(m, b_, num_iters=60, tol=1e-8,
+                                        differentiable=d))(b)
+    jax.block_until_ready(res)
+    solves[differentiable] = (res, len(count))
+  (scan, scan_products), (loop, loop_products) = solves[True], solves[False]
+  assert scan_products == 60
+  assert 5 < loop_products < 30     # condition number 3: converges early
+  np.testing.assert_allclose(loop.solution, scan.solution, rtol=1e-12)
+  np.testing.assert_allclose(loop.residual_norm, scan.residual_norm,
+                             rtol=1e-12)
+  assert float(loop.residual_norm) <= 1e-8
+  np.testing.assert_allclose(h @ loop.solution, b, atol=1e-7)
+  # vmapped (a sweep over tolerances) and forward-differentiated.
+  tols = jnp.array([1e-2, 1e-8])
+  batched = jax.vmap(lambda t: hg.conjugate_gradient(
+      lambda v: h @ v, b, num_iters=60, tol=t, differentiable=False))(tols)
+  assert float(batched.residual_norm[0]) <= 1e-2
+  assert float(batched.residual_norm[1]) <= 1e-8
+  tangent = jax.jvp(lambda b_: hg.conjugate_gradient(
+      lambda v: h @ v, b_, num_iters=60, tol=1e-12,
+      differentiable=False).solution, (b,), (b,))[1]
+  np.testing.assert_allclose(h @ tangent, b, atol=1e-6)

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from _helpers import byte_level_bpe as _byte_level_bpe
 from jaxbilevel._src.llm import data
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data",
@@ -39,17 +40,8 @@ def sample_pairs():
 @pytest.fixture(scope="module")
 def bpe_tok(sample_pairs):
   """A byte-level BPE (lossless round trip) trained on the sample."""
-  tokenizers = pytest.importorskip("tokenizers")
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
-      add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["<pad>"], show_progress=False,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([p.prompt + p.chosen for p in sample_pairs],
-                          trainer=trainer)
-  return tok
+  return _byte_level_bpe([p.prompt + p.chosen for p in sample_pairs], 400,
+                         decoder=True)
 
 
 def _write(tmp_path, name, lines, mode="w"):

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from _helpers import byte_level_bpe as _byte_level_bpe
 import jaxbilevel as jbl
 
 llm = pytest.importorskip("jaxbilevel.llm")
@@ -32,15 +33,7 @@ def pairs():
 
 @pytest.fixture(scope="module")
 def tok(pairs):
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
-      add_prefix_space=False)
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<pad>"], show_progress=False,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator([p.prompt + p.chosen for p in pairs],
-                          trainer=trainer)
-  return tok
+  return _byte_level_bpe([p.prompt + p.chosen for p in pairs], 300)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +235,7 @@ _METHODS = {
         f, g, eta=0.5, upper_optimizer=optax.adam(1e-2),
         lower_optimizer=optax.adam(1e-2), value_steps=2),
     "f2sa": lambda f, g: jbl.f2sa(
-        f, g, lambda0=10.0, upper_optimizer=optax.adam(1e-2),
+        f, g, gamma=10.0, upper_optimizer=optax.adam(1e-2),
         lower_optimizer=optax.adam(1e-2), inner_steps=2),
     "alright": lambda f, g: jbl.alright(
         f, g, probability=0.5, upper_optimizer=optax.adam(1e-2),

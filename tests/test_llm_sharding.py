@@ -7,21 +7,25 @@ parameters and frozen weights over ``"fsdp"``), runs PBGD-Free on both and
 prints the measurements as JSON for the tests below.
 """
 
-import json
-import os
-import subprocess
-import sys
+import inspect
 import textwrap
 
 import jax
 import numpy as np
 import pytest
 
+from _helpers import maxdiff as _maxdiff
+from _helpers import result_json as _result_json
+from _helpers import run_python as _run_python
+from _helpers import spec as _spec
+from _helpers import tiny_preference_pairs as _tiny_preference_pairs
 import jaxbilevel as jbl
 
 pytest.importorskip("flax")
 
-_SCRIPT = textwrap.dedent(r'''
+# The helpers travel as source (see _helpers.py).
+_SCRIPT = "".join(inspect.getsource(fn) for fn in (
+    _tiny_preference_pairs, _maxdiff, _spec)) + textwrap.dedent(r'''
     import json
     import jax, jax.numpy as jnp, numpy as np, optax
     from flax import nnx
@@ -33,14 +37,7 @@ _SCRIPT = textwrap.dedent(r'''
     config = llm.LMConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=1, num_attention_heads=4,
                           num_key_value_heads=2)
-    rng = np.random.default_rng(0)
-    n, t = 40, 12
-    mask = np.zeros((n, t), np.int32); mask[:, 5:10] = 1
-    att = np.zeros((n, t), np.int32); att[:, :10] = 1
-    pairs = dict(chosen_ids=rng.integers(1, 64, (n, t)),
-                 chosen_attention_mask=att, chosen_loss_mask=mask,
-                 rejected_ids=rng.integers(1, 64, (n, t)),
-                 rejected_attention_mask=att, rejected_loss_mask=mask)
+    pairs = tiny_preference_pairs(64, n=40, t=12)
 
     def build(**kw):
       return llm.dpo_sft_problem(
@@ -62,14 +59,6 @@ _SCRIPT = textwrap.dedent(r'''
                             diagnostics=True)[::2]
 
       return go(problem.params0, problem.frozen, problem.batches)
-
-    def maxdiff(a, b):
-      return max(float(np.max(np.abs(np.asarray(u, np.float64)
-                                      - np.asarray(v, np.float64))))
-                 for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-    def spec(a):
-      return [None if s is None else str(s) for s in a.sharding.spec]
 
     ref = build()
     ref_params, ref_hist = train(ref)
@@ -102,18 +91,8 @@ _SCRIPT = textwrap.dedent(r'''
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-  script = tmp_path_factory.mktemp("llm_sharding") / "run.py"
-  script.write_text(_SCRIPT)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, str(script)], env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+def measured():
+  return _result_json(_run_python(_SCRIPT, host_devices=8, timeout=300))
 
 
 def test_eight_devices(measured):

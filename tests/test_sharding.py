@@ -6,19 +6,24 @@ fixed when JAX starts); it prints its measurements as JSON, which the tests
 below assert on.
 """
 
-import json
+import inspect
 import os
-import subprocess
-import sys
+import re
 import textwrap
 
 import jax
 import numpy as np
 import pytest
 
+from _helpers import maxdiff as _maxdiff
+from _helpers import result_json as _result_json
+from _helpers import run_python as _run_python
+from _helpers import spec as _spec
 import jaxbilevel as jbl
 
-_SCRIPT = textwrap.dedent(r'''
+# maxdiff and spec travel as source (see _helpers.py).
+_SCRIPT = "".join(inspect.getsource(fn) for fn in (
+    _maxdiff, _spec)) + textwrap.dedent(r'''
     import json, os, sys, tempfile
     import jax
     jax.config.update("jax_enable_x64", True)
@@ -30,15 +35,6 @@ _SCRIPT = textwrap.dedent(r'''
     from jaxbilevel import checkpoint
 
     out = {"device_count": jax.device_count()}
-
-    def maxdiff(a, b):
-      return max(float(np.max(np.abs(np.asarray(u, np.float64)
-                                      - np.asarray(v, np.float64))))
-                 for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-    def spec(a):
-      """The PartitionSpec as a list (None: not sharded along that axis)."""
-      return [None if s is None else str(s) for s in a.sharding.spec]
 
     # A regularized least-squares lower level; the upper level scores the
     # lower solution on the validation rows (hyperparameter x = log penalty).
@@ -156,16 +152,7 @@ _SCRIPT = textwrap.dedent(r'''
 
 @pytest.fixture(scope="module", name="results")
 def results_fixture():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_force_host_platform_device_count=8").strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env,
-                        capture_output=True, text=True, timeout=300,
-                        check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
+  return _result_json(_run_python(_SCRIPT, host_devices=8, timeout=300))
 
 
 def test_eight_host_devices(results):
@@ -263,12 +250,9 @@ def test_docs_scaling_examples_run_on_eight_devices():
   """Every python block of docs/scaling.md runs (about 30 s: marked slow)."""
   doc = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                      "docs", "scaling.md")
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_force_host_platform_device_count=8").strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, "-c", _DOCS_SCRIPT, doc], env=env,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert "RAN 9 8" in proc.stdout
+  with open(doc) as fh:
+    blocks = re.findall(r"```python\n(.*?)```", fh.read(), re.S)
+  expected = sum(not b.startswith("# (not run") for b in blocks)
+  assert expected >= 9
+  stdout = _run_python(_DOCS_SCRIPT, doc, host_devices=8, timeout=600)
+  assert f"RAN {expected} 8" in stdout

@@ -6,6 +6,8 @@ import numpy as np
 import optax
 import pytest
 
+from _helpers import quadratic_free as _quadratic_free
+from _helpers import separable_quadratic as _quadratic
 import jaxbilevel as jbl
 
 
@@ -164,6 +166,25 @@ def test_nonfinite_point_is_reported_and_others_unaffected():
   assert history["finite"][0].all() and not history["finite"][1].all()
   np.testing.assert_allclose(params.x[0], 10.0 / 21.0, atol=1e-5)
   assert np.isfinite(params.x[1])  # "stop": the last finite iterate
+
+
+def test_sweep_without_failures_runs_unguarded_and_freezes_failed_points():
+  f, g, p0 = _quadratic(3)
+  make_tx = lambda lr: _quadratic_free(f, g, lr=lr)
+  params, _, hist = jbl.sweep(make_tx, p0, {"lr": jnp.array([0.1, 0.2])},
+                              num_steps=30)
+  assert hist["finite"].all()
+  expected, _, _ = jbl.scan_run(make_tx(0.2), p0, num_steps=30)
+  np.testing.assert_allclose(params.x["x1"][1], expected.x["x1"], rtol=1e-6)
+  # lr = 30 diverges to inf/NaN: that point is frozen at its last finite
+  # iterate, the other is untouched.
+  with pytest.warns(RuntimeWarning, match=r"1 of 2 grid points"):
+    params, _, hist = jbl.sweep(make_tx, p0, {"lr": jnp.array([0.1, 30.0])},
+                                num_steps=200)
+  assert hist["finite"][0].all() and not hist["finite"][1].all()
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(params))
+  expected, _, _ = jbl.scan_run(make_tx(0.1), p0, num_steps=200)
+  np.testing.assert_allclose(params.x["x2"][0], expected.x["x2"], rtol=1e-6)
 
 
 SWEEP_ERRORS = [

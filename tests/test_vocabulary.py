@@ -4,14 +4,19 @@ Every method is built from the same shared call plus only the arguments no
 paper fixes; the defaults the papers fix equal their explicit values; old
 names still work with a DeprecationWarning that names the new one and give
 identical iterates; each method's diagnostics keys are the documented ones.
+
+A cross-method suite: it stays one file, beside the files of the modules
+(test_<module>.py).
 """
 
 import inspect
 import pathlib
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import optax
 import pytest
@@ -54,7 +59,7 @@ _EXTRA = {
     "v_pbgd": dict(gamma=2.0),
     "pbgd_blocc": dict(c=_c, gamma=2.0, dual_step_size=0.1),
     "pbgd_free_cc": dict(c=_c, gamma=2.0, dual_step_size=0.1),
-    "f2sa": dict(lambda0=10.0),
+    "f2sa": dict(gamma=10.0),
     "bome": {},
     "alright": dict(key=_KEY),
     "aid": {},
@@ -115,9 +120,15 @@ def test_gamma_means_a_penalty_constant_only():
     _, _, hist = jbl.run(_build(name, gamma=7.0), _P0, num_steps=2,
                          diagnostics=True)
     np.testing.assert_array_equal(hist["gamma"], [7.0, 7.0])
-  _, _, hist = jbl.run(_build("f2sa", lambda0=3.0, lambda_increment=0.5), _P0,
+  # F2SA's penalty weight on g grows by gamma_increment: still a gamma.
+  _, _, hist = jbl.run(_build("f2sa", gamma=3.0, gamma_increment=0.5), _P0,
                        num_steps=3, diagnostics=True)
-  np.testing.assert_allclose(hist["multiplier"], [3.0, 3.5, 4.0])
+  np.testing.assert_allclose(hist["gamma"], [3.0, 3.5, 4.0])
+  # BOME's multiplier is computed by the step (0 while g is at its minimum,
+  # as at the start y = x = 0), not set: not a gamma.
+  _, _, hist = jbl.run(_build("bome"), _P0, num_steps=2, diagnostics=True)
+  assert "gamma" not in hist
+  assert hist["multiplier"][0] == 0.0 and hist["multiplier"][1] > 0.0
   _, _, hist = jbl.run(_build("alright", probability=0.25), _P0, num_steps=2,
                        diagnostics=True)
   np.testing.assert_array_equal(hist["probability"], [0.25, 0.25])
@@ -138,6 +149,70 @@ def _final(tx, steps=3):
 def test_defaults_are_the_papers_values(name, default, explicit):
   np.testing.assert_array_equal(_final(_build(name, **default))[0],
                                 _final(_build(name, **explicit))[0])
+
+
+def test_switching_from_alt_pbgd_to_f2sa_is_one_changed_name():
+  # The call of docs/vocabulary.md: only the method's name changes, and
+  # gamma means the same penalty weight on g. With a constant penalty both
+  # converge to argmin F_gamma, F_gamma(x) = (x - 1)^2 / 2 + c (x - 2)^2 / 2
+  # with c = gamma / (1 + gamma): x = (1 + 2c) / (1 + c) = 31 / 21 at 10.
+  call = dict(gamma=10.0, upper_optimizer=optax.sgd(0.1),
+              lower_optimizer=optax.sgd(0.1))
+  for method in ("alt_pbgd", "f2sa"):
+    params, _, hist = jbl.run(getattr(jbl, method)(_f, _g, **call), _P0,
+                              num_steps=300, diagnostics=True)
+    np.testing.assert_array_equal(hist["gamma"], np.full(300, 10.0))
+    np.testing.assert_allclose(float(params.x), 31 / 21, atol=1e-6,
+                               err_msg=method)
+
+
+def _f2sa_final(**kwargs):
+  tx = jbl.f2sa(_f, _g, inner_steps=2, **_shared(), **kwargs)
+  params, state, hist = jbl.run(tx, _P0, num_steps=4, diagnostics=True)
+  return (np.asarray([params.x, params.y]), np.asarray(state.y_g),
+          float(state.lagrange_multiplier), hist["gamma"])
+
+
+def test_f2sa_old_penalty_names_warn_and_give_identical_iterates():
+  new = _f2sa_final(gamma=3.0, gamma_increment=0.5, gamma_max=4.2)
+  with pytest.warns(DeprecationWarning) as caught:
+    old = _f2sa_final(lambda0=3.0, lambda_increment=0.5, lambda_max=4.2)
+  messages = {str(w.message) for w in caught}
+  for old_name, new_name in [("lambda0", "gamma"),
+                             ("lambda_increment", "gamma_increment"),
+                             ("lambda_max", "gamma_max")]:
+    assert any(f"argument {old_name} is deprecated" in m
+               and f"use {new_name} instead" in m for m in messages), old_name
+  for a, b in zip(old, new):
+    np.testing.assert_array_equal(a, b)
+  # The names matter: ramp 3.0, 3.5, 4.0, then capped at 4.2.
+  np.testing.assert_array_equal(new[3], [3.0, 3.5, 4.0, 4.2])
+  assert new[2] == 4.2
+
+
+def test_f2sa_schedules_old_names_warn_and_give_the_same_schedules():
+  new = jbl.f2sa_schedules("benchopt", inner_steps=10, gamma=3.0,
+                           gamma_delta=0.5, gamma_exponent=0.25)
+  with pytest.warns(DeprecationWarning) as caught:
+    old = jbl.f2sa_schedules("benchopt", inner_steps=10, lambda0=3.0,
+                             lambda_delta=0.5, lambda_exponent=0.25)
+  messages = " ".join(str(w.message) for w in caught)
+  for old_name, new_name in [("lambda0", "gamma"),
+                             ("lambda_delta", "gamma_delta"),
+                             ("lambda_exponent", "gamma_exponent")]:
+    assert (f"argument {old_name} is deprecated and will be removed in the "
+            f"next release; use {new_name} instead") in messages
+  assert old.gamma == new.gamma == 3.0
+  for k in (0, 3, 17):
+    assert float(old.gamma_increment(k)) == float(new.gamma_increment(k))
+    np.testing.assert_allclose(float(new.gamma_increment(k)),
+                               0.5 * (k + 1.0) ** -0.25, rtol=1e-12)
+  assert "gamma" in type(new)._fields and "lambda0" not in type(new)._fields
+  with pytest.warns(DeprecationWarning, match="field lambda0 .*use gamma "):
+    assert new.lambda0 == new.gamma
+  with pytest.warns(DeprecationWarning,
+                    match="field lambda_increment .*use gamma_increment"):
+    assert new.lambda_increment is new.gamma_increment
 
 
 def test_f2sa_value_steps_is_its_own_loop():
@@ -178,7 +253,10 @@ _RENAMED = [
 def test_old_names_warn_and_give_identical_results(name, old, new, new_name):
   with pytest.warns(DeprecationWarning, match=f"use {new_name}"):
     tx_old = _build(name, **old)
-  with pytest.warns(DeprecationWarning):  # the run rebuilds it
+  with warnings.catch_warnings():
+    # Warned once, when built: the run rebuilds it inside its program
+    # without repeating the warning.
+    warnings.simplefilter("error", DeprecationWarning)
     old_result, _ = _final(tx_old)
   new_result, _ = _final(_build(name, **new))
   np.testing.assert_array_equal(old_result, new_result)
@@ -211,3 +289,6 @@ def test_an_old_name_with_its_new_one_is_an_error():
   with pytest.warns(DeprecationWarning), pytest.raises(
       jbl.BilevelValidationError, match="both init .* and inner_start"):
     _build("itd", warm_start=False, init=_ZERO_START)
+  with pytest.warns(DeprecationWarning), pytest.raises(
+      jbl.BilevelValidationError, match="both lambda0 .* and gamma"):
+    _build("f2sa", lambda0=3.0)

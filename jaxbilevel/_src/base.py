@@ -844,8 +844,9 @@ def empty_diagnostics(keys, dtype) -> dict:
 
 
 COMMON_DIAGNOSTICS = ("f", "g", "upper_grad_norm", "lower_grad_norm")
-"""Diagnostics every method records (a penalty method adds ``gamma``, BOME and
-F2SA ``multiplier``, ALRIGHT ``probability``: see docs/vocabulary.md)."""
+"""Diagnostics every method records (a penalty method, F2SA included, adds
+``gamma``, BOME ``multiplier``, ALRIGHT ``probability``: see
+docs/vocabulary.md)."""
 
 
 # ---------------------------------------------------------------------------

@@ -131,7 +131,8 @@ def inject_hyperparams(method: Callable[..., optax.GradientTransformation],
   be listed in ``static_args``. This wrapper lists them for you, from the
   values of each call: an argument is injected exactly when its value is a
   scalar float (a Python float or a 0-d floating array): ``gamma``,
-  ``lambda0``, ``eta``, ``probability``, ``tol``, ``dual_step_size``, ...
+  ``gamma_increment``, ``eta``, ``probability``, ``tol``,
+  ``dual_step_size``, ...
   Everything else (objectives, optimizers, ints, strings, booleans, keys,
   schedules, None) is static. A float hyperparameter changed in
   ``state.hyperparams`` then takes effect at the next step without

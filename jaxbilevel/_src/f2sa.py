@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional, Tuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("multiplier", "g_gap")
+DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("gamma", "g_gap")
 _PRESETS = ("benchopt", "paper")
 
 
@@ -30,10 +31,11 @@ class F2SAState(NamedTuple):
       :math:`y^*(x_k)` (report it for "distance to :math:`y^*(x)`" metrics;
       ``params.y`` is the Lagrangian tracker, as in current benchopt);
       formerly ``z`` (a deprecated alias for one release).
-    lagrange_multiplier: :math:`\\lambda_k`, used by the next step.
+    lagrange_multiplier: the penalty weight :math:`\\lambda_k` (``gamma``),
+      used by the next step.
     diagnostics: dict of scalars: ``f``, ``g`` at the incoming iterate,
-      ``upper_grad_norm``, ``lower_grad_norm``, ``multiplier`` (the
-      :math:`\\lambda_k` of the step) and ``g_gap``
+      ``upper_grad_norm``, ``lower_grad_norm``, ``gamma`` (the penalty
+      weight :math:`\\lambda_k` of the step) and ``g_gap``
       :math:`=g(x,y)-g(x,z)`.
   """
 
@@ -49,25 +51,33 @@ class F2SAState(NamedTuple):
 
 
 @programs.bilevel_method
+@base.renamed_arguments("f2sa", {"lambda0": "gamma",
+                                 "lambda_increment": "gamma_increment",
+                                 "lambda_max": "gamma_max"})
 def f2sa(f: base.Objective,
          g: base.Objective,
          *,
-         lambda0: base.ScalarOrSchedule,
+         gamma: base.ScalarOrSchedule,
          upper_optimizer: optax.GradientTransformation,
          lower_optimizer: optax.GradientTransformation,
          value_optimizer: Optional[optax.GradientTransformation] = None,
          inner_steps: int = 10,
          value_steps: Optional[int] = None,
-         lambda_increment: base.ScalarOrSchedule = 0.0,
-         lambda_max: Optional[base.ScalarOrSchedule] = None,
+         gamma_increment: base.ScalarOrSchedule = 0.0,
+         gamma_max: Optional[base.ScalarOrSchedule] = None,
          scale_lower: bool = False,
          proj_x: Optional[base.Projection] = None,
          proj_y: Optional[base.Projection] = None,
          ) -> optax.GradientTransformationExtraArgs:
-  r"""F2SA: two warm-started lower sequences and an increasing multiplier.
+  r"""F2SA: two warm-started lower sequences and an increasing penalty.
 
   One ``update`` is one outer iteration (see :doc:`/methods`) on the
-  Lagrangian :math:`\mathcal L_\lambda(x,y)=f(x,y)+\lambda(g(x,y)-v(x))`:
+  Lagrangian :math:`\mathcal L_\lambda(x,y)=f(x,y)+\lambda(g(x,y)-v(x))`,
+  whose multiplier :math:`\lambda_k` (the paper's name) is the penalty weight
+  on :math:`g` that every penalty method of this library calls ``gamma``
+  (:math:`\lambda_0` = ``gamma``, :math:`\delta_k` = ``gamma_increment``,
+  :math:`\lambda_{\max}` = ``gamma_max``; see :doc:`/vocabulary`). The
+  paper's :math:`\gamma_k` below is the step size of :math:`z`:
 
   .. math::
 
@@ -82,7 +92,7 @@ def f2sa(f: base.Objective,
   their optimizer states. The step sizes :math:`\alpha_k` (``y``),
   :math:`\gamma_k` (``z``) and :math:`\xi\alpha_k` (``x``) are those of
   ``lower_optimizer``, ``value_optimizer`` and ``upper_optimizer`` (use optax
-  schedules, e.g. from :func:`f2sa_schedules`); the multiplier lives in the
+  schedules, e.g. from :func:`f2sa_schedules`); :math:`\lambda_k` lives in the
   state. The ``y`` steps and the ``x`` direction are gradients of
   :func:`jaxbilevel.objectives.value_gap_penalty` with :math:`\gamma=\lambda_k`
   and :math:`\hat y=z`. The ``z`` and ``y`` loops are independent given
@@ -104,7 +114,8 @@ def f2sa(f: base.Objective,
   (our reconstruction of the paper's schedule, and the benchopt solver,
   which uses :math:`(k+1)^{-1/2}` steps and a constant :math:`\delta`). So nothing is
   hard-coded: :func:`f2sa` takes :math:`\lambda_0`, :math:`\delta_k` and
-  :math:`\lambda_{\max}` explicitly (defaults: constant :math:`\lambda`), and
+  :math:`\lambda_{\max}` explicitly (``gamma``, ``gamma_increment``,
+  ``gamma_max``; defaults: constant :math:`\lambda`), and
   :func:`f2sa_schedules` builds either preset with every exponent an
   explicit argument. Tests check convergence against closed forms (problem
   A8 of :doc:`/problems`), not against either preset.
@@ -117,7 +128,8 @@ def f2sa(f: base.Objective,
   Args:
     f: upper objective ``f(x, y, batch) -> scalar``.
     g: lower objective ``g(x, y, batch) -> scalar`` (strongly convex in y).
-    lambda0: initial multiplier :math:`\lambda_0>0` (float or array).
+    gamma: initial penalty weight :math:`\lambda_0>0` on :math:`g` (float or
+      array; formerly ``lambda0``, a deprecated alias for one release).
     upper_optimizer: optax optimizer for ``x`` (step :math:`\xi\alpha_k`).
     lower_optimizer: optax optimizer for ``y`` (step :math:`\alpha_k`).
     value_optimizer: optax optimizer for ``z`` (step :math:`\gamma_k`;
@@ -125,8 +137,10 @@ def f2sa(f: base.Objective,
     inner_steps: T, steps of ``y`` per outer step (static int).
     value_steps: :math:`T_z`, steps of the value tracker :math:`z` per outer
       step (static int; defaults to ``inner_steps``, the paper's single T).
-    lambda_increment: :math:`\delta_k\ge0` (float, array or schedule of k).
-    lambda_max: optional cap :math:`\lambda_{\max}`.
+    gamma_increment: :math:`\delta_k\ge0` (float, array or schedule of k;
+      formerly ``lambda_increment``).
+    gamma_max: optional cap :math:`\lambda_{\max}` (formerly
+      ``lambda_max``).
     scale_lower: divide the ``y`` direction by :math:`1+\lambda_k`.
     proj_x: optional projection for ``x``.
     proj_y: optional projection for ``y`` and ``z``.
@@ -138,7 +152,7 @@ def f2sa(f: base.Objective,
     >>> import jax.numpy as jnp, optax
     >>> import jaxbilevel as jbl
     >>> prob = jbl.problems.quadratic_a8(jnp.float32)
-    >>> tx = jbl.f2sa(prob.f, prob.g, lambda0=100.0, scale_lower=True,
+    >>> tx = jbl.f2sa(prob.f, prob.g, gamma=100.0, scale_lower=True,
     ...               upper_optimizer=optax.sgd(0.8),
     ...               lower_optimizer=optax.sgd(0.45))
     >>> params, state, history = jbl.run(tx, prob.params0, num_steps=500)
@@ -151,24 +165,23 @@ def f2sa(f: base.Objective,
   """
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
-  lambda0 = base.check_hyperparameter(lambda0, "lambda0")
-  if callable(lambda0):
+  gamma = base.check_hyperparameter(gamma, "gamma")
+  if callable(gamma):
     raise base.BilevelValidationError(
-        "f2sa: lambda0 is the initial multiplier (a float or array); the "
-        "multiplier evolves through lambda_increment (which may be a "
-        "schedule).")
-  lambda_increment = base.check_hyperparameter(
-      lambda_increment, "lambda_increment", allow_zero=True)
-  if lambda_max is not None:
-    lambda_max = base.check_hyperparameter(lambda_max, "lambda_max")
-    if (not callable(lambda_max)
-        and base._is_concrete(lambda0)  # pylint: disable=protected-access
-        and base._is_concrete(lambda_max)  # pylint: disable=protected-access
-        and float(lambda_max) < float(lambda0)):
+        "f2sa: gamma is the initial penalty weight (a float or array); it "
+        "grows through gamma_increment (which may be a schedule).")
+  gamma_increment = base.check_hyperparameter(
+      gamma_increment, "gamma_increment", allow_zero=True)
+  if gamma_max is not None:
+    gamma_max = base.check_hyperparameter(gamma_max, "gamma_max")
+    if (not callable(gamma_max)
+        and base._is_concrete(gamma)  # pylint: disable=protected-access
+        and base._is_concrete(gamma_max)  # pylint: disable=protected-access
+        and float(gamma_max) < float(gamma)):
       raise base.BilevelValidationError(
-          f"f2sa: lambda_max={float(lambda_max)} is below lambda0="
-          f"{float(lambda0)}, so the multiplier would be clipped down at the "
-          "first step. Pass lambda_max >= lambda0 (or lambda_max=None for no "
+          f"f2sa: gamma_max={float(gamma_max)} is below gamma="
+          f"{float(gamma)}, so the penalty would be clipped down at the "
+          "first step. Pass gamma_max >= gamma (or gamma_max=None for no "
           "cap).")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
   value_steps = base.check_static_int(
@@ -179,13 +192,12 @@ def f2sa(f: base.Objective,
 
   def init_fn(params):
     fields = base.init_state_fields(params, "f2sa", DIAGNOSTICS,
-                                    upper_optimizer, lower_optimizer)
+                                    upper_optimizer, lower_optimizer,
+                                    value_optimizer)
     return F2SAState(
         **fields,
-        value_state=value_optimizer.init(params.y),
-        y_g=params.y,
         lagrange_multiplier=_initial_multiplier(
-            lambda0, lambda_max, base.params_dtype(params)))
+            gamma, gamma_max, base.params_dtype(params)))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
@@ -217,15 +229,15 @@ def f2sa(f: base.Objective,
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
     lam_next = lam + base.resolve_hyperparameter(
-        lambda_increment, state.count, dtype, allow_zero=True)
-    if lambda_max is not None:
+        gamma_increment, state.count, dtype, allow_zero=True)
+    if gamma_max is not None:
       lam_next = jnp.minimum(lam_next, base.resolve_hyperparameter(
-          lambda_max, state.count, dtype))
+          gamma_max, state.count, dtype))
     first = inner.first_step(trace)
     diag = base.diagnostics(
         dtype, f=first.aux["f"], g=first.aux["g"],
         upper_grad_norm=base.diagnostic_norm(direction),
-        lower_grad_norm=first.grad_norm / scale, multiplier=lam,
+        lower_grad_norm=first.grad_norm / scale, gamma=lam,
         g_gap=aux["g_gap"])
     new_state = F2SAState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
@@ -236,47 +248,72 @@ def f2sa(f: base.Objective,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _initial_multiplier(lambda0, lambda_max, dtype):
-  """``lambda0``, or NaN when a traced ``lambda_max`` is below it.
+def _initial_multiplier(gamma, gamma_max, dtype):
+  """``gamma``, or NaN when a traced ``gamma_max`` is below it.
 
   Concrete values are checked when :func:`f2sa` is built; traced ones (a
-  sweep) cannot be, so an invalid pair becomes a NaN multiplier, which the run
-  reports (as ``multiplier``) instead of silently clipping it to ``lambda_max``.
+  sweep) cannot be, so an invalid pair becomes a NaN penalty, which the run
+  reports (as ``gamma``) instead of silently clipping it to ``gamma_max``.
   """
-  lam = base.resolve_hyperparameter(lambda0, jnp.zeros([], jnp.int32), dtype)
-  if lambda_max is None or callable(lambda_max):
+  lam = base.resolve_hyperparameter(gamma, jnp.zeros([], jnp.int32), dtype)
+  if gamma_max is None or callable(gamma_max):
     return lam
-  cap = jnp.asarray(lambda_max, dtype)
+  cap = jnp.asarray(gamma_max, dtype)
   return jnp.where(cap >= lam, lam, jnp.nan)
 
 
+def _deprecated_schedule_field(old: str, new: str) -> property:
+  """A read-only field alias ``old`` of :class:`F2SASchedules` that warns.
+
+  ``base.deprecated_field`` would call it a state field; the warning is the
+  same otherwise.
+  """
+  def get(self):
+    warnings.warn(base._deprecation_message(  # pylint: disable=protected-access
+        "F2SASchedules", f"the field {old}", new), DeprecationWarning,
+                  stacklevel=2)
+    return getattr(self, new)
+
+  return property(get, doc=f"Deprecated alias of ``{new}``.")
+
+
 class F2SASchedules(NamedTuple):
-  """Step-size and multiplier schedules for :func:`f2sa` (see :func:`f2sa_schedules`).
+  """Step-size and penalty schedules for :func:`f2sa` (see :func:`f2sa_schedules`).
 
   Attributes:
     upper: schedule of the ``x`` learning rate (argument: outer step k).
     lower: schedule of the ``y`` learning rate (argument: the inner
       optimizer's step count; constant within an outer iteration).
     value: schedule of the ``z`` learning rate (same convention).
-    lambda0: initial multiplier :math:`\\lambda_0`.
-    lambda_increment: schedule :math:`k\\mapsto\\delta_k`.
+    gamma: initial penalty weight :math:`\\lambda_0` (pass as
+      ``f2sa(gamma=)``; formerly ``lambda0``, a deprecated alias for one
+      release).
+    gamma_increment: schedule :math:`k\\mapsto\\delta_k` (pass as
+      ``f2sa(gamma_increment=)``; formerly ``lambda_increment``).
   """
 
   upper: Callable
   lower: Callable
   value: Callable
-  lambda0: float
-  lambda_increment: Callable
+  gamma: float
+  gamma_increment: Callable
+
+  lambda0 = _deprecated_schedule_field("lambda0", "gamma")
+  lambda_increment = _deprecated_schedule_field("lambda_increment",
+                                                "gamma_increment")
 
 
+@base.renamed_arguments("f2sa_schedules", {
+    "lambda0": "gamma", "lambda_delta": "gamma_delta",
+    "lambda_exponent": "gamma_exponent"})
 def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
                    lower_step: float = 0.01,
                    value_step: Optional[float] = None,
                    outer_ratio: float = 1.0,
-                   lambda0: float = 1.0,
-                   lambda_delta: float = 0.1,
+                   gamma: float = 1.0,
+                   gamma_delta: float = 0.1,
                    exponents: Optional[Tuple[float, float, float]] = None,
-                   lambda_exponent: Optional[float] = None,
+                   gamma_exponent: Optional[float] = None,
                    offset: float = 1.0) -> F2SASchedules:
   r"""The two F2SA schedule presets (benchopt's and the paper's), all exponents explicit.
 
@@ -286,14 +323,21 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
   * ``"benchopt"`` (default exponents :math:`(5/7, 4/7, 4/7)`, λ exponent
     1/7): :math:`\alpha_k=s_y(k+k_0)^{-a_y}`, :math:`\gamma_k=s_z(k+k_0)^{-a_z}`,
     outer step :math:`(s_y/\rho)(k+k_0)^{-a_x}` with :math:`\rho` =
-    ``outer_ratio``, :math:`\lambda_0` = ``lambda0`` and
-    :math:`\delta_k=\delta(k+k_0)^{-1/7}`.
+    ``outer_ratio``, :math:`\lambda_0` = ``gamma`` and
+    :math:`\delta_k=\delta(k+k_0)^{-1/7}` with :math:`\delta` =
+    ``gamma_delta`` (and ``gamma_exponent`` in place of 1/7 if given).
   * ``"paper"`` (default exponents :math:`(5/7, 4/7, 5/7)`): the same
     :math:`\alpha_k`, :math:`\gamma_k`, outer step :math:`\xi\alpha_k` with
-    :math:`\xi=1/\rho`, and the multiplier tied to the steps,
+    :math:`\xi=1/\rho`, and the penalty weight tied to the steps,
     :math:`\lambda_k=\gamma_k/(2\alpha_k)`, so :math:`\lambda_0` and
-    :math:`\delta_k=\lambda_{k+1}-\lambda_k` follow (``lambda0`` and
-    ``lambda_delta`` are ignored).
+    :math:`\delta_k=\lambda_{k+1}-\lambda_k` follow (``gamma`` and
+    ``gamma_delta`` are ignored).
+
+  :math:`\lambda_k` is the penalty weight that :func:`f2sa` calls ``gamma``
+  (the ``gamma*`` arguments and fields here); :math:`\gamma_k` is the
+  paper's step size of :math:`z`. Old names (``lambda0``, ``lambda_delta``,
+  ``lambda_exponent``; fields ``lambda0``, ``lambda_increment``) work for one
+  release with a ``DeprecationWarning``.
 
   Both readings are (unverified) against the paper (see :func:`f2sa`). The
   inner schedules are evaluated at ``count // inner_steps`` because an inner
@@ -306,14 +350,14 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
 
   Returns:
     An :class:`F2SASchedules`; pass ``optax.sgd(s.lower)`` etc. to
-    :func:`f2sa` together with ``lambda0=s.lambda0`` and
-    ``lambda_increment=s.lambda_increment``.
+    :func:`f2sa` together with ``gamma=s.gamma`` and
+    ``gamma_increment=s.gamma_increment``.
 
   Examples:
     >>> from jaxbilevel import f2sa_schedules
     >>> s = f2sa_schedules("paper", inner_steps=10, lower_step=0.1,
     ...                    value_step=0.2)
-    >>> round(float(s.lambda0), 6)                  # gamma_0 / (2 alpha_0)
+    >>> round(float(s.gamma), 6)            # lambda_0 = gamma_0 / (2 alpha_0)
     1.0
     >>> round(float(s.lower(9)), 6), round(float(s.lower(10)), 6)
     (0.1, 0.060951)
@@ -338,16 +382,17 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
   def per_outer(schedule):
     return lambda count: schedule(jnp.asarray(count) // inner_steps)
 
-  alpha, gamma = decay(lower_step, a_y), decay(value_step, a_z)
+  # alpha_k (y steps) and the paper's gamma_k (z steps, not the penalty).
+  alpha, z_step = decay(lower_step, a_y), decay(value_step, a_z)
   upper = decay(lower_step / outer_ratio, a_x)
   if preset == "benchopt":
-    power = 1 / 7 if lambda_exponent is None else lambda_exponent
-    increment = decay(lambda_delta, power)
-    lam0 = lambda0
+    power = 1 / 7 if gamma_exponent is None else gamma_exponent
+    increment = decay(gamma_delta, power)
+    lam0 = gamma
   else:
-    lam = lambda k: gamma(k) / (2.0 * alpha(k))
+    lam = lambda k: z_step(k) / (2.0 * alpha(k))
     increment = lambda k: lam(jnp.asarray(k) + 1) - lam(k)
     lam0 = float(lam(0))
   return F2SASchedules(upper=upper, lower=per_outer(alpha),
-                       value=per_outer(gamma), lambda0=lam0,
-                       lambda_increment=increment)
+                       value=per_outer(z_step), gamma=lam0,
+                       gamma_increment=increment)

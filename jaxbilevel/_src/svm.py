@@ -120,7 +120,7 @@ def torch_cpu_uniform(seed: int, size: int, low: float = 0.0,
   (computed in double, then rounded to float32), one output per element, in
   order. ``skip`` discards the first ``skip`` values (earlier draws from the
   same generator). Checked value for value against ``torch==2.13.0`` (CPU)
-  for seeds 0..19 (``tests/test_honest_numbers.py``); reproduced here so that
+  for seeds 0..19 (``tests/test_svm.py``); reproduced here so that
   the benchmark needs no torch at run time.
 
   Returns:

@@ -1,4 +1,10 @@
-"""Numerics that must match their references: F2SA schedules, the SVM start."""
+"""The SVM problem with coupled constraints (jaxbilevel.svm).
+
+The authors' start drawn as torch draws it, the updates of PBGD-Free-CC and
+PBGD-BLOCC against the authors' closed forms, the validation stopping rule,
+and the authors' notebook accuracies (on the LIBSVM diabetes file when it is
+present).
+"""
 
 import os
 
@@ -12,51 +18,11 @@ import jaxbilevel as jbl
 from jaxbilevel import datasets
 from jaxbilevel import svm
 
-# ---------------------------------------------------------------------------
-# F2SA schedules: computed in the default float dtype.
-# ---------------------------------------------------------------------------
-
-
-def test_f2sa_schedules_are_float64_under_x64_and_equal_the_formulas():
-  assert jax.config.jax_enable_x64  # tests/conftest.py
-  b = jbl.f2sa_schedules("benchopt", inner_steps=10, lower_step=0.1,
-                         value_step=0.2, outer_ratio=2.0, lambda0=3.0,
-                         lambda_delta=0.5, offset=1.0)
-  for k in (0, 3, 4, 123):
-    values = {"lower": (b.lower(10 * k + 7), 0.1 * (k + 1.0) ** (-5 / 7)),
-              "value": (b.value(10 * k), 0.2 * (k + 1.0) ** (-4 / 7)),
-              "upper": (b.upper(k), 0.05 * (k + 1.0) ** (-4 / 7)),
-              "lambda_increment": (b.lambda_increment(k),
-                                   0.5 * (k + 1.0) ** (-1 / 7))}
-    for name, (got, want) in values.items():
-      assert got.dtype == jnp.float64, name
-      np.testing.assert_allclose(float(got), want, rtol=4e-16, err_msg=name)
-  p = jbl.f2sa_schedules("paper", inner_steps=10, lower_step=0.1,
-                         value_step=0.2)
-  lam = lambda k: 0.2 * (k + 1.0) ** (-4 / 7) / (2 * 0.1 * (k + 1.0) ** (
-      -5 / 7))
-  np.testing.assert_allclose(p.lambda0, lam(0), rtol=4e-16)
-  for k in (0, 4, 99):
-    got = p.lambda_increment(k)
-    assert got.dtype == jnp.float64
-    # A difference of two nearby values: relative rounding of lambda itself.
-    np.testing.assert_allclose(float(got), lam(k + 1) - lam(k),
-                               atol=4e-16 * lam(k + 1))
-    np.testing.assert_allclose(float(p.upper(k)), 0.1 * (k + 1.0) ** (-5 / 7),
-                               rtol=4e-16)
-
-
-def test_f2sa_schedules_are_float32_without_x64():
-  with jax.enable_x64(False):
-    s = jbl.f2sa_schedules("benchopt", inner_steps=10, lower_step=0.1)
-    assert s.lower(47).dtype == jnp.float32
-    np.testing.assert_allclose(float(s.lower(47)), 0.1 * 5 ** (-5 / 7),
-                               rtol=1e-6)
-
 
 # ---------------------------------------------------------------------------
-# SVM: the authors' start, drawn as torch draws it.
+# The authors' start, drawn as torch draws it.
 # ---------------------------------------------------------------------------
+
 
 # torch==2.13.0 (CPU): torch.manual_seed(seed); torch.Tensor(500).uniform_(1, 5)
 # (twice for seed 0), printed as Python floats.
@@ -96,6 +62,63 @@ def test_initial_params_take_the_method_s_draw():
   assert float(free.y["b"]) == 1.0 and not np.any(np.asarray(free.y["w"]))
   with pytest.raises(ValueError, match="seed"):
     svm.torch_cpu_uniform(-1, 3)
+
+
+# ---------------------------------------------------------------------------
+# The methods' updates and the fit (on the shipped sample)
+# ---------------------------------------------------------------------------
+
+
+def _svm_sample():
+  z, labels = datasets.load_fourclass(datasets.sample_path("fourclass"))
+  split = datasets.train_val_test_split(z, labels, seed=0, n_train=16,
+                                        n_val=8)
+  data = svm.SVMData.from_split(split, jnp.float64)
+  return data, svm.initial_params(16, 2, seed=0, dtype=jnp.float64)
+
+
+def _svm_method(method, **kw):
+  return method(svm.upper_objective, svm.lower_objective, svm.constraint,
+                gamma=15.0, upper_optimizer=optax.sgd(0.005),
+                lower_optimizer=optax.sgd(0.005), dual_step_size=0.001,
+                dual_steps=4, primal_steps=3,
+                multiplier_floor=svm.MULTIPLIER_FLOOR, num_constraints=16,
+                proj_x=svm.project_margins, **kw)
+
+
+def test_svm_updates_match_the_authors_closed_forms():
+  data, params = _svm_sample()
+  # PBGD-Free-CC: the upper step is the shrinkage C <- max((1 - eta) C, 1e-4).
+  tx = _svm_method(jbl.pbgd_free_cc)
+  updates, state = tx.update(None, tx.init(params), params, batch=data)
+  np.testing.assert_allclose(params.x + updates.x, 0.995 * params.x,
+                             rtol=1e-12)
+  assert float(jnp.min(state.mu_F)) >= svm.MULTIPLIER_FLOOR
+  # PBGD-BLOCC: grad_C c = -I, so the direction is C + gamma (mu_g - mu_F).
+  tx = _svm_method(jbl.pbgd_blocc)
+  updates, state = tx.update(None, tx.init(params), params, batch=data)
+  direction = params.x + 15.0 * (state.mu_g - state.mu_F)
+  np.testing.assert_allclose(
+      params.x + updates.x,
+      jnp.maximum(params.x - 0.005 * direction, svm.C_FLOOR), rtol=1e-12)
+
+
+def test_svm_fit_stops_by_the_validation_rule():
+  data, params = _svm_sample()
+  result = jax.jit(lambda p, d: svm.fit(_svm_method(jbl.pbgd_free_cc), p, d,
+                                        max_epochs=30, tol=1e-5))(params, data)
+  assert 1 <= int(result.epochs) <= 30
+  assert 0.0 <= float(result.test_accuracy) <= 1.0
+  np.testing.assert_allclose(result.val_loss,
+                             svm.validation_loss(result.params.y, data))
+  # A huge tolerance stops after one epoch.
+  one = svm.fit(_svm_method(jbl.pbgd_free_cc), params, data, tol=1e9)
+  assert int(one.epochs) == 1
+
+
+# ---------------------------------------------------------------------------
+# The authors' notebook accuracies
+# ---------------------------------------------------------------------------
 
 
 DATA_DIR = os.environ.get("JAXBILEVEL_DATA", "/work/shared/data")

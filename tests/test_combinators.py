@@ -1,5 +1,7 @@
 """Bilevel methods inside optax combinators, on every method.
 
+jaxbilevel._src.combinators and the optax wrappers it replaces:
+
 * ``jbl.inject_hyperparams`` (and ``optax.inject_hyperparams`` with the
   documented ``static_args``): a float hyperparameter changed in
   ``state.hyperparams`` gives the step of the method built with that value,
@@ -8,8 +10,9 @@
   previous state), the next finite step is the plain method's step.
 * ``optax.apply_if_finite`` and ``optax.MultiSteps`` are refused with a message
   naming what to use; non-None ``updates`` are rejected.
-* ``jbl.objectives.accumulate``: k micro-batches give the full-batch values,
-  gradients, Hessian-vector products and bilevel steps.
+
+The problem and the table of every method (``CASES``) are in _helpers.py,
+shared with the gradient accumulation tests of test_objectives.py.
 """
 
 import inspect
@@ -20,102 +23,21 @@ import numpy as np
 import optax
 import pytest
 
+from _helpers import assert_trees_close as _close
+from _helpers import CASES
+from _helpers import case_kwargs as _kwargs
+from _helpers import LO
+from _helpers import N
+from _helpers import NAMES
+from _helpers import plain as _plain
+from _helpers import ridge_data as _data
+from _helpers import ridge_f as f
+from _helpers import ridge_g as g
+from _helpers import RIDGE_PARAMS as PARAMS
+from _helpers import steps_from_params as _steps
+from _helpers import tree_distance as _distance
+from _helpers import UO
 import jaxbilevel as jbl
-from jaxbilevel import objectives
-
-N, D = 8, 3  # examples per batch, features
-
-
-def _data(dtype=jnp.float64):
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(N, D)), dtype)
-  b = jnp.asarray(np.linspace(-1.0, 1.0, N), dtype)
-  return {"a": a, "b": b}
-
-
-def g(x, y, batch):
-  """Ridge regression with regularisation exp(x): a mean over examples."""
-  r = batch["a"] @ y - batch["b"]
-  return 0.5 * jnp.mean(r ** 2) + 0.5 * jnp.exp(x) * jnp.sum(y ** 2)
-
-
-def f(x, y, batch):
-  """Validation loss on shifted targets (a mean over examples), plus x^2."""
-  r = batch["a"] @ y - 0.5 * batch["b"] - 0.1
-  return jnp.mean(r ** 2) + 0.01 * x ** 2
-
-
-def c(x, y, batch=None):
-  """One coupled constraint sum(y) - 1 - 0.1 x <= 0."""
-  del batch
-  return jnp.stack([jnp.sum(y) - 1.0 - 0.1 * x])
-
-
-PARAMS = jbl.BilevelParams(x=jnp.asarray(0.2, jnp.float64),
-                           y=jnp.asarray([0.1, -0.2, 0.3], jnp.float64))
-UO, LO = optax.sgd(0.05), optax.sgd(0.1)
-
-# name -> (method, fixed keyword arguments, {float hyperparameter: (v1, v2)}).
-CASES = {
-    "pbgd_free": (jbl.pbgd_free, dict(inner_steps=2), {"gamma": (4.0, 9.0)}),
-    "alt_pbgd": (jbl.alt_pbgd, dict(inner_steps=2, value_steps=3),
-                 {"gamma": (4.0, 9.0)}),
-    "v_pbgd": (jbl.v_pbgd, dict(value_steps=2), {"gamma": (4.0, 9.0)}),
-    "pbgd_blocc": (jbl.pbgd_blocc, dict(c=c, dual_step_size=0.1,
-                                        dual_steps=3, primal_steps=2),
-                   {"gamma": (4.0, 9.0)}),
-    "pbgd_free_cc": (jbl.pbgd_free_cc, dict(c=c, dual_step_size=0.1,
-                                            dual_steps=3, primal_steps=2),
-                     {"gamma": (4.0, 9.0)}),
-    "bome": (jbl.bome, dict(value_steps=3), {"eta": (0.5, 2.0)}),
-    # lambda0 only sets the multiplier in init; the increment acts each step.
-    "f2sa": (jbl.f2sa, dict(inner_steps=2, lambda0=4.0),
-             {"lambda_increment": (0.5, 2.0)}),
-    "alright": (jbl.alright, dict(key=jax.random.PRNGKey(1)),
-                {"probability": (0.3, 0.8)}),
-    "fo_blo": (jbl.fo_blo, dict(inner_steps=3, inner_start="previous"), {}),
-    "ufo_blo": (jbl.ufo_blo, dict(inner_steps=3, key=jax.random.PRNGKey(0),
-                                  inner_start="previous"),
-                {"correction_probability": (0.3, 0.8)}),
-    "aid": (jbl.aid, dict(inner_steps=3, solver="neumann", linear_steps=4),
-            {"neumann_step": (0.2, 0.6)}),
-    "itd": (jbl.itd, dict(inner_steps=4), {}),
-}
-NAMES = sorted(CASES)
-
-
-def _kwargs(name, **hyper):
-  method, fixed, hypers = CASES[name]
-  values = {k: v[0] for k, v in hypers.items()}
-  values.update(hyper)
-  return method, dict(f=f, g=g, upper_optimizer=UO, lower_optimizer=LO,
-                      **fixed, **values)
-
-
-def _plain(name, **hyper):
-  method, kw = _kwargs(name, **hyper)
-  return method(**kw)
-
-
-def _steps(tx, n, batch, state=None, step=None):
-  """``n`` steps from PARAMS; returns (params, state)."""
-  step = step or jax.jit(lambda s, p, b: tx.update(None, s, p, batch=b))
-  params = PARAMS
-  state = tx.init(params) if state is None else state
-  for _ in range(n):
-    updates, state = step(state, params, batch)
-    params = optax.apply_updates(params, updates)
-  return params, state
-
-
-def _close(a, b, rtol=1e-10, atol=1e-12):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol,
-                               atol=atol)
-
-
-def _distance(a, b):
-  return float(optax.tree_utils.tree_norm(optax.tree_utils.tree_sub(a, b)))
 
 
 # ---------------------------------------------------------------------------
@@ -270,66 +192,3 @@ def test_chain_of_level_optimizers_is_not_refused():
             lower_optimizer=optax.MultiSteps(LO, every_k_schedule=1))
   _close(_steps(method(**kw), 1, _data())[0],
          _steps(_plain("pbgd_free"), 1, _data())[0])
-
-
-# ---------------------------------------------------------------------------
-# Gradient accumulation inside one bilevel step
-# ---------------------------------------------------------------------------
-
-
-def _values_and_derivatives(h, x, y, batch):
-  """h, both gradients, an HVP in y and the mixed derivative d/dx grad_y h."""
-  v = jnp.asarray([0.3, -1.0, 0.5])
-  grad_y = lambda x_, y_: jax.grad(h, 1)(x_, y_, batch)
-  return {"value": h(x, y, batch),
-          "grad_x": jax.grad(h, 0)(x, y, batch),
-          "grad_y": grad_y(x, y),
-          "hvp": jax.jvp(lambda y_: grad_y(x, y_), (y,), (v,))[1],
-          "mixed": jax.jacfwd(grad_y, 0)(x, y)}
-
-
-@pytest.mark.parametrize("k", [1, 4])
-def test_accumulate_matches_full_batch_values_and_derivatives(k):
-  batch = _data()
-
-  @jax.jit
-  def both(x, y, batch):
-    return [(_values_and_derivatives(fn, x, y, batch),
-             _values_and_derivatives(objectives.accumulate(fn, k), x, y,
-                                     batch)) for fn in (f, g)]
-
-  (f_full, f_acc), (g_full, g_acc) = both(*PARAMS, batch)
-  _close(f_acc, f_full, rtol=1e-12, atol=1e-14)
-  _close(g_acc, g_full, rtol=1e-12, atol=1e-14)
-  assert float(jnp.abs(g_full["mixed"]).max()) > 1e-3  # g couples x and y
-
-
-def test_accumulate_scans_over_checkpointed_micro_batches():
-  acc = objectives.accumulate(g, num_microbatches=4)
-  text = str(jax.make_jaxpr(jax.grad(acc, 1))(*PARAMS, _data()))
-  assert "scan" in text and "length=4" in text
-  assert "checkpoint" in text or "remat" in text
-
-
-@pytest.mark.parametrize("name", ["pbgd_free", "alt_pbgd", "bome", "aid"])
-def test_one_accumulated_bilevel_step_equals_the_full_batch_step(name):
-  method, kw = _kwargs(name)
-  kw.update(f=objectives.accumulate(f, 4), g=objectives.accumulate(g, 4))
-  accumulated = _steps(method(**kw), 1, _data())
-  full = _steps(_plain(name), 1, _data())
-  _close(accumulated, full, rtol=1e-10, atol=1e-12)
-  assert _distance(accumulated[0], PARAMS) > 1e-4
-
-
-@pytest.mark.parametrize("k, batch, match", [
-    (3, _data(), r"num_microbatches=3 does not divide the leading dimension "
-                 r"8 of batch\['a'\] \(shape \(8, 3\)\)"),
-    (0, _data(), r"num_microbatches must be >= 1, got 0"),
-    (2.0, _data(), r"num_microbatches must be a Python int"),
-    (2, {**_data(), "w": jnp.asarray(1.0)},
-     r"batch\['w'\] is a scalar; every leaf of the batch needs a leading"),
-    (2, None, r"batch has no array leaves"),
-])
-def test_accumulate_bad_input(k, batch, match):
-  with pytest.raises(jbl.BilevelValidationError, match=match):
-    objectives.accumulate(g, num_microbatches=k)(*PARAMS, batch)
