@@ -652,18 +652,25 @@ def notes(result):
       + (": " + "; ".join(f"{k}: {v:.2f} ms" for k, v in per_call.items())
          + " (one-step `jbl.run` minus a one-step hand-written call)"
          if per_call else "")
-      + ", amortised over the steps of a call; it shows where steps take "
-      "microseconds (the d = 10^4 quadratic). Timings on a shared machine "
-      "move by a few percent between runs; the FLOP and byte ratios are "
-      "exact.")
+      + ", amortised over the steps of a call. It grows with the model (the "
+      "state is initialised and the params and state are read once per "
+      "call) and with what ran just before (host work right after a "
+      "compiled program is slower here: the interleaved one-step calls cost "
+      "several times what they cost back to back), and it shows where steps "
+      "take microseconds (the d = 10^4 quadratic), as does each method's own "
+      "step counter (one scalar operation per step, which schedules read). "
+      "The FLOP and byte ratios are exact; times on a shared machine move "
+      "by a few percent between runs.")
   if result["sweep"]:
     worst = {h: max(s[h]["ratio"] for s in result["sweep"])
              for h in HISTORIES}
     out.append(
         "* Sweeps: the largest ratio over the grid sizes is "
         + ", ".join(f"{worst[h]:.2f} with history {h}" for h in HISTORIES)
-        + ". The sweep's per-point history also holds the step number and "
-        "three finiteness flags, filled in after the loop.")
+        + ". The smallest grid takes about a millisecond, so the sweep's "
+        "fixed cost per call (validating the grid, a finiteness check, the "
+        "step numbers and finiteness flags that the host fills in) weighs "
+        "most there.")
   return out
 
 

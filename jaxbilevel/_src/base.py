@@ -833,6 +833,18 @@ def diagnostic_norm(tree) -> Array:
   return optax.tree_utils.tree_norm(tree)
 
 
+def recorded_lower_value(g, x, y, batch, dtype):
+  """``(g(x, y), ‖∇_y g(x, y)‖)`` for the record: zeros, uncomputed, when not recorded.
+
+  For methods whose step does not evaluate ``g`` at the new lower iterate,
+  so that doing it costs a pass that only the diagnostics use.
+  """
+  if not diagnostics_recorded():
+    return jnp.zeros((), dtype), jnp.zeros((), dtype)
+  value, grad = jax.value_and_grad(g, argnums=1)(x, y, batch)
+  return value, optax.tree_utils.tree_norm(grad)
+
+
 def diagnostics(dtype, **values) -> dict:
   """A diagnostics dict of scalars, all cast to ``dtype``."""
   return {k: jnp.asarray(v, dtype=dtype) for k, v in values.items()}

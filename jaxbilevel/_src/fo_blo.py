@@ -120,14 +120,10 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
-    if base.diagnostics_recorded():  # g and grad_y g at y_r: only recorded
-      g_t, g_grad = jax.value_and_grad(g, argnums=1)(x, y_r, batch)
-    else:
-      g_t, g_grad = jnp.zeros((), dtype), None
+    g_t, g_grad_norm = base.recorded_lower_value(g, x, y_r, batch, dtype)
     diag = base.diagnostics(
         dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(direction),
-        lower_grad_norm=base.diagnostic_norm(g_grad),
-        **extra)
+        lower_grad_norm=g_grad_norm, **extra)
     fields = dict(count=optax.safe_increment(state.count),
                   upper_state=upper_state, diagnostics=diag)
     new_state = (FOBLOState(**fields) if correction is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional, Union
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
@@ -181,13 +180,10 @@ def itd(f: base.Objective,
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
-    if base.diagnostics_recorded():  # g and grad_y g at y_T: only recorded
-      g_t, g_grad = jax.value_and_grad(g, argnums=1)(x, y_new, batch)
-    else:
-      g_t, g_grad = jnp.zeros((), dtype), None
+    g_t, g_grad_norm = base.recorded_lower_value(g, x, y_new, batch, dtype)
     diag = base.diagnostics(
         dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(direction),
-        lower_grad_norm=base.diagnostic_norm(g_grad))
+        lower_grad_norm=g_grad_norm)
     new_state = ITDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, y_init=state.y_init, diagnostics=diag)
