@@ -610,3 +610,22 @@ def test_a_nan_in_a_recorded_diagnostic_is_reported_by_name():
   f = lambda x, y, batch: f0(x, y, batch) + 0.0 * jnp.log(x[0] - 5.0)
   with pytest.warns(RuntimeWarning, match="non-finite f at step 0"):
     jbl.run(_fast_free(f, g), p0, num_steps=5, diagnostics=("f",))
+
+
+def test_one_chunk_unless_a_progress_bar_is_drawn(monkeypatch):
+  lengths = []
+  chunk = run_lib._run_chunk  # pylint: disable=protected-access
+
+  def counted(*args, **kwargs):
+    lengths.append(kwargs["length"])
+    return chunk(*args, **kwargs)
+
+  monkeypatch.setattr(run_lib, "_run_chunk", counted)
+  f, g, p0 = _fast_problem()
+  tx = _fast_free(f, g)
+  quiet, _, _ = jbl.run(tx, p0, num_steps=2500, progress=False)
+  assert lengths == [2500]
+  lengths.clear()
+  shown, _, _ = jbl.run(tx, p0, num_steps=2500, progress=True)
+  assert lengths == [1000, 1000, 500]
+  np.testing.assert_allclose(quiet.x, shown.x, rtol=1e-6)

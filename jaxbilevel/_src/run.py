@@ -44,7 +44,6 @@ state checked on the host): ``benchmarks/results/overhead.md`` reports it.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import time
 import warnings
@@ -743,8 +742,11 @@ def run(tx: optax.GradientTransformationExtraArgs,
 
   The steps run as jitted ``lax.scan`` chunks of ``chunk_size`` steps (so a
   long run compiles at most twice: the chunk and the remainder); between
-  chunks the host updates a progress bar and checks that the parameters, the
-  optimizer state and the diagnostics are finite. When a step produces a NaN
+  chunks the host updates the progress bar and checks that the parameters,
+  the optimizer state and the diagnostics are finite. Without a progress bar
+  the run is one chunk by default: every chunk ends in a wait for the device
+  and a check on the host, which on small problems costs as much as many
+  steps. When a step produces a NaN
   or infinite value the run stops, returns the last finite iterate and says
   at which step and in which quantity the problem appeared (the failing chunk
   is replayed with a per-step guard; see the module notes).
@@ -779,11 +781,13 @@ def run(tx: optax.GradientTransformationExtraArgs,
       of names (e.g. ``("f",)``); off by default, when they are not
       computed at all (see :func:`scan_run`). A non-finite step is named by
       quantity either way.
-    chunk_size: steps per compiled chunk (default ``min(num_steps, 1000)``,
-      rounded to a multiple of ``record_every``).
+    chunk_size: steps per compiled chunk, rounded to a multiple of
+      ``record_every`` (default: ``min(num_steps, 1000)`` with a progress
+      bar, otherwise ``num_steps``).
     progress: show a progress bar (``tqdm.auto`` when installed, so it draws
-      in Jupyter and Colab); default: when the run has more than one chunk and
-      stderr is a terminal or the code runs in a Jupyter kernel.
+      in Jupyter and Colab); default: when the run is longer than one chunk
+      of the given ``chunk_size`` (or 1,000 steps) and stderr is a terminal
+      or the code runs in a Jupyter kernel.
     on_nonfinite: ``"stop"`` (default: warn and return the last finite
       iterate), ``"raise"`` (raise :class:`NonFiniteError`), ``"skip"``
       (reject non-finite steps, keep going, and warn with their count; this
@@ -817,18 +821,18 @@ def run(tx: optax.GradientTransformationExtraArgs,
         f"{on_nonfinite!r}.")
   _check_batches(batch, batches, num_steps)
   record_every = _check_record_every(record, record_every, num_steps, "run")
-  chunk_size = base.check_static_int(
-      min(num_steps, 1000) if chunk_size is None else chunk_size,
-      "chunk_size")
+  if chunk_size is not None:
+    chunk_size = base.check_static_int(chunk_size, "chunk_size")
+  if progress is None:
+    progress = num_steps > (chunk_size or 1000) and _interactive()
+  if chunk_size is None:
+    chunk_size = min(num_steps, 1000) if progress else num_steps
   chunk_size = min(max(chunk_size - chunk_size % record_every, record_every),
                    num_steps)
   params = _strongly_typed(params)
   if state is None:
     state = init_state(tx, params)
   find_diagnostics(state)  # fails clearly for a non-bilevel transformation
-  num_chunks = math.ceil(num_steps / chunk_size)
-  if progress is None:
-    progress = num_chunks > 1 and _interactive()
   params, state, parts, failure = drive(
       tx, params, state, batch=batch, batches=batches, first_step=0,
       num_steps=num_steps, chunk_size=chunk_size, on_nonfinite=on_nonfinite,
