@@ -437,8 +437,22 @@ def _rename_hook(monkeypatch, step, action):
   monkeypatch.setattr(async_path, "rename", rename)
 
 
+@pytest.fixture
+def interactive_sigint():
+  """Ctrl-C raises KeyboardInterrupt, as in a terminal or a notebook.
+
+  A job started in the background by a non-interactive shell (``cmd &``)
+  begins with SIGINT ignored, and Python then leaves it ignored.
+  """
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_sigint_during_save_stops_the_run(tmp_path, monkeypatch):
+def test_sigint_during_save_stops_the_run(tmp_path, monkeypatch,
+                                          interactive_sigint):
+  del interactive_sigint
   tx, p0 = _SMALL_TX, _SMALL_P0
   _rename_hook(monkeypatch, 20, lambda: _InterruptInFinalizer() and None)
   with pytest.raises(KeyboardInterrupt):
@@ -570,6 +584,8 @@ def test_incomplete_step_directories_are_ignored(tmp_path):
 
 _SIGINT_TRIALS_SCRIPT = _SMALL_PROBLEM_SCRIPT + textwrap.dedent("""
     import random, signal, tempfile, threading, time
+    # As in a terminal, also when the tests run as a background job.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     real_rename = async_path.rename
     armed = []
 
