@@ -18,6 +18,7 @@ from _helpers import quadratic_free as _quadratic_free
 from _helpers import separable_quadratic as _quadratic
 import jaxbilevel as jbl
 from jaxbilevel._src import base
+from jaxbilevel._src import programs
 from jaxbilevel._src import run as run_lib
 
 
@@ -546,7 +547,11 @@ def test_compiled_init_equals_eager_init():
   for tx in (_fast_free(f, g), jbl.f2sa(f, g, gamma=2.0, gamma_increment=0.5,
                                    upper_optimizer=optax.adam(0.01),
                                    lower_optimizer=optax.sgd(0.1))):
-    eager, compiled = tx.init(p0), run_lib.init_state(tx, p0)
+    eager = tx.init(p0)
+    jbl.run(tx, p0, num_steps=1)  # the program exists: init is compiled
+    assert programs.program_of(tx) in run_lib._PROGRAMS  # pylint: disable=protected-access
+    compiled = run_lib.init_state(tx, p0)
+    assert programs.program_of(tx) in run_lib._INITS  # pylint: disable=protected-access
     assert jax.tree.structure(eager) == jax.tree.structure(compiled)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(compiled)):
       assert jnp.asarray(a).dtype == b.dtype

@@ -231,6 +231,9 @@ class ProgramCache:
       self._entries.popitem(last=False)
     return fn
 
+  def __contains__(self, program: Program) -> bool:
+    return program.key in self._entries
+
   def __len__(self):
     return len(self._entries)
 

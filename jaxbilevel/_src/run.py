@@ -392,12 +392,16 @@ _INITS = programs.ProgramCache(
 
 
 def init_state(tx, params):
-  """``tx.init(params)`` as one compiled call (shared like the chunks).
+  """``tx.init(params)``, compiled once the same program has run before.
 
   Eager initialisation dispatches one small operation per state leaf, which
-  costs more than a whole short run of a small problem; an ``init`` that needs
-  concrete values (a user's optimizer) still runs eagerly.
+  costs more than a whole short run of a small problem when runs repeat (a
+  loop over hyperparameters); compiling it costs more than that once, so a
+  program's first run initialises eagerly. An ``init`` that needs concrete
+  values (a user's optimizer) always runs eagerly.
   """
+  if programs.program_of(tx) not in _PROGRAMS:
+    return tx.init(params)
   try:
     return _call_program(_INITS, tx, params)
   except _TRACER_ERRORS:
