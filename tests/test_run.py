@@ -477,11 +477,16 @@ def _fast_free(f, g, gamma=10.0):
 
 
 def _optax_loop(tx, params, num_steps, batch=None):
-  """The optax loop a user would write: update, then apply_updates."""
+  """The optax loop a user would write: update, then apply_updates (jitted)."""
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(None, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
   state = tx.init(params)
   for _ in range(num_steps):
-    updates, state = tx.update(None, state, params, batch=batch)
-    params = optax.apply_updates(params, updates)
+    params, state = step(params, state)
   return params, state
 
 
