@@ -326,21 +326,16 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
   *out, finite = _sweep_jit(*args, mode=mode, **options)
   finite = bool(finite) and (_checked_in_program(out[:2])
                              or run_lib.all_finite(out[:2]))
-  if mode == "fast":
+  if mode == "fast" and not finite:
+    # Some point failed: run again with the per-step guard, which freezes
+    # each failed point at its last finite iterate.
+    *out, _ = _sweep_jit(*args, mode="stop", **options)
+  elif mode == "fast":
     if diagnostics:
       out[1] = _with_last_diagnostics(out[1], out[2])
     out[2] = run_lib.unchecked_rows(out[2], 0, num_steps)
-  if not finite:
-    if mode == "fast":
-      # Some point failed: run again with the per-step guard, which freezes
-      # each failed point at its last finite iterate.
-      *out, _ = _sweep_jit(*args, mode="stop", **options)
-    if mesh is not None and jax.tree.leaves(
-        run_points)[0].shape[0] != num_points:
-      out = jax.tree.map(lambda v: v[:num_points], out)
-    if on_nonfinite != "ignore":
-      _warn_nonfinite(out[2], points, num_points)
-  elif mesh is not None and jax.tree.leaves(
-      run_points)[0].shape[0] != num_points:
+  if mesh is not None and jax.tree.leaves(run_points)[0].shape[0] != num_points:
     out = jax.tree.map(lambda v: v[:num_points], out)
+  if not finite and on_nonfinite != "ignore":
+    _warn_nonfinite(out[2], points, num_points)
   return out[0], out[1], run_lib.History(out[2])
