@@ -324,16 +324,34 @@ def hand_flops(init, step, prob):
 # ---------------------------------------------------------------------------
 
 
-def interleaved(contenders, rounds):
-  """``{name: (median seconds, compile seconds)}``, one call each per round."""
+def interleaved(contenders, rounds, pairs=()):
+  """``{name: (median seconds, compile seconds)}``, one call each per round.
+
+  ``pairs`` lists the ``(library, hand)`` names compared with each other.
+  Within a round the pairs run one after the other; pair ``i`` runs as
+  ``(library, hand)`` when ``i + round`` is even and as ``(hand, library)``
+  otherwise, and contenders in no pair run first. A call runs faster right
+  after a compiled program than after Python work (XLA's worker threads are
+  still awake, the caches warm): in a fixed order A B A B the library's call
+  would always follow a hand-written program and the hand's a library call,
+  which costs the library up to 8% of a millisecond-long sweep here. With
+  the alternation, each side of a pair follows a library call in half of the
+  rounds and a hand-written program in the other half.
+  """
   first = {}
   for name, call in contenders.items():
     start = time.perf_counter()
     jax.block_until_ready(call())
     first[name] = time.perf_counter() - start
   times = {name: [] for name in contenders}
-  for _ in range(rounds):
-    for name, call in contenders.items():
+  paired = {name for pair in pairs for name in pair}
+  singles = [name for name in contenders if name not in paired]
+  for r in range(rounds):
+    order = list(singles)
+    for i, pair in enumerate(pairs):
+      order.extend(pair if (i + r) % 2 == 0 else pair[::-1])
+    for name in order:
+      call = contenders[name]
       start = time.perf_counter()
       jax.block_until_ready(call())
       times[name].append(time.perf_counter() - start)
@@ -365,7 +383,9 @@ def run_benchmark(prob, methods, steps, rounds):
   init, step = hand_method(methods[0], prob)
   contenders["one step (hand)"] = hand_runner(hand_program(init, step, 1),
                                               prob)
-  timing = interleaved(contenders, rounds)
+  pairs = [(m, m + " (hand)") for m in methods] + [("one step",
+                                                   "one step (hand)")]
+  timing = interleaved(contenders, rounds, pairs)
   floor_s = timing["floor"][0]
   rows = []
   for method in methods:
@@ -473,7 +493,8 @@ def sweep_benchmark(num_points, steps, rounds, d=32):
   for history in HISTORIES:
     contenders["hand " + history] = hand_program(history)
     contenders["sweep " + history] = library(history)
-  timing = interleaved(contenders, rounds)
+  timing = interleaved(contenders, rounds, [
+      ("sweep " + history, "hand " + history) for history in HISTORIES])
   row = dict(points=num_points, steps=steps, d=d)
   for history in HISTORIES:
     lib_params, lib_rows = contenders["sweep " + history]()

@@ -30,11 +30,14 @@ def _compiled_programs():
 def test_run_does_not_recompile_across_calls():
   prob = _dpo()
   tx = _free(prob)
-  jbl.run(tx, prob.params0, num_steps=10, chunk_size=10)
-  before = _compiled_programs()
-  jbl.run(tx, jbl.BilevelParams(jnp.asarray(1.0), jnp.asarray(2.0)),
-          num_steps=30, chunk_size=10)
-  assert _compiled_programs() == before
+  # One chunk (which starts the state itself), then three chunks (the state
+  # is started apart and passed in): each compiles once, whatever the values.
+  for num_steps in (10, 30):
+    jbl.run(tx, prob.params0, num_steps=num_steps, chunk_size=10)
+    before = _compiled_programs()
+    jbl.run(tx, jbl.BilevelParams(jnp.asarray(1.0), jnp.asarray(2.0)),
+            num_steps=num_steps, chunk_size=10)
+    assert _compiled_programs() == before
 
 
 def test_new_transformations_with_other_hyperparameters_reuse_the_program():

@@ -240,6 +240,9 @@ def check_params(params, method: str) -> BilevelParams:
     if not leaves:
       raise BilevelValidationError(
           f"{method}: params.{level} has no array leaves.")
+    if all(isinstance(leaf, (jax.Array, np.ndarray))
+           and is_floating(leaf.dtype) for leaf in leaves):
+      continue  # the common case, without paths (which cost more than a run)
     for path, leaf in jax.tree_util.tree_leaves_with_path(
         getattr(params, level)):
       # jnp.result_type("float32") is float32: a string leaf would pass the
@@ -782,9 +785,27 @@ def captured_new_params(captured, params, updates):
                       new_params, params)
 
 
+# Cached: ``jnp.issubdtype`` costs more than the rest of a run's host-side
+# checks of a small model.
+@functools.lru_cache(maxsize=None)
+def is_floating(dtype) -> bool:
+  """``jnp.issubdtype(dtype, jnp.floating)``, cached."""
+  return jnp.issubdtype(dtype, jnp.floating)
+
+
+@functools.lru_cache(maxsize=None)
+def is_integer(dtype) -> bool:
+  """``jnp.issubdtype(dtype, jnp.integer)``, cached."""
+  return jnp.issubdtype(dtype, jnp.integer)
+
+
 def params_dtype(params: BilevelParams):
   """The common floating dtype of all variables (used for diagnostics)."""
-  return jnp.result_type(*jax.tree.leaves(params))
+  leaves = jax.tree.leaves(params)
+  if leaves and all(isinstance(leaf, jax.Array) and not leaf.weak_type
+                    and leaf.dtype == leaves[0].dtype for leaf in leaves):
+    return leaves[0].dtype  # the common case: no promotion to work out
+  return jnp.result_type(*leaves)
 
 
 _RECORDING = contextvars.ContextVar("jaxbilevel_recording_diagnostics",

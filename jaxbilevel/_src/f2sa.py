@@ -210,14 +210,18 @@ def f2sa(f: base.Objective,
         lambda y_: g(x, y_, batch), state.y_g, state.value_state,
         optimizer=value_optimizer, num_steps=value_steps, proj=proj_y)
     # T steps of y on f + lambda g (the y-gradient of the Lagrangian).
-    scale = 1.0 / (1.0 + lam) if scale_lower else jnp.ones((), dtype)
+    scale = 1.0 / (1.0 + lam) if scale_lower else None
 
     def lower_objective(y_):
       # f + lambda g: the Lagrangian's y-gradient without evaluating the
       # constant g(x, z) at every step (it would serve no gradient).
       fv, gv = f(x, y_, batch), g(x, y_, batch)
       value = fv + jnp.asarray(lam, jnp.result_type(fv)) * gv
-      return scale * value, {"f": fv, "g": gv}
+      if scale is not None:
+        # Only then: even a factor of one costs a multiply per variable in
+        # every inner step (XLA does not fold it into the gradient).
+        value = scale * value
+      return value, {"f": fv, "g": gv}
 
     y_new, lower_state, trace = inner.inner_solve(
         lower_objective, y, state.lower_state, optimizer=lower_optimizer,
@@ -237,7 +241,8 @@ def f2sa(f: base.Objective,
     diag = base.diagnostics(
         dtype, f=first.aux["f"], g=first.aux["g"],
         upper_grad_norm=base.diagnostic_norm(direction),
-        lower_grad_norm=first.grad_norm / scale, gamma=lam,
+        lower_grad_norm=(first.grad_norm if scale is None else
+                         first.grad_norm / scale), gamma=lam,
         g_gap=aux["g_gap"])
     new_state = F2SAState(
         count=optax.safe_increment(state.count), upper_state=upper_state,

@@ -283,20 +283,36 @@ def _scan_chunk(tx, params, state, batch, batches, start, stopped, *, length,
                            history)
     history["record"] = recorded
   params, state, stopped = carry
-  recorded_diag = [k for k in incoming if k in history]
-  if mode == "fast":
-    # One flag for the chunk: whether every recorded diagnostic is finite.
-    # The host expands it and fills in the step numbers and the (true)
-    # update and state flags (unchecked_rows); a chunk that is not finite is
-    # replayed with the per-step checks.
-    history["finite"] = functools.reduce(
-        jnp.logical_and, [jnp.all(jnp.isfinite(history[k]))
-                          for k in recorded_diag], jnp.ones((), bool))
-  else:
+  if mode != "fast":
+    # (An unchecked chunk's caller checks it as a whole: unchecked_finite.)
     history["step"] = steps
   if keep_diagnostics and mode != "fast":
     state = with_last_diagnostics(state, history)
+  del incoming
   return params, state, stopped, history
+
+
+def unchecked_finite(history, params, state) -> jax.Array:
+  """The one flag of an unchecked (``"fast"``) chunk: whether all is finite.
+
+  It covers every recorded diagnostic and, for models of up to
+  :data:`MAX_LEAVES_CHECKED_IN_PROGRAM` leaves, the final params and state,
+  in one grouped reduction (the host checks larger ones: ``all_finite``).
+  Where it is true the host fills in the step numbers and the (true)
+  finiteness flags (:func:`unchecked_rows`); where it is false the chunk is
+  replayed with the per-step checks.
+  """
+  rows = {k: v for k, v in history.items() if k in find_diagnostics(state)}
+  # (The state's diagnostics are the incoming ones: see _scan_chunk.)
+  checked = ((rows, params, _with_diagnostics(state, {}))
+             if checked_in_program((params, state)) else rows)
+  # One reduction per leaf (at most MAX_LEAVES_CHECKED_IN_PROGRAM and the
+  # recorded rows): XLA reads each array where it lies, where concatenating
+  # them first (tree_all_finite's grouping, which bounds compile time for
+  # hundreds of leaves) copies them, costing up to 8% of a small sweep.
+  return functools.reduce(jnp.logical_and, [
+      jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(checked)
+      if jnp.issubdtype(leaf.dtype, jnp.inexact)], jnp.ones((), bool))
 
 
 def with_last_diagnostics(state, history):
@@ -305,14 +321,17 @@ def with_last_diagnostics(state, history):
   An unchecked chunk returns the state with the diagnostics it started
   with (carrying them through the loop, or slicing them from the history
   inside the program, costs more than the step on small problems); the host
-  calls this on the result. Rows have the step as their last axis.
+  calls this on the result. Rows have the step as their last axis. With a
+  NumPy history (on the host) the values are NumPy views of its last row:
+  copying them to the device would cost more than a short run.
   """
   old = find_diagnostics(state)
   if not any(k in history for k in old):
     return state
-  return _with_diagnostics(state, {
-      k: jnp.asarray(history[k][..., -1]) if k in history else v
-      for k, v in old.items()})
+  last = lambda v: v[..., -1] if isinstance(v, np.ndarray) else jnp.asarray(
+      v[..., -1])
+  return _with_diagnostics(state, {k: last(history[k]) if k in history else v
+                                   for k, v in old.items()})
 
 
 def _chunk_program(build):
@@ -321,10 +340,17 @@ def _chunk_program(build):
   def chunk(hyperparameters, params, state, batch, batches, start, stopped, *,
             batches_fn, length, mode, record, record_every, diagnostics):
     tx = build(hyperparameters)
+    if state is None:
+      # A run's first chunk starts the state itself: XLA fuses the zeros
+      # into the loop's set-up, where a separate ``init`` costs a dispatch
+      # (and, eagerly, one per state leaf).
+      state = tx.init(params)
     params, state, stopped, history = _scan_chunk(
         tx, params, state, batch, batches_fn if batches_fn is not None else
         batches, start, stopped, length=length, mode=mode, record=record,
         record_every=record_every, diagnostics=diagnostics)
+    if mode == "fast":
+      history["finite"] = unchecked_finite(history, params, state)
     return params, state, stopped, history
 
   return jax.jit(chunk, static_argnames=(
@@ -356,24 +382,51 @@ def _call_program(cache, tx, *args, **kwargs):
     return cache.get(program)(program.hyperparameters, *args, **kwargs)
 
 
-def unchecked_rows(history, start: int, length: int) -> dict:
-  """``history`` of an unchecked (``"fast"``) chunk with the host-side rows.
+# Up to this many leaves of params and state, a compiled unchecked chunk
+# (of run or sweep) checks them itself: one fused reduction, whose flag the
+# host reads with the diagnostics'. Its compile time grows with the number of
+# leaves, so larger models are checked on the host (all_finite).
+MAX_LEAVES_CHECKED_IN_PROGRAM = 64
 
-  An unchecked chunk returns one ``finite`` flag (per grid point in a
-  sweep: its leading axes) for all its recorded diagnostics. This expands it
-  to one per step and adds ``step`` (from ``start``) and the
-  ``updates_finite`` and ``state_finite`` flags, all true: the chunk does
-  not compute them (the host checks the final params and state, and replays
-  the chunk with the per-step checks if anything is not finite).
+
+def checked_in_program(tree) -> bool:
+  """Whether an unchecked chunk checks ``tree`` (its params and state) itself."""
+  return len(jax.tree.leaves(tree)) <= MAX_LEAVES_CHECKED_IN_PROGRAM
+
+
+UNCHECKED_ROWS = ("step", "finite", "updates_finite", "state_finite")
+"""The rows that the host adds to the history of an unchecked chunk."""
+
+
+def unchecked_rows(history, start: int, length: int, points=()) -> dict:
+  """``history`` of a finite unchecked (``"fast"``) chunk with the host-side rows.
+
+  An unchecked chunk that passed its check (:func:`unchecked_finite`) had
+  only finite steps; this adds ``step`` (from ``start``) and the
+  ``finite``, ``updates_finite`` and ``state_finite`` flags (all true) that
+  a checked chunk records per step, ``points`` (the leading shape of a
+  sweep's rows) by ``length``. They are read-only NumPy views of one row,
+  like the rest of a history (NumPy views of device arrays), so they cost
+  no copy.
   """
-  finite = np.asarray(history["finite"])
-  shape = finite.shape + (length,)
-  steps = np.arange(start, start + length, dtype=np.int32)
-  out = dict(history, step=np.broadcast_to(steps, shape).copy())
-  out["finite"] = np.broadcast_to(finite[..., None], shape).copy()
-  out["updates_finite"] = np.ones(shape, bool)
-  out["state_finite"] = np.ones(shape, bool)
+  shape = tuple(points) + (length,)
+  out = {k: v for k, v in history.items() if k != "finite"}
+  out["step"] = _steps(start, shape)
+  out["finite"] = out["updates_finite"] = out["state_finite"] = _all_true(
+      shape)
   return out
+
+
+# Read-only views, shared by the histories of the same shape.
+@functools.lru_cache(maxsize=16)
+def _steps(start, shape):
+  return np.broadcast_to(
+      np.arange(start, start + shape[-1], dtype=np.int32), shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _all_true(shape):
+  return np.broadcast_to(True, shape)
 
 
 def _run_chunk(tx, params, state, batch, batches, start, stopped, *, length,
@@ -603,7 +656,7 @@ def all_finite(tree) -> bool:
   leaves = [leaf for leaf in jax.tree.leaves(tree)
             if jnp.issubdtype(_dtype(leaf), jnp.inexact)]
   if all(isinstance(leaf, np.ndarray) or (
-      isinstance(leaf, jax.Array) and _on_host(leaf.sharding))
+      isinstance(leaf, jax.Array) and on_host(leaf.sharding))
          for leaf in leaves):
     return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in leaves)
   return bool(_device_all_finite(leaves))
@@ -615,7 +668,7 @@ def _dtype(leaf):
 
 
 @functools.lru_cache(maxsize=64)
-def _on_host(sharding) -> bool:
+def on_host(sharding) -> bool:
   """Whether arrays with ``sharding`` are all in this process's host memory."""
   return sharding.is_fully_addressable and all(
       d.platform == "cpu" for d in sharding.device_set)
@@ -657,19 +710,21 @@ def drive(tx, params, state, *, batch, batches, first_step, num_steps,
       new_params, new_state, _, hist = _run_chunk(
           tx, params, state, batch, chunk_batches, done, no_stop,
           length=length, mode=loop_mode, **options)
+      checked = loop_mode == "fast" and checked_in_program(
+          (new_params, new_state))
       hist = jax.tree.map(np.asarray, hist)
-      if loop_mode == "fast":
+      if loop_mode == "fast" and bool(hist["finite"]) and (
+          checked or all_finite((new_params, new_state))):
         hist = unchecked_rows(hist, done, length)
         new_state = with_last_diagnostics(new_state, hist)
-      if mode == "stop" and not (hist["finite"].all() and all_finite(
-          (new_params, new_state))):
+      elif loop_mode == "fast":
         # Replay the chunk guarded: it stops at the first non-finite step.
         # It records the diagnostics, so the report can name the quantity.
         new_params, new_state, stopped, replay = _run_chunk(
             tx, params, state, batch, chunk_batches, done, no_stop,
             length=length, mode="stop", **dict(options, diagnostics=True))
         replay = jax.tree.map(np.asarray, replay)
-        hist = {k: replay[k] for k in hist}
+        hist = {k: replay[k] for k in set(hist) | set(UNCHECKED_ROWS)}
         if bool(stopped):
           bad = int(np.argmin(replay["finite"]))
           hist = _truncate_history(hist, bad + 1, record_every)
@@ -834,9 +889,14 @@ def run(tx: optax.GradientTransformationExtraArgs,
   chunk_size = min(max(chunk_size - chunk_size % record_every, record_every),
                    num_steps)
   params = _strongly_typed(params)
-  if state is None:
+  if state is None and chunk_size < num_steps:
     state = init_state(tx, params)
-  find_diagnostics(state)  # fails clearly for a non-bilevel transformation
+  if state is not None:
+    find_diagnostics(state)  # fails clearly for a non-bilevel transformation
+  elif programs.program_of(tx) not in _PROGRAMS:
+    # A one-chunk run initialises the state in its program; the first run of
+    # a program checks the state's structure without computing it.
+    find_diagnostics(jax.eval_shape(tx.init, params))
   params, state, parts, failure = drive(
       tx, params, state, batch=batch, batches=batches, first_step=0,
       num_steps=num_steps, chunk_size=chunk_size, on_nonfinite=on_nonfinite,

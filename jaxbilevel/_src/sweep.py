@@ -57,7 +57,7 @@ def product_grid(**axes) -> dict:
 
 def _check_grid(grid, make_tx, dtype) -> tuple[dict, int]:
   """Validates the grid and returns it as arrays, with its number of points."""
-  if not isinstance(grid, Mapping) or not grid:
+  if not (isinstance(grid, dict) or isinstance(grid, Mapping)) or not grid:
     raise base.BilevelValidationError(
         "sweep: grid must be a non-empty dict name -> 1-D array of values "
         f"(one value per grid point), got {type(grid).__name__}"
@@ -72,11 +72,11 @@ def _check_grid(grid, make_tx, dtype) -> tuple[dict, int]:
           f"point), got shape {np.shape(arr)}. A value shared by all points "
           "belongs in make_tx (e.g. a default argument), not in the grid.")
     kind = arr.dtype
-    if jnp.issubdtype(kind, jnp.floating):
+    if base.is_floating(kind):
       target = dtype if dtype is not None else kind
-      if not (isinstance(arr, jax.Array) and arr.dtype == target):
+      if not (isinstance(arr, jax.Array) and kind == target):
         arr = jnp.asarray(arr, dtype=target)
-    elif jnp.issubdtype(kind, jnp.integer):
+    elif base.is_integer(kind):
       if not isinstance(arr, jax.Array):
         arr = jnp.asarray(arr)
     else:
@@ -134,24 +134,15 @@ def _sweep_core(points, params, batch, batches, *, make_tx, params_fn,
         record_every=record_every, diagnostics=diagnostics, mode=mode)
 
   params, state, history = jax.vmap(one)(points)
-  # Whether every point's steps (in the unchecked "fast" mode
-  # history["finite"] holds one flag per point) and, for a small model, its
-  # final iterate are finite, as one value read by the host.
+  # Whether every point's steps and, for a small model, its final iterate
+  # are finite, as one value read by the host.
+  if mode == "fast":
+    return params, state, history, run_lib.unchecked_finite(
+        history, params, state)
   finite = jnp.all(history["finite"])
-  if _checked_in_program((params, state)):
+  if run_lib.checked_in_program((params, state)):
     finite &= tree_lib.tree_all_finite((params, state))
   return params, state, history, finite
-
-
-# Up to this many leaves of params and state, the compiled sweep checks them:
-# a compiled check is one fused reduction, cheaper than reading every leaf on
-# the host, but its compile time grows with the number of leaves, so larger
-# models are checked on the host (as jaxbilevel.run always does).
-_MAX_LEAVES_CHECKED_IN_PROGRAM = 64
-
-
-def _checked_in_program(tree) -> bool:
-  return len(jax.tree.leaves(tree)) <= _MAX_LEAVES_CHECKED_IN_PROGRAM
 
 
 # Module-level jit: calls with the same make_tx, shapes and static options
@@ -162,8 +153,23 @@ _sweep_jit = jax.jit(
                      "record", "record_every", "diagnostics", "mode"))
 
 
-# One compiled call instead of a slice per diagnostic.
+# One compiled call instead of a slice per diagnostic, for histories that are
+# not in this process's host memory.
 _with_last_diagnostics = jax.jit(run_lib.with_last_diagnostics)
+
+
+def _last_diagnostics(state, history):
+  """``state`` with the last recorded diagnostics (see ``with_last_diagnostics``).
+
+  A history in host memory (the CPU backend) is read in place: its last
+  rows are NumPy views, which cost nothing; elsewhere one compiled call
+  slices them on the device.
+  """
+  # (The rows come from one program: they all lie where the first does.)
+  if run_lib.on_host(next(iter(history.values())).sharding):
+    return run_lib.with_last_diagnostics(
+        state, {k: np.asarray(v) for k, v in history.items()})
+  return _with_last_diagnostics(state, history)
 
 
 def _pad_points(points, num_points, multiple):
@@ -323,18 +329,23 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
   args = (run_points, params, batch,
           None if batches_fn is not None else batches)
   mode = "fast" if on_nonfinite == "stop" else on_nonfinite
+  num_run_points = jax.tree.leaves(run_points)[0].shape[0]
   *out, finite = _sweep_jit(*args, mode=mode, **options)
-  finite = bool(finite) and (_checked_in_program(out[:2])
-                             or run_lib.all_finite(out[:2]))
+  # What needs only the structure of the results is worked out while the
+  # program runs (host work right after it finishes runs slower).
+  checked = run_lib.checked_in_program(out[:2])
+  recorded = {k: v for k, v in out[2].items() if k != "record"}
+  finite = bool(finite) and (checked or run_lib.all_finite(out[:2]))
   if mode == "fast" and not finite:
     # Some point failed: run again with the per-step guard, which freezes
     # each failed point at its last finite iterate.
     *out, _ = _sweep_jit(*args, mode="stop", **options)
   elif mode == "fast":
-    if diagnostics:
-      out[1] = _with_last_diagnostics(out[1], out[2])
-    out[2] = run_lib.unchecked_rows(out[2], 0, num_steps)
-  if mesh is not None and jax.tree.leaves(run_points)[0].shape[0] != num_points:
+    if recorded:
+      out[1] = _last_diagnostics(out[1], recorded)
+    out[2] = run_lib.unchecked_rows(out[2], 0, num_steps,
+                                    points=(num_run_points,))
+  if num_run_points != num_points:
     out = jax.tree.map(lambda v: v[:num_points], out)
   if not finite and on_nonfinite != "ignore":
     _warn_nonfinite(out[2], points, num_points)
