@@ -493,9 +493,12 @@ def sweep_benchmark(num_points, steps, rounds, d=32):
   for history in HISTORIES:
     contenders["hand " + history] = hand_program(history)
     contenders["sweep " + history] = library(history)
+  # Small grids take about a millisecond a call: more rounds there, so that
+  # the medians are not a handful of samples of a noisy machine.
+  rounds *= max(1, 256 // num_points)
   timing = interleaved(contenders, rounds, [
       ("sweep " + history, "hand " + history) for history in HISTORIES])
-  row = dict(points=num_points, steps=steps, d=d)
+  row = dict(points=num_points, steps=steps, d=d, rounds=rounds)
   for history in HISTORIES:
     lib_params, lib_rows = contenders["sweep " + history]()
     hand_params, hand_rows = contenders["hand " + history]()
@@ -614,14 +617,15 @@ def markdown(result):
       "iterate, from the pass that computes the lower gradient); every "
       "diagnostic (`diagnostics=True`: f, g, the norms of both levels' "
       "steps, gamma).", "",
-      "| points | steps | history | hand s | jbl.sweep s | ratio | compile s "
-      "(sweep / hand) | max abs difference |",
-      "|---|---|---|---|---|---|---|---|"]
+      "| points | steps | rounds | history | hand s | jbl.sweep s | ratio | "
+      "compile s (sweep / hand) | max abs difference |",
+      "|---|---|---|---|---|---|---|---|---|"]
   for s in result["sweep"]:
     for history in HISTORIES:
       h = s[history]
       lines.append(
-          f"| {s['points']:,} | {s['steps']} | {history} | {h['hand_s']:.4f} "
+          f"| {s['points']:,} | {s['steps']} | {s.get('rounds', '')} | "
+          f"{history} | {h['hand_s']:.4f} "
           f"| {h['sweep_s']:.4f} | {h['ratio']:.2f} | "
           f"{h['sweep_compile_s']:.2f} / {h['hand_compile_s']:.2f} | "
           f"{h['max_abs_difference']:.1e} |")
@@ -657,41 +661,41 @@ def notes(result):
       "method's new parameters directly instead of adding the returned "
       "`new - old` back. Methods more than 0.5% off the hand FLOPs: "
       + (", ".join(off) if off else "none")
-      + " (F2SA scales its lower objective by 1/(1 + lambda_k) at every "
-      "step, because lambda_k may grow, where the hand version with a "
-      "constant lambda folds the factor into the step size, and it "
-      "differentiates its Lagrangian f + lambda (g(y) - g(z)) as a whole; "
-      "AID's conjugate gradient is the library's own, stopped at its "
-      "tolerance, against `jax.scipy.sparse.linalg.cg` in the hand "
-      "version, and XLA counts its loop body as smaller).")
+      + (" (AID's conjugate gradient is the library's own, stopped at its "
+         "tolerance, against `jax.scipy.sparse.linalg.cg` in the hand "
+         "version, and XLA counts its loop body as smaller)"
+         if "AID" in off else "") + ".")
   per_call = {k: b["per_call_ms"] for k, b in result["problems"].items()
               if "per_call_ms" in b}
   out.append(
       "* Time ratios include `jbl.run`'s fixed cost per call (validation, "
-      "one compiled `init`, the program look-up, the host's finiteness check "
-      "of the final params and state, the history copy)"
+      "the program look-up, one flag read back; a one-chunk run starts the "
+      "state inside its program and, for models of up to 64 leaves, checks "
+      "the final params and state there too)"
       + (": " + "; ".join(f"{k}: {v:.2f} ms" for k, v in per_call.items())
          + " (one-step `jbl.run` minus a one-step hand-written call)"
          if per_call else "")
-      + ", amortised over the steps of a call. It grows with the model (the "
-      "state is initialised and the params and state are read once per "
-      "call) and with what ran just before (host work right after a "
-      "compiled program is slower here: the interleaved one-step calls cost "
-      "several times what they cost back to back), and it shows where steps "
-      "take microseconds (the d = 10^4 quadratic), as does each method's own "
-      "step counter (one scalar operation per step, which schedules read). "
-      "The FLOP and byte ratios are exact; times on a shared machine move "
-      "by a few percent between runs.")
+      + ", amortised over the steps of a call. Beyond it, each method keeps "
+      "its own step counter (one scalar operation per step, which schedules "
+      "read). The FLOP and byte ratios are exact; times on a shared machine "
+      "move by a few percent between runs.")
   if result["sweep"]:
     worst = {h: max(s[h]["ratio"] for s in result["sweep"])
              for h in HISTORIES}
     out.append(
         "* Sweeps: the largest ratio over the grid sizes is "
         + ", ".join(f"{worst[h]:.2f} with history {h}" for h in HISTORIES)
-        + ". The smallest grid takes about a millisecond, so the sweep's "
-        "fixed cost per call (validating the grid, a finiteness check, the "
-        "step numbers and finiteness flags that the host fills in) weighs "
-        "most there.")
+        + ". The smallest grid takes about a millisecond, and there the "
+        "sweep's fixed costs weigh most: in the program, the step counter "
+        "and the one finiteness flag (a reduction per recorded row and per "
+        "leaf of the params and state); on the host, the checks of the "
+        "grid and params, the flag read back and the final state's last "
+        "diagnostics.")
+  out.append(
+      "* Order: within a round each library/hand pair runs in alternating "
+      "order (see `interleaved`), because a call right after a compiled "
+      "program runs faster than one after Python work; with the library "
+      "always second, the smallest sweep paid up to 8% for its position.")
   return out
 
 

@@ -31,14 +31,20 @@ does, and nothing else:
   that changes the updates (an optax chain, :func:`jaxbilevel.apply_if_finite`)
   is applied with ``optax.apply_updates`` as usual.
 * Diagnostics not recorded are neither traced nor carried. Recorded ones
-  are written once per step; whether they are finite, the step numbers and
-  the final state's last diagnostics are derived after the loop (on the
-  host, :func:`unchecked_rows` and :func:`with_last_diagnostics`).
+  are written once per step. After the loop, one reduction per recorded row
+  and (for models of up to :data:`MAX_LEAVES_CHECKED_IN_PROGRAM` leaves) per
+  leaf of the params and state gives the chunk's one finiteness flag
+  (:func:`unchecked_finite`); the host fills in the step numbers and the
+  per-step flags as read-only views and sets the final state's diagnostics
+  to NumPy views of the last rows (:func:`unchecked_rows`,
+  :func:`with_last_diagnostics`).
 * Nothing is checked per step (see above).
+* A run of one chunk (the default without a progress bar) starts the state
+  inside its program (``tx.init`` fused into the loop's set-up).
 
 Around the loop a call of :func:`run` costs a fixed amount (arguments
-checked, one compiled ``init``, the program looked up, the final params and
-state checked on the host): ``benchmarks/results/overhead.md`` reports it.
+checked, the program looked up, one flag read back, the history wrapped):
+``benchmarks/results/overhead.md`` reports it.
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ def _maybe_find(state):
   return None
 
 
-def _with_diagnostics(state, diag):
+def with_diagnostics(state, diag):
   """``state`` with its (possibly nested) ``diagnostics`` replaced by ``diag``."""
   if hasattr(state, "diagnostics") and isinstance(state.diagnostics, dict):
     return state._replace(diagnostics=diag)
@@ -93,7 +99,7 @@ def _with_diagnostics(state, diag):
     replaced, done = [], False
     for sub in state:
       if not done and _maybe_find(sub) is not None:
-        sub, done = _with_diagnostics(sub, diag), True
+        sub, done = with_diagnostics(sub, diag), True
       replaced.append(sub)
     return type(state)(*replaced) if hasattr(state, "_fields") else type(
         state)(replaced)
@@ -201,11 +207,11 @@ def _step(tx, params, state, batch, mode, stopped, diagnostics,
           f"diagnostics={tuple(names)!r}: {unknown} not recorded by this "
           f"method; it records {sorted(diag)}.")
     old = find_diagnostics(state)
-    new_state = _with_diagnostics(
+    new_state = with_diagnostics(
         new_state, {k: diag[k] if k in names else old[k] for k in old})
     diag = {k: diag[k] for k in names}
   if keep_diagnostics:
-    new_state = _with_diagnostics(new_state, find_diagnostics(state))
+    new_state = with_diagnostics(new_state, find_diagnostics(state))
   if mode == "fast":
     # Unchecked: the caller derives "finite" from the recorded diagnostics.
     true = jnp.asarray(True)
@@ -213,7 +219,7 @@ def _step(tx, params, state, batch, mode, stopped, diagnostics,
   diag_finite = tree_lib.tree_all_finite(diag)
   updates_finite = tree_lib.tree_all_finite(updates)
   # The optimizer state without the diagnostics (reported by name above).
-  state_finite = tree_lib.tree_all_finite(_with_diagnostics(new_state, {}))
+  state_finite = tree_lib.tree_all_finite(with_diagnostics(new_state, {}))
   finite = diag_finite & updates_finite & state_finite
   if mode == "ignore":
     return (new_params, new_state, stopped, diag, finite, updates_finite,
@@ -304,7 +310,7 @@ def unchecked_finite(history, params, state) -> jax.Array:
   """
   rows = {k: v for k, v in history.items() if k in find_diagnostics(state)}
   # (The state's diagnostics are the incoming ones: see _scan_chunk.)
-  checked = ((rows, params, _with_diagnostics(state, {}))
+  checked = ((rows, params, with_diagnostics(state, {}))
              if checked_in_program((params, state)) else rows)
   # One reduction per leaf (at most MAX_LEAVES_CHECKED_IN_PROGRAM and the
   # recorded rows): XLA reads each array where it lies, where concatenating
@@ -315,7 +321,7 @@ def unchecked_finite(history, params, state) -> jax.Array:
       if jnp.issubdtype(leaf.dtype, jnp.inexact)], jnp.ones((), bool))
 
 
-def with_last_diagnostics(state, history):
+def with_last_diagnostics(state, history, names=None):
   """``state`` with the recorded diagnostics set to their last rows.
 
   An unchecked chunk returns the state with the diagnostics it started
@@ -323,15 +329,18 @@ def with_last_diagnostics(state, history):
   inside the program, costs more than the step on small problems); the host
   calls this on the result. Rows have the step as their last axis. With a
   NumPy history (on the host) the values are NumPy views of its last row:
-  copying them to the device would cost more than a short run.
+  copying them to the device would cost more than a short run. ``names``:
+  the recorded diagnostics, when the state lacks them (default: the
+  state's diagnostics that the history has).
   """
   old = find_diagnostics(state)
-  if not any(k in history for k in old):
+  names = [k for k in (old if names is None else names) if k in history]
+  if not names:
     return state
   last = lambda v: v[..., -1] if isinstance(v, np.ndarray) else jnp.asarray(
       v[..., -1])
-  return _with_diagnostics(state, {k: last(history[k]) if k in history else v
-                                   for k, v in old.items()})
+  return with_diagnostics(state, {**old,
+                                   **{k: last(history[k]) for k in names}})
 
 
 def _chunk_program(build):
@@ -857,7 +866,9 @@ def run(tx: optax.GradientTransformationExtraArgs,
     with one row per executed step: the method's diagnostics (``f``, ``g``,
     ``upper_grad_norm``, ...), ``step``, ``finite``, ``updates_finite``,
     ``state_finite`` and ``record`` if given (one row per ``record_every``
-    steps). After a stop, the history ends with the failing step.
+    steps), possibly read-only views (copy one to modify it). After a stop,
+    the history ends with the failing step. The final state's recorded
+    diagnostics are the last row of the history (NumPy values).
 
   Examples:
     >>> import jax.numpy as jnp, optax

@@ -137,8 +137,13 @@ def _sweep_core(points, params, batch, batches, *, make_tx, params_fn,
   # Whether every point's steps and, for a small model, its final iterate
   # are finite, as one value read by the host.
   if mode == "fast":
-    return params, state, history, run_lib.unchecked_finite(
-        history, params, state)
+    finite = run_lib.unchecked_finite(history, params, state)
+    # The recorded diagnostics' incoming values would be outputs (one copy
+    # each) that the host replaces with the last rows: they are left out.
+    state = run_lib.with_diagnostics(state, {
+        k: v for k, v in run_lib.find_diagnostics(state).items()
+        if k not in history})
+    return params, state, history, finite
   finite = jnp.all(history["finite"])
   if run_lib.checked_in_program((params, state)):
     finite &= tree_lib.tree_all_finite((params, state))
@@ -155,7 +160,8 @@ _sweep_jit = jax.jit(
 
 # One compiled call instead of a slice per diagnostic, for histories that are
 # not in this process's host memory.
-_with_last_diagnostics = jax.jit(run_lib.with_last_diagnostics)
+_with_last_diagnostics = jax.jit(run_lib.with_last_diagnostics,
+                                 static_argnames="names")
 
 
 def _last_diagnostics(state, history):
@@ -166,10 +172,11 @@ def _last_diagnostics(state, history):
   slices them on the device.
   """
   # (The rows come from one program: they all lie where the first does.)
+  names = tuple(history)
   if run_lib.on_host(next(iter(history.values())).sharding):
     return run_lib.with_last_diagnostics(
-        state, {k: np.asarray(v) for k, v in history.items()})
-  return _with_last_diagnostics(state, history)
+        state, {k: np.asarray(v) for k, v in history.items()}, names)
+  return _with_last_diagnostics(state, history, names=names)
 
 
 def _pad_points(points, num_points, multiple):
