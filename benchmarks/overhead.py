@@ -212,12 +212,19 @@ def _descend(objective, opt, y, state, steps):
   return jax.lax.scan(body, (y, state), None, length=steps)[0]
 
 
-def hand_method(method, prob):
+# The hyperparameters that jbl.run's program takes as arguments (so that a
+# loop over their values compiles once): the hand-written twin takes the same.
+TRACED = {"PBGD-Free": "lam", "ALT-PBGD": "lam", "V-PBGD": "lam",
+          "BOME": "eta", "F2SA": "lam", "AID": "atol", "ITD": None}
+
+
+def hand_method(method, prob, lam=GAMMA, eta=0.5, atol=1e-10):
+  """``(init, step)`` of ``method`` by hand; ``lam``, ``eta``, ``atol`` may be traced."""
   f, g = prob["f"], prob["g"]
   ox, oy, oz = (optax.adam(prob["lr_x"]), optax.sgd(prob["lr_y"]),
                 optax.sgd(prob["lr_y"]))
-  lam = GAMMA
-  oy_lam = optax.sgd(prob["lr_y"] / (1 + lam))  # steps on f + lam g
+  # Steps on f + lam g (a constant step size, as the library's contender).
+  oy_lam = optax.sgd(prob["lr_y"] / (1 + GAMMA))
 
   def init(p):
     carry = dict(x=p.x, y=p.y, sx=ox.init(p.x), sy=oy.init(p.y))
@@ -251,7 +258,7 @@ def hand_method(method, prob):
       gx, gy = jax.grad(g, argnums=(0, 1))(x, y, b)
       qx = otu.tree_sub(gx, jax.grad(g)(x, y_hat, b))
       q_sq = otu.tree_vdot((qx, gy), (qx, gy))
-      mult = jnp.maximum(0.5 * q_sq - otu.tree_vdot((fx, fy), (qx, gy)),
+      mult = jnp.maximum(eta * q_sq - otu.tree_vdot((fx, fy), (qx, gy)),
                          0.0) / (q_sq + 1e-8)
       dx, dy = otu.tree_add_scale((fx, fy), mult, (qx, gy))
       y, c["sy"] = _opt_step(oy, dy, c["sy"], y)
@@ -268,7 +275,7 @@ def hand_method(method, prob):
       fx, fy = jax.grad(f, argnums=(0, 1))(x, y, b)
       grad_y = lambda u, v: jax.grad(g, argnums=1)(u, v, b)
       hvp = lambda v: jax.jvp(lambda w: grad_y(x, w), (y,), (v,))[1]
-      v, _ = jax.scipy.sparse.linalg.cg(hvp, fy, tol=0.0, atol=1e-10,
+      v, _ = jax.scipy.sparse.linalg.cg(hvp, fy, tol=0.0, atol=atol,
                                         maxiter=LINEAR)
       cross = jax.vjp(lambda u: grad_y(u, y), x)[1](v)[0]
       dx = otu.tree_sub(fx, cross)
@@ -313,6 +320,38 @@ def hand_runner(program, prob):
   return lambda: program(prob["params"], prob["batch"])
 
 
+def hand_twin(method, prob, steps):
+  """The hand-written run with the library program's arguments.
+
+  ``jbl.run``'s program takes the method's float hyperparameters (``TRACED``)
+  as arguments, so that one compilation serves every value; this twin takes
+  the same ones, where ``hand_program`` compiles them in as constants (which
+  XLA may fold into the step, e.g. ``gamma * h`` computed once).
+  """
+  name = TRACED[method]
+  value = {"lam": GAMMA, "eta": 0.5, "atol": 1e-10}.get(name)
+
+  @jax.jit
+  def run(params, batch, hyper):
+    init, step = hand_method(method, prob, **hyper)
+    return jax.lax.scan(lambda c, _: (step(c, batch), None), init(params),
+                        None, length=steps)[0]
+
+  hyper = {} if name is None else {name: jnp.asarray(value, jnp.float32)}
+  return lambda: run(prob["params"], prob["batch"], hyper), hyper
+
+
+def hand_twin_flops(method, prob, hyper):
+  """FLOPs of one step of :func:`hand_twin` (its hyperparameters traced)."""
+  params = prob["params"]
+
+  def step(carry, batch, hyper):
+    return hand_method(method, prob, **hyper)[1](carry, batch)
+
+  init = hand_method(method, prob)[0]
+  return _flops(step, jax.jit(init)(params), prob["batch"], hyper)
+
+
 def hand_flops(init, step, prob):
   """FLOPs of one hand-written step (the body of its scan)."""
   params = prob["params"]
@@ -324,19 +363,20 @@ def hand_flops(init, step, prob):
 # ---------------------------------------------------------------------------
 
 
-def interleaved(contenders, rounds, pairs=()):
+def interleaved(contenders, rounds, groups=()):
   """``{name: (median seconds, compile seconds)}``, one call each per round.
 
-  ``pairs`` lists the ``(library, hand)`` names compared with each other.
-  Within a round the pairs run one after the other; pair ``i`` runs as
-  ``(library, hand)`` when ``i + round`` is even and as ``(hand, library)``
-  otherwise, and contenders in no pair run first. A call runs faster right
-  after a compiled program than after Python work (XLA's worker threads are
-  still awake, the caches warm): in a fixed order A B A B the library's call
-  would always follow a hand-written program and the hand's a library call,
-  which costs the library up to 8% of a millisecond-long sweep here. With
-  the alternation, each side of a pair follows a library call in half of the
-  rounds and a hand-written program in the other half.
+  ``groups`` lists the names compared with each other, the library's first
+  (``(library, hand)``, or ``(library, hand, hand with constants)``). Within
+  a round the groups run one after the other; group ``i`` runs in its order
+  when ``i + round`` is even and reversed otherwise, and contenders in no
+  group run first. A call runs faster right after a compiled program than
+  after Python work (XLA's worker threads are still awake, the caches warm):
+  in a fixed order A B A B the library's call would always follow a
+  hand-written program and the hand's a library call, which costs the
+  library up to 8% of a millisecond-long sweep here. With the alternation,
+  the library's call and its hand-written twin each follow a library call in
+  about half of the rounds and a hand-written program in the others.
   """
   first = {}
   for name, call in contenders.items():
@@ -344,12 +384,12 @@ def interleaved(contenders, rounds, pairs=()):
     jax.block_until_ready(call())
     first[name] = time.perf_counter() - start
   times = {name: [] for name in contenders}
-  paired = {name for pair in pairs for name in pair}
-  singles = [name for name in contenders if name not in paired]
+  grouped = {name for group in groups for name in group}
+  singles = [name for name in contenders if name not in grouped]
   for r in range(rounds):
     order = list(singles)
-    for i, pair in enumerate(pairs):
-      order.extend(pair if (i + r) % 2 == 0 else pair[::-1])
+    for i, group in enumerate(groups):
+      order.extend(group if (i + r) % 2 == 0 else group[::-1])
     for name in order:
       call = contenders[name]
       start = time.perf_counter()
@@ -371,29 +411,31 @@ def run_benchmark(prob, methods, steps, rounds):
   for method in methods:
     tx = library_tx(method, prob)
     contenders[method] = library_runner(tx, prob, steps)
+    contenders[method + " (hand)"], hyper = hand_twin(method, prob, steps)
     init, step = hand_method(method, prob)
     program = hand_program(init, step, steps)
-    contenders[method + " (hand)"] = hand_runner(program, prob)
+    contenders[method + " (hand, constants)"] = hand_runner(program, prob)
     flops[method] = library_flops(tx, prob)
-    flops[method + " (hand)"] = hand_flops(init, step, prob)
+    flops[method + " (hand)"] = hand_twin_flops(method, prob, hyper)
     flops[method + " (check)"] = chunk_check_flops(tx, prob)
     kinds[method] = tx
   # The fixed cost of a call: one-step runs of the first method.
   contenders["one step"] = library_runner(kinds[methods[0]], prob, 1)
-  init, step = hand_method(methods[0], prob)
-  contenders["one step (hand)"] = hand_runner(hand_program(init, step, 1),
-                                              prob)
-  pairs = [(m, m + " (hand)") for m in methods] + [("one step",
-                                                   "one step (hand)")]
-  timing = interleaved(contenders, rounds, pairs)
+  contenders["one step (hand)"], _ = hand_twin(methods[0], prob, 1)
+  groups = [(m, m + " (hand)", m + " (hand, constants)") for m in methods]
+  timing = interleaved(contenders, rounds,
+                       groups + [("one step", "one step (hand)")])
   floor_s = timing["floor"][0]
   rows = []
   for method in methods:
     lib_s, lib_c = timing[method]
     hand_s, hand_c = timing[method + " (hand)"]
+    const_s = timing[method + " (hand, constants)"][0]
     rows.append(dict(
         method=method, ms_per_step=1e3 * lib_s / steps,
         hand_ms_per_step=1e3 * hand_s / steps, time_ratio=lib_s / hand_s,
+        hand_constants_ms_per_step=1e3 * const_s / steps,
+        time_ratio_constants=lib_s / const_s,
         mflops_per_step=flops[method][0] / 1e6,
         hand_mflops_per_step=flops[method + " (hand)"][0] / 1e6,
         flops_ratio=flops[method][0] / flops[method + " (hand)"][0],
@@ -572,11 +614,13 @@ def markdown(result):
       f"Machine: {m['platform']}, {m['cpu_count']} CPUs ({m['backend']}); "
       f"jax {m['jax']}, optax {m['optax']}. "
       + ("Timings are from a shared 2-core CPU that other jobs were using, "
-         "so they are noisy; the contenders are interleaved (A B A B ...) "
-         "and each time is the median over rounds, compilation excluded. "
+         "so they are noisy; the contenders are interleaved (every round "
+         "runs each once, each group's order alternating between rounds; "
+         "see Notes) and each time is the median over rounds, compilation "
+         "excluded. "
          if m["cpu_count"] <= 2 else
-         "Contenders interleaved (A B A B ...), medians over rounds, "
-         "compilation excluded. ")
+         "Contenders interleaved (each group's order alternating between "
+         "rounds), medians over rounds, compilation excluded. ")
       + "FLOPs and bytes: XLA cost analysis of one compiled outer step (the "
       "step that `jbl.run` repeats against the hand-written step; every "
       "inner loop body counted once, the same loops in both). Written by "
@@ -595,15 +639,24 @@ def markdown(result):
         "MFLOP/step."
         + (f" Fixed cost of a `jbl.run` call (included in the times): "
            f"{bench['per_call_ms']:.2f} ms." if "per_call_ms" in bench
-           else ""), "",
+           else "")
+        + " Hand: the same algorithm with the program's arguments (the "
+        "hyperparameters that `jbl.run` traces, so that one compilation "
+        "serves every value: gamma, BOME's eta, AID's tolerance); hand, "
+        "constants: the same with them compiled in.", "",
         "| method | jbl.run ms/step | hand ms/step | time ratio | "
+        "hand, constants ms/step | ratio to it | "
         "MFLOP/step | hand MFLOP/step | FLOP ratio | MB accessed/step | "
         "bytes ratio | vs floor | compile s (jbl / hand) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in bench["rows"]:
+      constants = (f"{r['hand_constants_ms_per_step']:.3f} | "
+                   f"{r['time_ratio_constants']:.3f} | "
+                   if "time_ratio_constants" in r else "| | ")
       lines.append(
           f"| {r['method']} | {r['ms_per_step']:.3f} | "
-          f"{r['hand_ms_per_step']:.3f} | {r['time_ratio']:.2f} | "
+          f"{r['hand_ms_per_step']:.3f} | {r['time_ratio']:.3f} | "
+          + constants +
           f"{r['mflops_per_step']:.2f} | {r['hand_mflops_per_step']:.2f} | "
           f"{r['flops_ratio']:.3f} | {r['mbytes_per_step']:.2f} | "
           f"{r['bytes_ratio']:.3f} | {r['floor_ratio']:.2f} | "
@@ -626,7 +679,7 @@ def markdown(result):
       lines.append(
           f"| {s['points']:,} | {s['steps']} | {s.get('rounds', '')} | "
           f"{history} | {h['hand_s']:.4f} "
-          f"| {h['sweep_s']:.4f} | {h['ratio']:.2f} | "
+          f"| {h['sweep_s']:.4f} | {h['ratio']:.3f} | "
           f"{h['sweep_compile_s']:.2f} / {h['hand_compile_s']:.2f} | "
           f"{h['max_abs_difference']:.1e} |")
   lines += ["", "## Notes", ""] + notes(result)
@@ -675,10 +728,24 @@ def notes(result):
       + (": " + "; ".join(f"{k}: {v:.2f} ms" for k, v in per_call.items())
          + " (one-step `jbl.run` minus a one-step hand-written call)"
          if per_call else "")
-      + ", amortised over the steps of a call. Beyond it, each method keeps "
-      "its own step counter (one scalar operation per step, which schedules "
-      "read). The FLOP and byte ratios are exact; times on a shared machine "
-      "move by a few percent between runs.")
+      + ", amortised over the steps of a call. A method's step counter is "
+      "not carried through the loop (with every step accepted it is the "
+      "incoming count plus the step's index; it is set after the loop). The "
+      "FLOP and byte ratios are exact; times on a shared machine move by a "
+      "few percent between runs.")
+  constant = [r["time_ratio_constants"] for b in result["problems"].values()
+              for r in b["rows"] if "time_ratio_constants" in r]
+  compiles = [r["hand_compile_s"] for b in result["problems"].values()
+              for r in b["rows"]]
+  if constant:
+    out.append(
+        "* Against the hand-written runs with the hyperparameters compiled "
+        f"in as constants, the time ratios are {min(constant):.3f}–"
+        f"{max(constant):.3f}: XLA folds a constant gamma into the step "
+        "(e.g. gamma times the lower Hessian's diagonal, computed once), "
+        "which a program that serves every gamma cannot. A user who loops "
+        "over gamma with such a program compiles it once per value "
+        f"({min(compiles):.2f}–{max(compiles):.2f} s here).")
   if result["sweep"]:
     worst = {h: max(s[h]["ratio"] for s in result["sweep"])
              for h in HISTORIES}
@@ -686,13 +753,12 @@ def notes(result):
         "* Sweeps: the largest ratio over the grid sizes is "
         + ", ".join(f"{worst[h]:.2f} with history {h}" for h in HISTORIES)
         + ". The smallest grid takes about a millisecond, and there the "
-        "sweep's fixed costs weigh most: in the program, the step counter "
-        "and the one finiteness flag (a reduction per recorded row and per "
-        "leaf of the params and state); on the host, the checks of the "
-        "grid and params, the flag read back and the final state's last "
-        "diagnostics.")
+        "sweep's fixed costs weigh most: in the program, the one finiteness "
+        "flag (a reduction per recorded row and per leaf of the params and "
+        "state); on the host, the checks of the grid and params, the flag "
+        "read back and the final state's last diagnostics.")
   out.append(
-      "* Order: within a round each library/hand pair runs in alternating "
+      "* Order: within a round each library/hand group runs in alternating "
       "order (see `interleaved`), because a call right after a compiled "
       "program runs faster than one after Python work; with the library "
       "always second, the smallest sweep paid up to 8% for its position.")

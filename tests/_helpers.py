@@ -269,13 +269,18 @@ def tree_distance(a, b):
 # ---------------------------------------------------------------------------
 
 
-def mlp_problem(features=5, hidden=8, batch=16, seed=0):
-  """The benchmark's NLSY-shaped problem (``benchmarks/overhead.py``), small."""
+def overhead_benchmark():
+  """``benchmarks/overhead.py`` as a module."""
   path = pathlib.Path(ROOT) / "benchmarks" / "overhead.py"
   spec = importlib.util.spec_from_file_location("_overhead_benchmark", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  p = module.mlp_problem(features, hidden, batch, seed)
+  return module
+
+
+def mlp_problem(features=5, hidden=8, batch=16, seed=0):
+  """The benchmark's NLSY-shaped problem (``benchmarks/overhead.py``), small."""
+  p = overhead_benchmark().mlp_problem(features, hidden, batch, seed)
   return p["f"], p["g"], p["params"], p["batch"]
 
 

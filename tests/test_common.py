@@ -304,6 +304,23 @@ def test_identical_results_for_identical_construction(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_update_raises_the_count_by_one(name):
+  # jbl.run and jbl.sweep rely on it: where every step is accepted they do
+  # not carry a method's count through their loops but set it from the
+  # number of steps (run._scan_chunk); the rest of the state must agree too.
+  tx, params = _build(name)
+  looped, state = _steps(tx, params, 3)
+  assert int(state.count) == 3
+  for chunk_size in (None, 2):
+    ran, run_state, _ = jbl.run(tx, params, num_steps=3, chunk_size=chunk_size)
+    assert int(run_state.count) == 3
+    assert run_state.count.dtype == jnp.int32
+    _assert_trees_close(ran, looped, rtol=1e-9, atol=1e-12)
+    _assert_trees_close(run_state._replace(diagnostics={}),
+                        state._replace(diagnostics={}), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_state_is_a_pytree_of_arrays(name):
   tx, params = _build(name)
   state = tx.init(params)

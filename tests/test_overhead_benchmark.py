@@ -2,8 +2,11 @@
 
 import math
 
+import jax
+import numpy as np
 import pytest
 
+from _helpers import overhead_benchmark
 from _helpers import run_benchmark_quick as _run_benchmark_quick
 
 METHODS = ("PBGD-Free", "ALT-PBGD", "V-PBGD", "BOME", "F2SA", "AID", "ITD")
@@ -11,7 +14,8 @@ ROW_KEYS = {"method", "ms_per_step", "hand_ms_per_step", "time_ratio",
             "mflops_per_step", "hand_mflops_per_step", "flops_ratio",
             "chunk_check_mflops", "mbytes_per_step", "bytes_ratio",
             "floor_ratio", "compile_s",
-            "hand_compile_s"}
+            "hand_compile_s", "hand_constants_ms_per_step",
+            "time_ratio_constants"}
 
 
 def _positive(value):
@@ -66,3 +70,19 @@ def test_no_compilation_in_a_loop_over_gamma(quick):
   assert count["backend_compiles"][1:] == [0, 0, 0, 0]
   table = (out / "overhead_quick.md").read_text()
   assert "| method | jbl.run ms/step |" in table and "**0**" in table
+
+
+def test_hand_twin_with_traced_hyperparameters_computes_the_same_run():
+  # The benchmark's hand-written twin takes gamma (eta, the tolerance) as an
+  # argument, as jbl.run's program does; it must run the same algorithm as
+  # the version with the constants compiled in.
+  bench = overhead_benchmark()
+  prob = bench.quadratic_problem(50)
+  for method in bench.METHODS:
+    twin, _ = bench.hand_twin(method, prob, 7)
+    init, step = bench.hand_method(method, prob)
+    constants = bench.hand_program(init, step, 7)(prob["params"],
+                                                  prob["batch"])
+    for a, b in zip(jax.tree.leaves(twin()), jax.tree.leaves(constants)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5,
+                                 atol=1e-6, err_msg=method)

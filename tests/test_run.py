@@ -639,3 +639,38 @@ def test_one_chunk_unless_a_progress_bar_is_drawn(monkeypatch):
   shown, _, _ = jbl.run(tx, p0, num_steps=2500, progress=True)
   assert lengths == [1000, 1000, 500]
   np.testing.assert_allclose(quiet.x, shown.x, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_a_schedule_reads_the_step_count_that_run_does_not_carry(chunk_size):
+  # Where every step is accepted, run sets a method's count from the number
+  # of steps instead of carrying it; a gamma schedule must still see
+  # 0, 1, 2, ... and a resumed run must continue from the state's count.
+  f, g, p0 = _fast_problem()
+  tx = jbl.pbgd_free(f, g, gamma=lambda k: 2.0 + 0.5 * k,
+                     upper_optimizer=optax.adam(0.05),
+                     lower_optimizer=optax.sgd(0.2))
+  expected, expected_state = _optax_loop(tx, p0, 25)
+  params, state, history = jbl.run(tx, p0, num_steps=25, diagnostics=True,
+                                   chunk_size=chunk_size)
+  np.testing.assert_allclose(params.x, expected.x, rtol=1e-5, atol=1e-7)
+  assert int(state.count) == 25 == int(expected_state.count)
+  np.testing.assert_allclose(history["gamma"], 2.0 + 0.5 * np.arange(25),
+                             rtol=1e-6)
+  # Resumed: 10 steps, then 15 more from the returned state.
+  mid, mid_state, _ = jbl.run(tx, p0, num_steps=10, chunk_size=chunk_size)
+  params, state, history = jbl.run(tx, mid, state=mid_state, num_steps=15,
+                                   diagnostics=True, chunk_size=chunk_size)
+  np.testing.assert_allclose(params.x, expected.x, rtol=1e-5, atol=1e-7)
+  assert int(state.count) == 25
+  np.testing.assert_allclose(history["gamma"],
+                             2.0 + 0.5 * np.arange(10, 25), rtol=1e-6)
+  # A sweep sets the count the same way.
+  _, swept, history = jbl.sweep(
+      lambda lr: jbl.pbgd_free(f, g, gamma=lambda k: 2.0 + 0.5 * k,
+                               upper_optimizer=optax.adam(lr),
+                               lower_optimizer=optax.sgd(0.2)),
+      p0, {"lr": jnp.array([0.05, 0.05])}, num_steps=25, diagnostics=True)
+  np.testing.assert_array_equal(swept.count, [25, 25])
+  np.testing.assert_allclose(history["gamma"][1], 2.0 + 0.5 * np.arange(25),
+                             rtol=1e-6)
