@@ -741,10 +741,10 @@ def notes(result):
     out.append(
         "* Against the hand-written runs with the hyperparameters compiled "
         f"in as constants, the time ratios are {min(constant):.3f}–"
-        f"{max(constant):.3f}: XLA folds a constant gamma into the step "
+        f"{max(constant):.3f}. XLA may fold a constant gamma into the step "
         "(e.g. gamma times the lower Hessian's diagonal, computed once), "
-        "which a program that serves every gamma cannot. A user who loops "
-        "over gamma with such a program compiles it once per value "
+        "which a program that serves every gamma cannot; but a user who "
+        "loops over gamma with such a program compiles it once per value "
         f"({min(compiles):.2f}–{max(compiles):.2f} s here).")
   if result["sweep"]:
     worst = {h: max(s[h]["ratio"] for s in result["sweep"])
