@@ -674,3 +674,35 @@ def test_a_schedule_reads_the_step_count_that_run_does_not_carry(chunk_size):
   np.testing.assert_array_equal(swept.count, [25, 25])
   np.testing.assert_allclose(history["gamma"][1], 2.0 + 0.5 * np.arange(25),
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("leaves", [2, 40])
+def test_an_unchecked_run_finds_a_nan_on_either_side_of_the_leaf_limit(
+    leaves):
+  # Up to run_lib.MAX_LEAVES_CHECKED_IN_PROGRAM leaves the compiled chunk
+  # checks the final params and state; above, the host does. Either way a
+  # NaN that reaches only the params (diagnostics off) stops the run at its
+  # step, and a sweep warns about the point.
+  assert (2 * 2 * leaves > run_lib.MAX_LEAVES_CHECKED_IN_PROGRAM) == (
+      leaves == 40)
+  names = [f"v{i}" for i in range(leaves)]
+
+  def f(x, y, batch):
+    bad = jnp.where(batch["poison"] > 0, jnp.nan, 1.0)
+    return sum((y[k] - 1.0) ** 2 + bad * x[k] ** 2 for k in names)
+
+  g = lambda x, y, batch: sum((y[k] - x[k]) ** 2 for k in names)
+  p0 = jbl.BilevelParams(x={k: jnp.asarray(0.5) for k in names},
+                         y={k: jnp.asarray(0.0) for k in names})
+  make = lambda lr: jbl.pbgd_free(f, g, gamma=10.0,
+                                  upper_optimizer=optax.adam(lr),
+                                  lower_optimizer=optax.sgd(0.1))
+  poison = jnp.array([0.0, 0.0, 1.0, 0.0, 0.0])
+  with pytest.warns(RuntimeWarning, match="at step 2"):
+    params, _, history = jbl.run(make(0.05), p0, num_steps=5,
+                                 batches={"poison": poison})
+  assert len(history["step"]) == 3
+  assert all(np.isfinite(float(v)) for v in jax.tree.leaves(params))
+  with pytest.warns(RuntimeWarning, match="at step 2"):
+    jbl.sweep(make, p0, {"lr": jnp.array([0.05, 0.1])}, num_steps=5,
+              batches={"poison": poison})

@@ -243,7 +243,7 @@ def _scan_chunk(tx, params, state, batch, batches, start, stopped, *, length,
   # and an unchecked chunk checks the rows after the loop. (With a record
   # function, which may read the state, the state stays current.)
   keep_diagnostics = mode in ("fast", "ignore") and record is None
-  incoming = find_diagnostics(state)
+  find_diagnostics(state)  # fails clearly for a non-bilevel transformation
   # Likewise a jaxbilevel method's step counter, which its update raises by
   # one: with every step accepted it is the incoming count plus the step's
   # index, so the loop does not carry it. A method that reads it (a
@@ -306,7 +306,6 @@ def _scan_chunk(tx, params, state, batch, batches, start, stopped, *, length,
     history["step"] = steps
   if keep_diagnostics and mode != "fast":
     state = with_last_diagnostics(state, history)
-  del incoming
   return params, state, stopped, history
 
 
@@ -328,8 +327,8 @@ def unchecked_finite(history, params, state) -> jax.Array:
   """The one flag of an unchecked (``"fast"``) chunk: whether all is finite.
 
   It covers every recorded diagnostic and, for models of up to
-  :data:`MAX_LEAVES_CHECKED_IN_PROGRAM` leaves, the final params and state,
-  in one grouped reduction (the host checks larger ones: ``all_finite``).
+  :data:`MAX_LEAVES_CHECKED_IN_PROGRAM` leaves, the final params and state
+  (the host checks larger ones: ``all_finite``).
   Where it is true the host fills in the step numbers and the (true)
   finiteness flags (:func:`unchecked_rows`); where it is false the chunk is
   replayed with the per-step checks.
@@ -337,7 +336,7 @@ def unchecked_finite(history, params, state) -> jax.Array:
   rows = {k: v for k, v in history.items() if k in find_diagnostics(state)}
   # (The state's diagnostics are the incoming ones: see _scan_chunk.)
   checked = ((rows, params, with_diagnostics(state, {}))
-             if checked_in_program((params, state)) else rows)
+             if checked_in_program(params, state) else rows)
   # One reduction per leaf (at most MAX_LEAVES_CHECKED_IN_PROGRAM and the
   # recorded rows): XLA reads each array where it lies, where concatenating
   # them first (tree_all_finite's grouping, which bounds compile time for
@@ -418,15 +417,20 @@ def _call_program(cache, tx, *args, **kwargs):
 
 
 # Up to this many leaves of params and state, a compiled unchecked chunk
-# (of run or sweep) checks them itself: one fused reduction, whose flag the
-# host reads with the diagnostics'. Its compile time grows with the number of
-# leaves, so larger models are checked on the host (all_finite).
+# (of run or sweep) checks them itself, in the flag that the host reads with
+# the diagnostics'. Its compile time grows with the number of leaves, so
+# larger models are checked on the host (all_finite).
 MAX_LEAVES_CHECKED_IN_PROGRAM = 64
 
 
-def checked_in_program(tree) -> bool:
-  """Whether an unchecked chunk checks ``tree`` (its params and state) itself."""
-  return len(jax.tree.leaves(tree)) <= MAX_LEAVES_CHECKED_IN_PROGRAM
+def checked_in_program(params, state) -> bool:
+  """Whether an unchecked chunk checks its final ``params`` and ``state`` itself.
+
+  The state's diagnostics do not count (they are checked as recorded rows),
+  so the answer is the same before and after the host sets them.
+  """
+  return len(jax.tree.leaves((params, with_diagnostics(state, {})))) <= (
+      MAX_LEAVES_CHECKED_IN_PROGRAM)
 
 
 UNCHECKED_ROWS = ("step", "finite", "updates_finite", "state_finite")
@@ -745,8 +749,8 @@ def drive(tx, params, state, *, batch, batches, first_step, num_steps,
       new_params, new_state, _, hist = _run_chunk(
           tx, params, state, batch, chunk_batches, done, no_stop,
           length=length, mode=loop_mode, **options)
-      checked = loop_mode == "fast" and checked_in_program(
-          (new_params, new_state))
+      checked = loop_mode == "fast" and checked_in_program(new_params,
+                                                           new_state)
       hist = jax.tree.map(np.asarray, hist)
       if loop_mode == "fast" and bool(hist["finite"]) and (
           checked or all_finite((new_params, new_state))):

@@ -145,7 +145,7 @@ def _sweep_core(points, params, batch, batches, *, make_tx, params_fn,
         if k not in history})
     return params, state, history, finite
   finite = jnp.all(history["finite"])
-  if run_lib.checked_in_program((params, state)):
+  if run_lib.checked_in_program(params, state):
     finite &= tree_lib.tree_all_finite((params, state))
   return params, state, history, finite
 
@@ -338,9 +338,7 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
   mode = "fast" if on_nonfinite == "stop" else on_nonfinite
   num_run_points = jax.tree.leaves(run_points)[0].shape[0]
   *out, finite = _sweep_jit(*args, mode=mode, **options)
-  # What needs only the structure of the results is worked out while the
-  # program runs (host work right after it finishes runs slower).
-  checked = run_lib.checked_in_program(out[:2])
+  checked = run_lib.checked_in_program(out[0], out[1])
   recorded = {k: v for k, v in out[2].items() if k != "record"}
   finite = bool(finite) and (checked or run_lib.all_finite(out[:2]))
   if mode == "fast" and not finite:
