@@ -57,7 +57,7 @@ def product_grid(**axes) -> dict:
 
 def _check_grid(grid, make_tx, dtype) -> tuple[dict, int]:
   """Validates the grid and returns it as arrays, with its number of points."""
-  if not (isinstance(grid, dict) or isinstance(grid, Mapping)) or not grid:
+  if not isinstance(grid, Mapping) or not grid:
     raise base.BilevelValidationError(
         "sweep: grid must be a non-empty dict name -> 1-D array of values "
         f"(one value per grid point), got {type(grid).__name__}"
@@ -338,14 +338,14 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
   mode = "fast" if on_nonfinite == "stop" else on_nonfinite
   num_run_points = jax.tree.leaves(run_points)[0].shape[0]
   *out, finite = _sweep_jit(*args, mode=mode, **options)
-  checked = run_lib.checked_in_program(out[0], out[1])
-  recorded = {k: v for k, v in out[2].items() if k != "record"}
-  finite = bool(finite) and (checked or run_lib.all_finite(out[:2]))
+  finite = bool(finite) and (run_lib.checked_in_program(out[0], out[1])
+                             or run_lib.all_finite(out[:2]))
   if mode == "fast" and not finite:
     # Some point failed: run again with the per-step guard, which freezes
     # each failed point at its last finite iterate.
     *out, _ = _sweep_jit(*args, mode="stop", **options)
   elif mode == "fast":
+    recorded = {k: v for k, v in out[2].items() if k != "record"}
     if recorded:
       out[1] = _last_diagnostics(out[1], recorded)
     out[2] = run_lib.unchecked_rows(out[2], 0, num_steps,
