@@ -97,7 +97,8 @@ def parse_args(argv=None):
                  help="tiny random model, shipped data sample, seconds")
   p.add_argument("--dpo-data", default=None,
                  help="preference JSONL(.gz) (HH-RLHF or prompt/chosen/"
-                 "rejected); default with --quick: the shipped sample")
+                 "rejected); default: $JAXBILEVEL_DATA/harmless-base-test."
+                 "jsonl.gz, or with --quick the shipped sample")
   p.add_argument("--sft-data", default=None,
                  help="SFT JSONL(.gz) with prompt/response; default: the "
                  "chosen dialogues of the other half of --dpo-data")
@@ -160,11 +161,21 @@ def parse_args(argv=None):
   args.sft_batch = args.sft_batch or args.pairs
   args.eval_pairs = args.eval_pairs or (8 if quick else 16)
   args.floor_rounds = args.floor_rounds or (3 if quick else 5)
-  if args.dpo_data is None:
-    if not quick:
+  if args.dpo_data is None and not quick:
+    # The data folder of the README ($JAXBILEVEL_DATA), if it holds the file
+    # (directly or in its hh-rlhf/ subfolder).
+    folder = os.environ.get("JAXBILEVEL_DATA")
+    found = [path for path in (
+        os.path.join(folder, "harmless-base-test.jsonl.gz"),
+        os.path.join(folder, "hh-rlhf", "harmless-base-test.jsonl.gz"))
+             if os.path.isfile(path)] if folder else []
+    if not found:
       p.error("--dpo-data is required (a preference JSONL or JSONL.gz file, "
-              "e.g. Anthropic HH-RLHF harmless-base-test.jsonl.gz); or use "
-              "--quick.")
+              "e.g. Anthropic HH-RLHF harmless-base-test.jsonl.gz) unless "
+              "JAXBILEVEL_DATA names a folder holding "
+              "harmless-base-test.jsonl.gz; or use --quick.")
+    args.dpo_data = found[0]
+  if args.dpo_data is None:
     args.dpo_data = SAMPLE
   for name in ("dpo_data", "sft_data"):
     path = getattr(args, name)
@@ -539,7 +550,8 @@ def main(argv=None):
     evaluate.seconds += time.perf_counter() - start
     return dict(dpo=float(np.mean(np.logaddexp(0.0, -margin))),
                 sft=ce_sum / max(count, 1.0),
-                accuracy=float(np.mean(margin > 0)),
+                # A tie counts 1/2 (llm.preference_accuracy).
+                accuracy=float(np.mean((margin > 0) + 0.5 * (margin == 0))),
                 margin=float(np.mean(margin)),
                 chosen_reward=float(np.mean(chosen)),
                 rejected_reward=float(np.mean(rejected)))
@@ -565,8 +577,7 @@ def main(argv=None):
   def method_step_fn(tx):
     @jax.jit
     def step(params, state, batch):
-      updates, state = tx.update(None, state, params, batch=batch)
-      return optax.apply_updates(params, updates), state
+      return jbl.step(tx, params, state, batch=batch)
     return step
 
   # Stage 2: Adam on grad_y g with x frozen, from the stage-1 head.

@@ -55,8 +55,8 @@ import optax
 from optax import tree_utils as otu
 
 import jaxbilevel as jbl
+from jaxbilevel._src import loop as loop_lib
 from jaxbilevel._src import programs
-from jaxbilevel._src import run as run_lib
 from jaxbilevel._src import tree as tree_lib
 
 METHODS = ("PBGD-Free", "ALT-PBGD", "V-PBGD", "BOME", "F2SA", "AID", "ITD")
@@ -161,6 +161,43 @@ def library_runner(tx, prob, steps):
   return call
 
 
+def user_loops(tx, prob, steps):
+  """The loops a user writes around ``tx``, each one ``jax.jit`` -ed program.
+
+  * ``update``: ``lax.scan`` of ``tx.update`` + ``optax.apply_updates``, the
+    optax loop every optax user knows;
+  * ``step``: ``lax.scan`` of :func:`jaxbilevel.step` (the method's new
+    iterates, no difference added back);
+  * ``scan_run``: ``jax.jit(jbl.scan_run)``.
+
+  ``tx`` is built outside with Python-float hyperparameters, so they are
+  compiled in: the fair baseline is the hand-written version with constants.
+  """
+  def update_body(carry, _):
+    params, state = carry
+    updates, state = tx.update(None, state, params, batch=prob["batch"])
+    return (optax.apply_updates(params, updates), state), None
+
+  def step_body(carry, _):
+    params, state = carry
+    return jbl.step(tx, params, state, batch=prob["batch"]), None
+
+  def loop(body):
+    @jax.jit
+    def run(params):
+      return jax.lax.scan(body, (params, tx.init(params)), None,
+                          length=steps)[0][0]
+    return lambda: run(prob["params"])
+
+  scan_run = jax.jit(lambda p, b: jbl.scan_run(tx, p, num_steps=steps,
+                                               batch=b)[0])
+  return {"update": loop(update_body), "step": loop(step_body),
+          "scan_run": lambda: scan_run(prob["params"], prob["batch"])}
+
+
+USER_LOOPS = ("update", "step", "scan_run")
+
+
 def library_flops(tx, prob):
   """FLOPs of the step that ``jbl.run``'s loop repeats (no guard, no record).
 
@@ -171,7 +208,7 @@ def library_flops(tx, prob):
   program = programs.program_of(tx)
 
   def step(hyperparameters, params, state, batch):
-    out = run_lib._step(  # pylint: disable=protected-access
+    out = loop_lib._step(  # pylint: disable=protected-access
         program.build(hyperparameters), params, state, batch, "fast",
         jnp.asarray(False), False)
     return out[0], out[1]
@@ -363,7 +400,7 @@ def hand_flops(init, step, prob):
 # ---------------------------------------------------------------------------
 
 
-def interleaved(contenders, rounds, groups=()):
+def interleaved(contenders, rounds, groups=(), raw=None):
   """``{name: (median seconds, compile seconds)}``, one call each per round.
 
   ``groups`` lists the names compared with each other, the library's first
@@ -395,11 +432,21 @@ def interleaved(contenders, rounds, groups=()):
       start = time.perf_counter()
       jax.block_until_ready(call())
       times[name].append(time.perf_counter() - start)
+  if raw is not None:  # every round's time, for spreads of per-round ratios
+    raw.update(times)
   out = {}
   for name, ts in times.items():
     median = statistics.median(ts)
     out[name] = (median, max(first[name] - median, 0.0))
   return out
+
+
+def _quartiles(times, baseline):
+  """The first and third quartiles of the per-round ratios ``times / baseline``."""
+  ratios = sorted(a / b for a, b in zip(times, baseline))
+  q = (statistics.quantiles(ratios, n=4, method="inclusive")
+       if len(ratios) > 1 else ratios * 3)
+  return [q[0], q[2]]
 
 
 def run_benchmark(prob, methods, steps, rounds):
@@ -415,6 +462,11 @@ def run_benchmark(prob, methods, steps, rounds):
     init, step = hand_method(method, prob)
     program = hand_program(init, step, steps)
     contenders[method + " (hand, constants)"] = hand_runner(program, prob)
+    for loop, call in user_loops(tx, prob, steps).items():
+      contenders[f"{method} (user {loop})"] = call
+    contenders[method + " (diagnostics)"] = lambda tx=tx: jbl.run(
+        tx, prob["params"], num_steps=steps, batch=prob["batch"],
+        diagnostics=True)[0]
     flops[method] = library_flops(tx, prob)
     flops[method + " (hand)"] = hand_twin_flops(method, prob, hyper)
     flops[method + " (check)"] = chunk_check_flops(tx, prob)
@@ -422,16 +474,33 @@ def run_benchmark(prob, methods, steps, rounds):
   # The fixed cost of a call: one-step runs of the first method.
   contenders["one step"] = library_runner(kinds[methods[0]], prob, 1)
   contenders["one step (hand)"], _ = hand_twin(methods[0], prob, 1)
-  groups = [(m, m + " (hand)", m + " (hand, constants)") for m in methods]
+  groups = [(m, m + " (hand)", m + " (hand, constants)",
+             *(f"{m} (user {loop})" for loop in USER_LOOPS),
+             m + " (diagnostics)") for m in methods]
+  raw = {}
   timing = interleaved(contenders, rounds,
-                       groups + [("one step", "one step (hand)")])
+                       groups + [("one step", "one step (hand)")], raw=raw)
   floor_s = timing["floor"][0]
   rows = []
   for method in methods:
     lib_s, lib_c = timing[method]
     hand_s, hand_c = timing[method + " (hand)"]
     const_s = timing[method + " (hand, constants)"][0]
+    user = {loop: timing[f"{method} (user {loop})"][0] for loop in USER_LOOPS}
     rows.append(dict(
+        user_update_ms_per_step=1e3 * user["update"] / steps,
+        # Spread: the quartiles of the per-round ratios (same round, so the
+        # machine's load at the time cancels).
+        user_update_ratio_iqr=_quartiles(
+            raw[f"{method} (user update)"],
+            raw[method + " (hand, constants)"]),
+        user_step_ratio_iqr=_quartiles(
+            raw[f"{method} (user step)"], raw[method + " (hand, constants)"]),
+        time_ratio_iqr=_quartiles(raw[method], raw[method + " (hand)"]),
+        user_update_ratio=user["update"] / const_s,
+        user_step_ratio=user["step"] / const_s,
+        scan_run_ratio=user["scan_run"] / const_s,
+        diagnostics_ratio=timing[method + " (diagnostics)"][0] / lib_s,
         method=method, ms_per_step=1e3 * lib_s / steps,
         hand_ms_per_step=1e3 * hand_s / steps, time_ratio=lib_s / hand_s,
         hand_constants_ms_per_step=1e3 * const_s / steps,
@@ -571,7 +640,7 @@ def compile_count(prob, steps, gammas=(1.0, 3.0, 10.0, 30.0, 100.0)):
 
   def programs_compiled():
     return sum(fn._cache_size()  # pylint: disable=protected-access
-               for fn in run_lib._PROGRAMS._entries.values())  # pylint: disable=protected-access
+               for fn in programs.PROGRAMS._entries.values())  # pylint: disable=protected-access
 
   counts, backend, seconds = [], [], []
   for gamma in gammas:
@@ -626,7 +695,10 @@ def markdown(result):
       "inner loop body counted once, the same loops in both). Written by "
       "`benchmarks/overhead.py`"
       + (" --quick." if result["quick"] else "."),
-      "", "Targets: `jbl.run` ≤ 1.05× the hand-written time and FLOPs; "
+      "", "Targets: `jbl.run` ≤ 1.05× the hand-written time and FLOPs; a "
+      "user's own `lax.scan` of `tx.update` (and `jax.jit(jbl.scan_run)`) "
+      "≤ 1.05× on the MLP and ≤ 1.10× on the quadratics; "
+      "`diagnostics=True` ≤ 1.5× at d = 10⁴; "
       "`jbl.sweep` ≤ 1.2× a hand-written `jit(vmap(scan))`; 0 compilations "
       "after the first in a loop over gamma.", ""]
   for key, bench in result["problems"].items():
@@ -662,6 +734,28 @@ def markdown(result):
           f"{r['bytes_ratio']:.3f} | {r['floor_ratio']:.2f} | "
           f"{r['compile_s']:.2f} / {r['hand_compile_s']:.2f} |")
     lines.append("")
+    if "user_update_ratio" in bench["rows"][0]:
+      lines += [
+          "A user's own loop around the same `tx` (built with Python-float "
+          "hyperparameters, so the baseline is the hand-written version with "
+          "constants), each one `jax.jit`-ed program: `lax.scan` of "
+          "`tx.update` + `optax.apply_updates`; `lax.scan` of `jbl.step`; "
+          "`jax.jit(jbl.scan_run)`. Ratios are of medians; [q1, q3] are the "
+          "quartiles of the per-round ratios. Last column: `jbl.run(..., "
+          "diagnostics=True)` over `jbl.run` without.", "",
+          "| method | update loop ms/step | update loop / hand | [q1, q3] | "
+          "jbl.step loop / hand | [q1, q3] | jit(scan_run) / hand | "
+          "jbl.run / hand [q1, q3] | diagnostics=True cost |",
+          "|---|---|---|---|---|---|---|---|---|"]
+      for r in bench["rows"]:
+        q = lambda k: f"[{r[k][0]:.3f}, {r[k][1]:.3f}]"
+        lines.append(
+            f"| {r['method']} | {r['user_update_ms_per_step']:.3f} | "
+            f"{r['user_update_ratio']:.3f} | {q('user_update_ratio_iqr')} | "
+            f"{r['user_step_ratio']:.3f} | {q('user_step_ratio_iqr')} | "
+            f"{r['scan_run_ratio']:.3f} | {q('time_ratio_iqr')} | "
+            f"{r['diagnostics_ratio']:.2f}× |")
+      lines.append("")
   lines += [
       "## jbl.sweep vs hand-written jit(vmap(scan))", "",
       "PBGD-Free on a d = 32 quadratic, (gamma, lr) per point. Each history "

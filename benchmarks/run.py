@@ -36,7 +36,12 @@ Usage::
 
   python benchmarks/run.py              # full mode (about 13 min on 2 CPUs)
   python benchmarks/run.py --quick      # seconds per application (CI)
-  python benchmarks/run.py --only nlsy --data-dir ../shared/data
+  python benchmarks/run.py --only nlsy --data-dir DIR   # DIR holds nlsy79_processed.csv
+
+The full NLSY79 file is read from ``--data-dir``, else from the folder named by
+the ``JAXBILEVEL_DATA`` environment variable (see the README); without either
+(and always in quick mode, unless ``--data-dir`` is given) the NLSY
+application runs on the 200-row sample shipped with jaxbilevel.
 """
 
 from __future__ import annotations
@@ -62,7 +67,6 @@ from jaxbilevel.applications import regularization  # pylint: disable=wrong-impo
 from jaxbilevel.applications import sinusoid  # pylint: disable=wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 if HERE not in sys.path:  # run as a script, sys.path[0] is already HERE
   sys.path.insert(0, HERE)
 
@@ -83,8 +87,9 @@ def main(argv=None):
   parser.add_argument("--out", default=os.path.join(HERE, "results"),
                       help="output folder (JSON, Markdown, PNG)")
   parser.add_argument("--data-dir", default=None,
-                      help="folder with nlsy79_processed.csv (default "
-                      "../shared/data next to the repository)")
+                      help="folder with nlsy79_processed.csv (default: "
+                      "$JAXBILEVEL_DATA; without it, the shipped 200-row "
+                      "sample)")
   parser.add_argument("--only", nargs="+", choices=config.APPS, default=None,
                       help="run only these applications")
   parser.add_argument("--seed", type=int, default=0)
@@ -92,7 +97,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   args.data_dir_given = args.data_dir is not None
   if args.data_dir is None:
-    args.data_dir = os.path.join(REPO, "..", "shared", "data")
+    args.data_dir = os.environ.get("JAXBILEVEL_DATA") or None
   mode = config.QUICK if args.quick else config.FULL
   apps = args.only or list(config.APPS)
   os.makedirs(args.out, exist_ok=True)
@@ -125,7 +130,10 @@ def main(argv=None):
                             app_peers, mode.repeats, after)
       out.update(description=config.DESCRIPTIONS[name], notes=notes,
                  budget=mode.budgets[name]._asdict(),
-                 info={k: v for k, v in app.info.items()
+                 # A data file by its name: the results carry no paths of
+                 # the machine that wrote them.
+                 info={k: os.path.basename(v) if k == "path" else v
+                       for k, v in app.info.items()
                        if isinstance(v, (int, float, str, bool, tuple))})
       if name == "sinusoid":
         results["sinusoid_scaling"] = studies.sinusoid_scaling(

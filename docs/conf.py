@@ -1,8 +1,11 @@
 """Sphinx configuration of the jaxbilevel API reference site.
 
-Build (warnings are errors, as in CI): ``sphinx-build -W --keep-going -b html
-docs docs/_build/html``. Needs ``pip install -e ".[docs,examples,checkpoint]"``
-(autodoc imports the optional modules).
+Build (warnings are errors, as in CI): ``python -m sphinx -W --keep-going -b
+html docs docs/_build/html``. Needs ``pip install -e
+".[docs,examples,checkpoint]"`` (autodoc imports the optional modules). The
+build is nitpicky (every cross-reference must resolve) and needs no network:
+links to JAX, optax, NumPy, flax and Python come from the inventories in
+``_inventories/``.
 """
 
 import os
@@ -32,6 +35,7 @@ version = release
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
+    "sphinx.ext.intersphinx",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "myst_nb",  # Markdown pages (MyST) and notebooks.
@@ -39,7 +43,7 @@ extensions = [
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb",
                  ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", ".DS_Store", "README.md"]
+exclude_patterns = ["_build", "_inventories", ".DS_Store", "README.md"]
 
 # autodoc / napoleon: Google-style docstrings, signatures without type hints
 # (they are in the docstrings' Args).
@@ -63,7 +67,55 @@ html_theme = "furo"
 html_title = f"jaxbilevel {release}"
 html_static_path = []
 
-# A page of the site links only to pages of the site: a reference that does
-# not resolve is a warning, and the CI build turns warnings into errors.
-nitpicky = False
+# Every cross-reference must resolve (nitpicky): a reference that does not is
+# a warning, and the CI build turns warnings into errors. Names of JAX, optax,
+# NumPy, flax and Python link to those projects' documentation through
+# intersphinx, read from the inventories committed in _inventories/ (the
+# build has no network access; docs/_inventories/make_inventories.py writes
+# them and says when to re-run it).
+nitpicky = True
+intersphinx_mapping = {
+    project_name: (url, str(_DOCS / "_inventories" / f"{project_name}.inv"))
+    for project_name, url in (
+        ("python", "https://docs.python.org/3/"),
+        ("jax", "https://docs.jax.dev/en/latest/"),
+        ("optax", "https://optax.readthedocs.io/en/latest/"),
+        ("numpy", "https://numpy.org/doc/stable/"),
+        ("flax", "https://flax.readthedocs.io/en/latest/"),
+    )
+}
+
+# napoleon writes the type of an `Attributes:` entry from the class's
+# annotation, under the name that the annotation's object reports. Two of
+# those names are not the public ones; they are rewritten in the rendered
+# field types (`:vartype`) so that the reader sees, and the link goes to,
+# the public name.
+_PUBLIC_TYPE_NAMES = {
+    # jax.Array's class reports the qualified name jax.jaxlib._jax.Array; JAX
+    # documents it as jax.Array (linked through intersphinx).
+    "jax.jaxlib._jax.Array": "jax.Array",
+    # jaxbilevel's private alias of typing.Any for "any pytree of arrays"
+    # (jaxbilevel._src.base.PyTree), named as in JAX's documentation.
+    "base.PyTree": "pytree",
+}
+# A pytree is a concept of JAX (https://docs.jax.dev/en/latest/pytrees.html),
+# not a class: no documentation has an object to link it to.
+nitpick_ignore = [("py:class", "pytree")]
+
+
+def _public_type_names(app, what, name, obj, options, lines):
+  del app, what, name, obj, options  # Unused.
+  for i, line in enumerate(lines):
+    if line.lstrip().startswith((":vartype ", ":type:", ":type ")):
+      head, sep, type_name = line.partition(": ")
+      for private, public in _PUBLIC_TYPE_NAMES.items():
+        type_name = type_name.replace(private, public)
+      lines[i] = head + sep + type_name
+
+
+def setup(app):
+  # After napoleon (priority 500), which writes the `:vartype` fields.
+  app.connect("autodoc-process-docstring", _public_type_names, priority=600)
+
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

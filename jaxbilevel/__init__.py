@@ -2,7 +2,7 @@
 
 Upper objective ``f(x, y, batch)``, lower objective ``g(x, y, batch)``;
 ``min_x f(x, y*(x))`` with ``y*(x) in argmin_y g(x, y)``. Each method is a
-function returning an ``optax.GradientTransformationExtraArgs`` over
+function returning an :class:`optax.GradientTransformationExtraArgs` over
 :class:`BilevelParams`.
 
 ``import jaxbilevel`` loads jax, optax and numpy only. The modules that need
@@ -29,9 +29,13 @@ from jaxbilevel import projections
 
 # Parameters, validation errors and shared diagnostics.
 from jaxbilevel._src.base import BilevelParams
+from jaxbilevel._src.base import BilevelTransformation
 from jaxbilevel._src.base import BilevelValidationError
 from jaxbilevel._src.base import COMMON_DIAGNOSTICS
 from jaxbilevel._src.base import NonFiniteError
+
+# One step of a method, as the drivers take it.
+from jaxbilevel._src.base import step
 
 # Inner loops.
 from jaxbilevel._src.inner import inner_solve
@@ -45,6 +49,15 @@ from jaxbilevel._src.alt_pbgd import alt_pbgd
 from jaxbilevel._src.alt_pbgd import ALTPBGDState
 from jaxbilevel._src.v_pbgd import v_pbgd
 from jaxbilevel._src.v_pbgd import VPBGDState
+
+# Choosing the penalty constant and the method.
+from jaxbilevel._src.continuation import ContinuationState
+from jaxbilevel._src.continuation import GammaContinuation
+from jaxbilevel._src.choosing import choose_method
+from jaxbilevel._src.choosing import gamma_check
+from jaxbilevel._src.choosing import MethodChoice
+from jaxbilevel._src.choosing import PenaltyGapWarning
+from jaxbilevel._src.choosing import warn_if_gamma_small
 
 # Penalty-based methods for coupled lower-level constraints.
 from jaxbilevel._src.pbgd_blocc import pbgd_blocc
@@ -91,6 +104,8 @@ from jaxbilevel._src.sharding import replicate
 from jaxbilevel._src.sharding import shard_batch
 from jaxbilevel._src.sharding import shard_fsdp
 
+# The one place the version is written: pyproject.toml reads it from here
+# ([tool.setuptools.dynamic]), and so does the documentation's conf.py.
 __version__ = "0.1.0"
 
 # Sub-modules that need optional dependencies (or hold application and
@@ -132,9 +147,11 @@ __all__ = (
     "projections",
     # base
     "BilevelParams",
+    "BilevelTransformation",
     "BilevelValidationError",
     "COMMON_DIAGNOSTICS",
     "NonFiniteError",
+    "step",
     # inner
     "InnerTrace",
     "inner_solve",
@@ -148,6 +165,14 @@ __all__ = (
     # v_pbgd
     "VPBGDState",
     "v_pbgd",
+    # continuation, choosing
+    "ContinuationState",
+    "GammaContinuation",
+    "MethodChoice",
+    "PenaltyGapWarning",
+    "choose_method",
+    "gamma_check",
+    "warn_if_gamma_small",
     # pbgd_blocc
     "PBGDBLOCCState",
     "PBGDFreeCCState",

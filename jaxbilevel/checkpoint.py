@@ -3,7 +3,7 @@
 from jaxbilevel._src.checkpoint import CheckpointError
 from jaxbilevel._src.checkpoint import latest_step
 from jaxbilevel._src.checkpoint import restore
-from jaxbilevel._src.checkpoint import resumable_run
+from jaxbilevel._src.resumable import resumable_run
 from jaxbilevel._src.checkpoint import RunCheckpoint
 from jaxbilevel._src.checkpoint import save
 

@@ -1,7 +1,8 @@
 """Demo: bilevel representation learning on the diabetes data, method by method.
 
 Run ``python -m jaxbilevel.demo`` (needs scikit-learn, which ships the data:
-``pip install "jaxbilevel[examples]"``).
+``pip install -e ".[examples]"`` in a jaxbilevel checkout, or ``pip install
+scikit-learn``).
 
 The problem: 442 patients, 10 standardized features, a disease-progression
 target. The upper variables ``x`` are a feature extractor (10 -> 8, tanh); the
@@ -39,8 +40,9 @@ def load_diabetes_splits(seed: int = 0):
     from sklearn.datasets import load_diabetes  # pylint: disable=import-outside-toplevel
   except ImportError as err:  # pragma: no cover - exercised only without sklearn
     raise SystemExit(
-        "The demo uses scikit-learn's bundled diabetes data: "
-        'pip install "jaxbilevel[examples]"') from err
+        "The demo uses scikit-learn's bundled diabetes data: pip install "
+        "scikit-learn (or, in a jaxbilevel checkout, pip install -e "
+        "'.[examples]').") from err
   data = load_diabetes()
   features, target = data.data.astype(np.float32), data.target.astype(
       np.float32)

@@ -1,4 +1,4 @@
-"""Splitting flax parameter trees (``nnx.State`` or nested dicts) into the two levels."""
+"""Splitting flax parameter trees (:class:`flax.nnx.State` or nested dicts) into the two levels."""
 
 from jaxbilevel._src.flax_utils import is_lora
 from jaxbilevel._src.flax_utils import merge_params

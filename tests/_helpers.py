@@ -285,9 +285,8 @@ def mlp_problem(features=5, hidden=8, batch=16, seed=0):
 
 
 def compiled_flops(fn, *args):
-  """``(flops, compiled)`` of ``fn`` traced as jbl.run traces it."""
-  with base.recording_diagnostics(False):  # as jbl.run without diagnostics
-    compiled = jax.jit(fn).lower(*args).compile()
+  """``(flops, compiled)`` of ``fn`` compiled."""
+  compiled = jax.jit(fn).lower(*args).compile()
   return compiled.cost_analysis()["flops"], compiled
 
 
@@ -301,10 +300,10 @@ def inner_sgd(objective, y, lr, steps):
                       y, None, length=steps)[0]
 
 
-def tx_step(tx):
+def tx_step(tx, diagnostics=False):
+  """A bilevel step as a user's loop takes it (jbl.run's step)."""
   def step(params, state, batch):
-    updates, state = tx.update(None, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
+    return jbl.step(tx, params, state, batch=batch, diagnostics=diagnostics)
   return step
 
 
@@ -509,3 +508,32 @@ def byte_level_bpe(texts, vocab_size, *, decoder=False):
       initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(texts, trainer=trainer)
   return tok
+
+
+# ---------------------------------------------------------------------------
+# The full data sets (test_datasets.py, test_svm.py).
+# ---------------------------------------------------------------------------
+
+# The one environment variable the project reads for data (see the README):
+# a folder holding the full data files (LIBSVM diabetes and fourclass, NLSY79,
+# HH-RLHF). The package and tests/data ship only small samples.
+DATA_ENV = "JAXBILEVEL_DATA"
+
+
+def full_data(*file_names):
+  """``(folder, skip_marker)`` for tests that need the full data files.
+
+  ``folder`` is ``$JAXBILEVEL_DATA`` (None when unset); the marker skips the
+  test, saying why, when the variable is unset or a file is not in the folder.
+  """
+  folder = os.environ.get(DATA_ENV) or None
+  names = ", ".join(file_names)
+  if folder is None:
+    reason = (f"needs the full data files ({names}): set {DATA_ENV} to the "
+              "folder that holds them")
+  else:
+    missing = [n for n in file_names
+               if not os.path.isfile(os.path.join(folder, n))]
+    reason = (f"{', '.join(missing)} not in {DATA_ENV}={folder}"
+              if missing else "")
+  return folder, pytest.mark.skipif(bool(reason), reason=reason or "found")

@@ -197,6 +197,13 @@ BAD_INPUTS = [
         _build(m), updates=jbl.BilevelParams({"a": jnp.ones(2)},
                                              jnp.ones(2))),
      r"the structure of updates.x does not match params.x"),
+    # optax.inject_hyperparams would call f and g as schedules f(step).
+    ("inject_hyperparams", lambda m: optax.inject_hyperparams(
+        getattr(jbl, m))(_f, _g),
+     r"cannot be wrapped in optax.inject_hyperparams: .* would call the "
+     r"objectives as f\(step\) and fail. Use jaxbilevel.inject_hyperparams"
+     r"\(method\)\(...\), .* jaxbilevel.sweep .* upper_optimizer="
+     r"optax.inject_hyperparams\(optax.adam\)\(learning_rate="),
 ]
 
 
@@ -277,6 +284,7 @@ def _update(name, params=_P, state_params=_P, updates=None, **kw):
 
 
 _PFREE = _method("pbgd_free")
+_P32 = jbl.BilevelParams(jnp.ones(2, jnp.float32), jnp.ones(2, jnp.float32))
 
 
 # (entry point, call, error message pattern). Each call gets one bad input.
@@ -377,6 +385,44 @@ ENTRY_POINT_BAD_INPUTS = [
      "scan_run: on_nonfinite must be 'stop', 'skip' or 'ignore'"),
     ("scan_run num_steps=0", lambda: jbl.scan_run(_PFREE, _P, num_steps=0),
      "num_steps must be >= 1"),
+    ("run tx None", lambda: jbl.run(None, _P, num_steps=2),
+     r"jaxbilevel.run: tx must be a jaxbilevel method .* or an optax "
+     r"GradientTransformation around one .*, got None of type NoneType"),
+    ("scan_run tx None", lambda: jbl.scan_run(None, _P, num_steps=2),
+     r"scan_run: tx must be a jaxbilevel method"),
+    ("run record returns a string", lambda: jbl.run(
+        _PFREE, _P, num_steps=2, record=lambda p, s: {"name": "run 1"}),
+     r"record must return a pytree of arrays or numbers .* "
+     r"record\(params, state\)\['name'\] is 'run 1' of type str"),
+    ("run state of another method", lambda: jbl.run(
+        _method("alt_pbgd"), _P, num_steps=2, state=_PFREE.init(_P)),
+     r"jaxbilevel.run: state is of type PBGDFreeState, but this "
+     r"transformation's state is of type ALTPBGDState .* state=None"),
+    ("scan_run state of another method", lambda: jbl.scan_run(
+        _method("alt_pbgd"), _P, num_steps=2, state=_PFREE.init(_P)),
+     r"scan_run: state is of type PBGDFreeState, but this transformation's "
+     r"state is of type ALTPBGDState"),
+    ("update state of another method", lambda: _method("alt_pbgd").update(
+        None, _PFREE.init(_P), _P),
+     r"alt_pbgd: state is of type PBGDFreeState, but alt_pbgd's state is of "
+     r"type ALTPBGDState \(what its init returns\)"),
+    ("step state of another method", lambda: jbl.step(
+        _method("alt_pbgd"), _P, _PFREE.init(_P)),
+     r"alt_pbgd: state is of type PBGDFreeState"),
+    ("run gamma overflows float32", lambda: jbl.run(
+        _method("pbgd_free", gamma=1e40), _P32, num_steps=2),
+     r"jaxbilevel.run: gamma = 1e\+40 overflows to inf in float32, the "
+     r"dtype of the parameters: use a smaller value or float64"),
+    ("run gamma underflows float32", lambda: jbl.run(
+        _method("pbgd_free", gamma=1e-50), _P32, num_steps=2),
+     r"jaxbilevel.run: gamma = 1e-50 underflows to 0 in float32"),
+    ("update gamma overflows float32", lambda: _update(
+        "pbgd_free", params=_P32, state_params=_P32, gamma=1e40),
+     r"gamma = 1e\+40 overflows to inf in float32"),
+    ("alt_pbgd inner_steps beyond int32", lambda: _method(
+        "alt_pbgd", inner_steps=2 ** 31 + 5),
+     r"inner_steps must fit in int32 \(at most 2147483647\), got "
+     r"2147483653"),
     # Objectives and projections.
     ("lower_penalized f None", lambda: objectives.lower_penalized(
         None, _entry_g), "f must be a callable"),
@@ -551,3 +597,25 @@ def test_f2sa_sweep_reports_a_traced_gamma_max_below_gamma():
   # The valid point ramps 1.0, 1.5, 2.0 and is then capped at 2.0.
   np.testing.assert_allclose(hist["gamma"][0], [1.0, 1.5, 2.0])
   np.testing.assert_allclose(state.lagrange_multiplier[0], 2.0)
+
+
+def test_alright_sweep_reports_a_traced_probability_outside_0_1():
+  # A NaN probability would make every draw a g step: the new iterates are
+  # NaN instead, so the points are flagged even without diagnostics.
+  def make_tx(probability):
+    return jbl.alright(_f, _g, probability=probability, key=_KEY,
+                       upper_optimizer=optax.sgd(0.1),
+                       lower_optimizer=optax.sgd(0.1))
+
+  with pytest.warns(RuntimeWarning,
+                    match=r"2 of 3 grid points.*'probability': -1\.0"):
+    params, _, hist = jbl.sweep(make_tx, _P0,
+                                {"probability": [0.5, -1.0, 2.0]},
+                                num_steps=5)
+  np.testing.assert_array_equal(hist["finite"][1:], False)
+  np.testing.assert_array_equal(params.x[1:], np.zeros((2, 2)))  # never moved
+  # The valid point is the run with that probability, unchanged.
+  alone, _, _ = jbl.run(make_tx(0.5), _P0, num_steps=5)
+  np.testing.assert_array_equal(params.x[0], alone.x)
+  np.testing.assert_array_equal(params.y[0], alone.y)
+  assert hist["finite"][0].all()

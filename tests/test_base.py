@@ -147,22 +147,51 @@ def test_values_only_for_the_record_are_not_computed(method):
       return g(x, y, batch)
 
     counted = make(counting_g)
-    with base.recording_diagnostics(enabled):
-      jax.eval_shape(_tx_step(counted), params, state, data)
+    jax.eval_shape(_tx_step(counted, diagnostics=enabled), params, state,
+                   data)
     return len(calls)
 
   # One evaluation of g (or of its gradient) fewer when nothing is recorded.
   assert traced_g_calls(False) == traced_g_calls(True) - 1
-  # Not recorded: reported as zero.
-  with base.recording_diagnostics(False):
-    _, quiet = jax.jit(_tx_step(tx))(params, state, data)
-  assert float(quiet.diagnostics["g"]) == 0.0
+  # Not recorded: NaN, never a value that looks computed.
+  _, quiet = jax.jit(_tx_step(tx))(params, state, data)
+  assert all(np.isnan(float(v)) for v in quiet.diagnostics.values())
+  _, loud = jax.jit(_tx_step(tx, diagnostics=("g",)))(params, state, data)
+  assert np.isfinite(float(loud.diagnostics["g"]))
+  assert np.isnan(float(loud.diagnostics["f"]))
 
 
-def test_diagnostics_recorded_follows_the_context():
-  assert base.diagnostics_recorded()
-  with base.recording_diagnostics(False):
-    assert not base.diagnostics_recorded()
-    with base.recording_diagnostics(True):
-      assert base.diagnostics_recorded()
-  assert base.diagnostics_recorded()
+def test_diagnostics_are_chosen_by_argument_and_checked():
+  assert base.recorded_names(False, ("f", "g"), "m") == frozenset()
+  assert base.recorded_names(None, ("f", "g"), "m") == frozenset()
+  assert base.recorded_names(True, ("f", "g"), "m") == {"f", "g"}
+  assert base.recorded_names("g", ("f", "g"), "m") == {"g"}
+  with pytest.raises(jbl.BilevelValidationError, match=r"\['h'\] not recorded"):
+    base.recorded_names(("h",), ("f", "g"), "m")
+  with pytest.raises(jbl.BilevelValidationError, match="static Python value"):
+    base.recorded_names(jnp.array(True), ("f", "g"), "m")
+
+
+def test_check_static_int_refuses_values_beyond_int32():
+  assert base.check_static_int(2 ** 31 - 1, "num_steps") == 2 ** 31 - 1
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"num_steps must fit in int32 \(at most "
+                           r"2147483647\), got 2147483648"):
+    base.check_static_int(2 ** 31, "num_steps")
+
+
+def test_resolve_hyperparameter_names_an_overflow_or_underflow():
+  count = jnp.zeros([], jnp.int32)
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"gamma = 1e\+40 overflows to inf in float32, the "
+                           r"dtype of the parameters: use a smaller value"):
+    base.resolve_hyperparameter(1e40, count, jnp.float32, name="gamma")
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"^a hyperparameter = 1e-50 underflows to 0 in "
+                           r"float32"):
+    base.resolve_hyperparameter(1e-50, count, jnp.float32)
+  # In range (and in a wider dtype) the value is returned as before.
+  assert float(base.resolve_hyperparameter(1e40, count, jnp.float64,
+                                           name="gamma")) == 1e40
+  assert float(base.resolve_hyperparameter(2.0, count, jnp.float32,
+                                           name="gamma")) == 2.0

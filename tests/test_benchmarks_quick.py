@@ -179,3 +179,36 @@ def test_report_settings_are_the_tables(quick_run):
             for row in results["applications"][app]["rows"]
             if row["role"] in ("floor", "method") and "final" in row}
     assert rows == table
+
+
+def test_nlsy_data_come_from_the_data_folder_or_the_shipped_sample(tmp_path):
+  """``--data-dir`` / ``$JAXBILEVEL_DATA`` (resolved by run.py), else the sample.
+
+  The notes written into the results name the file, never a folder of the
+  machine.
+  """
+  import argparse  # pylint: disable=import-outside-toplevel
+  _methods_module()  # puts benchmarks/ on sys.path
+  from apps import config  # pylint: disable=import-outside-toplevel
+  from jaxbilevel.applications import nlsy  # pylint: disable=import-outside-toplevel
+
+  def build(data_dir, quick=False):
+    args = argparse.Namespace(seed=0, quick=quick, data_dir=data_dir,
+                              data_dir_given=data_dir is not None)
+    app, notes = config.build_app("nlsy", config.QUICK, args)
+    assert str(tmp_path) not in notes["data"]
+    return app.info["rows"], notes["data"]
+
+  assert build(None) == (200, "no data folder (--data-dir or JAXBILEVEL_DATA)"
+                         ": ran on the 200-row sample shipped with jaxbilevel")
+  rows, note = build(str(tmp_path))
+  assert rows == 200 and note.startswith("nlsy79_processed.csv not in the")
+  # A full file (here: the sample's first 150 rows under the full file's name).
+  lines = open(nlsy.sample_path(), encoding="utf-8").read().splitlines()
+  (tmp_path / "nlsy79_processed.csv").write_text("\n".join(lines[:151]) + "\n")
+  assert build(str(tmp_path)) == (
+      150, "nlsy79_processed.csv (the full NLSY79 file, from the data folder)")
+  # Quick mode keeps the sample unless --data-dir is given.
+  args = argparse.Namespace(seed=0, quick=True, data_dir=str(tmp_path),
+                            data_dir_given=False)
+  assert config.build_app("nlsy", config.QUICK, args)[0].info["rows"] == 200

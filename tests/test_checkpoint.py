@@ -628,3 +628,68 @@ def test_sigint_at_random_moments_of_a_save_always_stops_the_run():
   # Stopped (at the save that the signal hit, or at the next one if it came
   # during the computation), with no temporary directory left behind.
   assert all(o in ("stopped@20", "stopped@30") for o in outcomes), outcomes
+
+
+def _small_pbgd_free(gamma):
+  return jbl.pbgd_free(lambda x, y, batch: x ** 2 + 10.0 * y,
+                       lambda x, y, batch: (y - x + 1.0) ** 2, gamma=gamma,
+                       upper_optimizer=optax.adam(0.01),
+                       lower_optimizer=optax.sgd(0.01))
+
+
+def test_resuming_with_other_hyperparameters_is_refused(tmp_path):
+  checkpoint.resumable_run(_small_pbgd_free(10.0), _SMALL_P0, num_steps=4,
+                           directory=tmp_path, save_every=2)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"saved with gamma=10.0, and this call has "
+                           r"gamma=1000.0; resuming would return one run "
+                           r"made with two settings. Pass gamma=10.0 to "
+                           r"continue that run, or use a new directory"):
+    checkpoint.resumable_run(_small_pbgd_free(1000.0), _SMALL_P0,
+                             num_steps=6, directory=tmp_path, save_every=2)
+  assert checkpoint.latest_step(tmp_path) == 4  # nothing was written
+  # The same value (a new transformation object) resumes.
+  _, state, hist = checkpoint.resumable_run(
+      _small_pbgd_free(10.0), _SMALL_P0, num_steps=6, directory=tmp_path,
+      save_every=2)
+  assert int(state.count) == 6 and hist["step"].tolist() == list(range(6))
+
+
+def test_resuming_with_other_diagnostics_names_diagnostics(tmp_path):
+  tx = _small_pbgd_free(10.0)
+  checkpoint.resumable_run(tx, _SMALL_P0, num_steps=4, directory=tmp_path,
+                           save_every=2)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"saved with diagnostics=False, and this call has "
+                           r"diagnostics=True; .* Pass diagnostics=False"):
+    checkpoint.resumable_run(tx, _SMALL_P0, num_steps=6, directory=tmp_path,
+                             save_every=2, diagnostics=True)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"saved without a record= function, and this call "
+                           r"has one"):
+    checkpoint.resumable_run(tx, _SMALL_P0, num_steps=6, directory=tmp_path,
+                             save_every=2,
+                             record=lambda params, state: params.x)
+
+
+def test_history_mismatch_without_saved_settings_names_diagnostics(tmp_path):
+  # Checkpoints written by save() alone carry no settings: the history's
+  # keys tell which option differs.
+  params, state, hist = jbl.run(_SMALL_TX, _SMALL_P0, num_steps=5)
+  checkpoint.save(tmp_path, params, state, step=5, history=hist)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"another diagnostics= .* Pass the diagnostics= "
+                           r"of that run"):
+    checkpoint.resumable_run(_SMALL_TX, _SMALL_P0, num_steps=7,
+                             directory=tmp_path, save_every=2,
+                             diagnostics=True)
+
+
+def test_restore_step_must_be_an_int(tmp_path):
+  tx, p0 = _saved_run(tmp_path)
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"restore: step must be an int .* got '5' of type "
+                           r"str"):
+    checkpoint.restore(tmp_path, p0, tx.init(p0), step="5")
+  assert checkpoint.restore(tmp_path, p0, tx.init(p0),
+                            step=np.int64(5)).step == 5

@@ -99,6 +99,18 @@ def test_optax_inject_hyperparams_needs_static_loop_lengths():
         inner_steps=2, value_steps=3).init(PARAMS)
 
 
+@pytest.mark.parametrize("static", [(), ("f",), ("inner_steps",)])
+def test_optax_inject_hyperparams_with_traced_objectives_is_refused(static):
+  # Without f and g in static_args optax would call them as schedules
+  # f(step); the refusal names the replacements when the method is built.
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"alt_pbgd cannot be wrapped in "
+                           r"optax.inject_hyperparams: .* Use "
+                           r"jaxbilevel.inject_hyperparams\(method\)"):
+    optax.inject_hyperparams(jbl.alt_pbgd, static_args=static)(
+        f, g, gamma=4.0, upper_optimizer=UO, lower_optimizer=LO)
+
+
 # ---------------------------------------------------------------------------
 # apply_if_finite
 # ---------------------------------------------------------------------------

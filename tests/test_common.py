@@ -162,8 +162,9 @@ def _assert_trees_close(a, b, rtol=1e-10, atol=1e-12):
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_matches_eager_and_moves(name):
   tx, params = _build(name)
-  eager, _ = _steps(tx, params, 2)
-  jitted, state = _steps(tx, params, 2, update=jax.jit(tx.update))
+  eager, _ = _steps(tx, params, 2, diagnostics=True)
+  jitted, state = _steps(tx, params, 2, update=jax.jit(
+      functools.partial(tx.update, diagnostics=True)))
   _assert_trees_close(eager, jitted, rtol=1e-9)
   moved = optax.tree_utils.tree_norm(optax.tree_utils.tree_sub(jitted, params))
   assert float(moved) > 1e-4
@@ -215,9 +216,9 @@ def test_vmap_over_hyperparameters_does_not_recompile(name):
 def test_dtype_is_preserved(name, dtype):
   tx, params = _build(name, dtype=dtype)
   state = tx.init(params)
-  update = jax.jit(tx.update)
+  update = jax.jit(tx.update, static_argnames="diagnostics")
   for _ in range(2):
-    updates, state = update(None, state, params)
+    updates, state = update(None, state, params, diagnostics=True)
     for u in jax.tree.leaves(updates):
       assert u.dtype == dtype
     params = optax.apply_updates(params, updates)
@@ -307,7 +308,7 @@ def test_identical_results_for_identical_construction(name):
 def test_update_raises_the_count_by_one(name):
   # jbl.run and jbl.sweep rely on it: where every step is accepted they do
   # not carry a method's count through their loops but set it from the
-  # number of steps (run._scan_chunk); the rest of the state must agree too.
+  # number of steps (loop.scan_chunk); the rest of the state must agree too.
   tx, params = _build(name)
   looped, state = _steps(tx, params, 3)
   assert int(state.count) == 3

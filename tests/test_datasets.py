@@ -18,14 +18,16 @@ import pytest
 from jaxbilevel import datasets
 from jaxbilevel._src import datasets as datasets_src
 
-# The real files: $JAXBILEVEL_DATA, else the shared folder, else skipped.
-DATA_DIR = os.environ.get("JAXBILEVEL_DATA", "/work/shared/data")
-REAL_DIABETES = os.path.join(DATA_DIR, "diabetes_libsvm_scaled.txt")
-REAL_FOURCLASS = os.path.join(DATA_DIR, "fourclass_libsvm.txt")
-HAS_DATA = os.path.isfile(REAL_DIABETES) and os.path.isfile(REAL_FOURCLASS)
-needs_data = pytest.mark.skipif(
-    not HAS_DATA, reason=f"real LIBSVM files not found in {DATA_DIR} "
-    "(set JAXBILEVEL_DATA)")
+from _helpers import full_data
+
+# The full LIBSVM files, in the folder $JAXBILEVEL_DATA; without them the
+# tests marked needs_data are skipped (the shipped samples cover the rest).
+DATA_DIR, needs_data = full_data("diabetes_libsvm_scaled.txt",
+                                "fourclass_libsvm.txt")
+REAL_DIABETES = os.path.join(DATA_DIR or "", "diabetes_libsvm_scaled.txt")
+REAL_FOURCLASS = os.path.join(DATA_DIR or "", "fourclass_libsvm.txt")
+HAS_DATA = bool(DATA_DIR) and os.path.isfile(REAL_DIABETES) and os.path.isfile(
+    REAL_FOURCLASS)
 
 
 def _missing_feature_one_lines(path):

@@ -123,3 +123,22 @@ def test_api_pages_name_only_existing_symbols():
       pass
     module = importlib.import_module(module_name)
     assert hasattr(module, name), f"docs/api names {full}, which does not exist"
+
+
+def test_committed_inventories_are_what_the_script_writes():
+  # docs/conf.py links JAX, optax, NumPy, flax and Python through the
+  # intersphinx inventories committed in docs/_inventories (the build has no
+  # network); they must be the output of the script that lists their objects.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  folder = _API.parent / "_inventories"
+  spec = importlib.util.spec_from_file_location(
+      "make_inventories", folder / "make_inventories.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  assert set(script.OBJECTS) == {"python", "jax", "optax", "numpy", "flax"}
+  for project, (version, objects) in script.OBJECTS.items():
+    committed = (folder / f"{project}.inv").read_bytes()
+    assert committed == script.inventory(project, version, objects), (
+        f"docs/_inventories/{project}.inv is out of date: run "
+        "python docs/_inventories/make_inventories.py")
+    assert objects, project

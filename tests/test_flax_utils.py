@@ -226,3 +226,19 @@ FLAX_ERRORS = [
 def test_flax_utils_validation(call, message):
   with pytest.raises(jbl.BilevelValidationError, match=message):
     call()
+
+
+def test_merge_params_names_a_path_that_is_a_leaf_in_one_half_only():
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"merge_params: x has a parameter at 'a' where y "
+                           r"has a subtree \(its parameter 'a/b'\)"):
+    flax_utils.merge_params({"a": jnp.ones(2)}, {"a": {"b": jnp.ones(2)}})
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"y has a parameter at 'd/k' where x has a "
+                           r"subtree \(its parameter 'd/k/w'\)"):
+    flax_utils.merge_params({"d": {"k": {"w": jnp.ones(2)}}},
+                            {"d": {"k": jnp.ones(2)}})
+  # Disjoint halves under a shared prefix still merge.
+  merged = flax_utils.merge_params({"d": {"a": jnp.ones(2)}},
+                                   {"d": {"b": jnp.zeros(2)}})
+  assert sorted(merged["d"]) == ["a", "b"]

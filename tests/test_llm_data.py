@@ -445,3 +445,19 @@ def test_tokenization_errors(word_tok):
                      r"max_len\) = \[1, 4\)"):
     data.tokenize_sft([data.SFTExample("a", " b")], word_tok, max_len=4,
                       max_prompt_len=4)
+
+
+def test_truncated_gzip_names_the_file_and_the_line(tmp_path):
+  lines = [json.dumps({"prompt": f"p{i}", "response": "r" * 40})
+           for i in range(300)]
+  whole = gzip.compress(("\n".join(lines) + "\n").encode())
+  path = _write(tmp_path, "cut.jsonl.gz", whole[:len(whole) // 2], mode="wb")
+  with pytest.raises(data.LLMDataError,
+                     match=r"cut.jsonl.gz: the gzip file is truncated or "
+                           r"corrupt: reading stopped after line \d+ "
+                           r"\(EOFError: .*\)\. Download or compress the "
+                           r"file again"):
+    data.load_sft_jsonl(path)
+  # The whole file reads.
+  path = _write(tmp_path, "whole.jsonl.gz", whole, mode="wb")
+  assert len(data.load_sft_jsonl(path)) == 300

@@ -126,7 +126,7 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
     assert float(f(x, y, batch)) == pytest.approx(math.log(2), abs=1e-12)
   metrics = losses.dpo_metrics(apply_fn, x, y, batch)
   assert float(metrics["margin"]) == pytest.approx(0.0, abs=1e-12)
-  assert float(metrics["accuracy"]) == 0.0  # no strictly positive margin
+  assert float(metrics["accuracy"]) == 0.5  # every margin is a tie: 1/2
 
 
 def test_dpo_loss_closed_form_and_numpy_cross_check():
@@ -283,3 +283,57 @@ def test_errors_name_the_missing_part_and_fix():
   with pytest.raises(ValueError, match=r"must agree on \(B, T\)"):
     losses.sequence_logprobs(logits, DPO["chosen_ids"],
                              DPO["chosen_loss_mask"])
+
+
+def test_preference_eval_accuracy_margin_and_standard_errors():
+  apply_fn = _tiny_lm()
+  rng = np.random.default_rng(5)
+  x0, y0 = jnp.zeros((D, D)), jnp.asarray(rng.normal(size=(D, V)))
+  x = jnp.asarray(0.5 * rng.normal(size=(D, D)))
+  # 5 pairs (the 2 hand-made ones, repeated): chunks of 2 with padding.
+  pairs = {k: np.concatenate([v, v, v[:1]]) for k, v in DPO.items()}
+  beta = 0.3
+  out = losses.preference_eval(apply_fn, x, y0, pairs, reference=(x0, y0),
+                               beta=beta, batch_size=2)
+  logits = np.asarray(apply_fn(x, y0, jnp.asarray(pairs["chosen_ids"]),
+                               jnp.asarray(pairs["chosen_attention_mask"])))
+  ref = np.asarray(apply_fn(x0, y0, jnp.asarray(pairs["chosen_ids"]),
+                            jnp.asarray(pairs["chosen_attention_mask"])))
+  logits_r = np.asarray(apply_fn(x, y0, jnp.asarray(pairs["rejected_ids"]),
+                                 jnp.asarray(pairs["rejected_attention_mask"])))
+  ref_r = np.asarray(apply_fn(x0, y0, jnp.asarray(pairs["rejected_ids"]),
+                              jnp.asarray(pairs["rejected_attention_mask"])))
+  margin = beta * (
+      (_manual_logprob(logits, pairs["chosen_ids"], pairs["chosen_loss_mask"])
+       - _manual_logprob(ref, pairs["chosen_ids"], pairs["chosen_loss_mask"]))
+      - (_manual_logprob(logits_r, pairs["rejected_ids"],
+                         pairs["rejected_loss_mask"])
+         - _manual_logprob(ref_r, pairs["rejected_ids"],
+                           pairs["rejected_loss_mask"])))
+  score = (margin > 0) + 0.5 * (margin == 0)
+  assert out["n"] == 5
+  assert out["margin"] == pytest.approx(margin.mean(), abs=1e-9)
+  assert out["margin_se"] == pytest.approx(margin.std(ddof=1) / math.sqrt(5),
+                                           abs=1e-9)
+  assert out["accuracy"] == pytest.approx(score.mean(), abs=1e-12)
+  assert out["accuracy_se"] == pytest.approx(
+      score.std(ddof=1) / math.sqrt(5), abs=1e-12)
+  assert out["loss"] == pytest.approx(np.logaddexp(0, -margin).mean(),
+                                      abs=1e-9)
+  assert 0 < out["accuracy"] < 1 and out["margin_se"] > 0
+  # The same with the reference log-probabilities carried by the pairs.
+  with_ref = losses.add_reference_logprobs(
+      lambda ids, m: apply_fn(x0, y0, ids, m), pairs, key="dpo")
+  again = losses.preference_eval(apply_fn, x, y0, with_ref, beta=beta,
+                                 batch_size=3)
+  for k in out:
+    assert again[k] == pytest.approx(out[k], abs=1e-9)
+  # The reference model against itself: every pair a tie, accuracy 1/2.
+  tie = losses.preference_eval(apply_fn, x0, y0, pairs, reference=(x0, y0))
+  assert tie["accuracy"] == 0.5 and tie["accuracy_se"] == 0.0
+  assert tie["margin"] == 0.0 and tie["loss"] == pytest.approx(math.log(2))
+  with pytest.raises(ValueError, match="pass reference="):
+    losses.preference_eval(apply_fn, x, y0, pairs)
+  with pytest.raises(KeyError, match="lacks"):
+    losses.preference_eval(apply_fn, x, y0, {"chosen_ids": pairs["chosen_ids"]},
+                           reference=(x0, y0))

@@ -555,3 +555,104 @@ def test_smollm2_gguf_is_a_sensible_language_model():
   with torch.no_grad():
     expected = reference(torch.tensor(np.asarray(ids))).logits.numpy()
   np.testing.assert_allclose(model(ids), expected, atol=1e-3, rtol=1e-4)
+
+
+def test_token_ids_outside_the_vocabulary_are_named():
+  model = llm.CausalLM(_config(), rngs=nnx.Rngs(0))  # vocab_size 64
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"CausalLM: token ids must be in \[0, vocab_size\) "
+                           r"= \[0, 64\), got 64, 70 \(first at index "
+                           r"\[0, 2\]\)"):
+    model(jnp.array([[1, 2, 64], [70, 3, 4]]))
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"got -1 .* negative ids, another token's"):
+    model(jnp.array([[1, -1, 3]]))
+  # Valid ids, eagerly and under jit (traced ids are not read), are finite.
+  ids = jnp.array([[0, 5, 63]])
+  assert np.isfinite(np.asarray(model(ids))).all()
+  assert np.isfinite(np.asarray(_jit(model)(ids))).all()
+
+
+# ---------------------------------------------------------------------------
+# Set-up: the llm extra installs what jaxbilevel.llm imports.
+# ---------------------------------------------------------------------------
+
+
+def _third_party_imports():
+  """Top-level third-party modules that jaxbilevel.llm may import.
+
+  Every import of the llm files counts (also those inside functions: the
+  loaders import safetensors / gguf / tokenizers when called); other
+  jaxbilevel modules count through their module-level imports only (what
+  importing them needs).
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(llm.__file__).resolve().parents[2]
+  llm_files = sorted(root.glob("jaxbilevel/llm/*.py")) + sorted(
+      root.glob("jaxbilevel/_src/llm/*.py"))
+  todo, seen, found = [(f, True) for f in llm_files], set(), {}
+
+  def module_file(name):
+    path = root / (name.replace(".", "/") + ".py")
+    if path.is_file():
+      return path
+    path = root / name.replace(".", "/") / "__init__.py"
+    return path if path.is_file() else None
+
+  while todo:
+    file, every = todo.pop()
+    if file in seen:
+      continue
+    seen.add(file)
+    tree = ast.parse(file.read_text(encoding="utf-8"))
+    nodes = ast.walk(tree) if every else tree.body
+    for node in nodes:
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+        names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+      else:
+        continue
+      for name in names:
+        top = name.split(".")[0]
+        if top == "jaxbilevel":
+          path = module_file(name)
+          if path is not None:
+            todo.append((path, path in llm_files))
+        elif top not in sys.stdlib_module_names and top != "__future__":
+          found.setdefault(top, set()).add(file.name)
+  return found
+
+
+def test_llm_extra_covers_every_import():
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+  pyproject = pathlib.Path(llm.__file__).resolve().parents[2] / (
+      "pyproject.toml")
+  if not pyproject.is_file():
+    pytest.skip("not a source checkout (no pyproject.toml)")
+  project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+
+  def names(requirements):
+    return {re.split(r"[\s<>=!~\[;]", r, maxsplit=1)[0].lower().replace(
+        "_", "-") for r in requirements}
+
+  installed = names(project["dependencies"]) | names(
+      project["optional-dependencies"]["llm"])
+  modules = _third_party_imports()
+  assert {"flax", "safetensors", "gguf", "tokenizers", "jinja2", "jax",
+          "numpy", "optax"} <= set(modules)
+  distributions = importlib.metadata.packages_distributions()
+  missing = {}
+  for module, files in sorted(modules.items()):
+    dists = {d.lower().replace("_", "-")
+             for d in distributions.get(module, [module])}
+    if not dists & installed:
+      missing[module] = sorted(files)
+  assert not missing, (
+      f"modules imported by jaxbilevel.llm but not installed by "
+      f"pip install 'jaxbilevel[llm]': {missing}")

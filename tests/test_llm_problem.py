@@ -82,7 +82,8 @@ def test_structure_and_start(problem):
   assert abs(float(jax.jit(problem.f)(*problem.params0, batch)) - LOG2) < 1e-6
   metrics = problem.evaluate(problem.params0)
   assert abs(metrics["dpo_loss"] - LOG2) < 1e-6
-  assert metrics["accuracy"] == 0.0 and metrics["reward_margin"] == 0.0
+  # Every margin is a tie, which counts 1/2.
+  assert metrics["accuracy"] == 0.5 and metrics["reward_margin"] == 0.0
   # A random model predicts roughly uniformly over the 300 tokens.
   assert abs(metrics["sft_loss"] - math.log(300)) < 0.3
 
@@ -131,6 +132,15 @@ def test_evaluate_matches_direct_computation(config, tok, pairs, problem):
   want_sft = llm.make_sft_loss(apply_fn)(*params, {"sft": sft_eval})
   assert abs(got["sft_loss"] - float(want_sft)) < 1e-5
   assert abs(got["dpo_loss"] - LOG2) > 1e-4
+  # preference_eval on the eval pairs, reference = the starting point.
+  held_out = llm.preference_eval(problem.apply_fn, *params, pref_eval,
+                                 reference=problem.params0, beta=0.1,
+                                 batch_size=3)
+  assert held_out["n"] == 8
+  assert abs(held_out["accuracy"] - got["accuracy"]) < 1e-9
+  assert abs(held_out["margin"] - got["reward_margin"]) < 1e-5
+  assert abs(held_out["loss"] - got["dpo_loss"]) < 1e-5
+  assert held_out["margin_se"] > 0
 
 
 def test_accumulated_microbatches_equal_the_full_batch(config, tok, pairs,
@@ -254,3 +264,62 @@ def test_every_method_runs_on_the_problem_unchanged(method, problem):
   # Every method moved the head (all take lower steps on y).
   assert _maxdiff(params.y, problem.params0.y) > 1e-5, method
   assert history["f"][0] == pytest.approx(LOG2, abs=1e-6), method
+
+
+def _array_pairs(length, high, n=8):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, high, (n, length))
+  mask = np.ones((n, length), np.int32)
+  loss = np.zeros((n, length), np.int32)
+  loss[:, length // 2:] = 1
+  return dict(chosen_ids=ids, chosen_attention_mask=mask,
+              chosen_loss_mask=loss, rejected_ids=rng.integers(1, high, (
+                  n, length)), rejected_attention_mask=mask,
+              rejected_loss_mask=loss)
+
+
+_SMALL = dict(num_steps=2, dpo_batch_size=2, sft_batch_size=2, eval_size=2,
+              lora_rank=2)
+
+
+def _tiny_config(**kw):
+  return llm.LMConfig(vocab_size=16, hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, **kw)
+
+
+def test_ids_outside_the_vocabulary_are_refused_at_build_time():
+  pairs = _array_pairs(6, 16)
+  pairs["rejected_ids"][3, 2] = 16  # vocab_size is 16
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"dpo_sft_problem: .*\['rejected_ids'\]: token "
+                           r"ids must be in \[0, vocab_size\) = \[0, 16\), "
+                           r"got 16"):
+    llm.dpo_sft_problem(llm.CausalLM(_tiny_config(), rngs=nnx.Rngs(0)),
+                        None, pairs, **_SMALL)
+
+
+def test_sequences_longer_than_the_context_are_refused():
+  config = _tiny_config(max_position_embeddings=16)
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"dpo_sft_problem: preference_data\['chosen_ids'\] "
+                           r"holds sequences of 24 tokens, more than the "
+                           r"model's max_position_embeddings=16 .* not "
+                           r"truncated. Pass max_len <= 16"):
+    llm.dpo_sft_problem(llm.CausalLM(config, rngs=nnx.Rngs(0)), None,
+                        _array_pairs(24, 16), **_SMALL)
+  # At the context length it builds, with finite reference log-probs.
+  problem = llm.dpo_sft_problem(llm.CausalLM(config, rngs=nnx.Rngs(0)),
+                                None, _array_pairs(16, 16), **_SMALL)
+  assert np.isfinite(problem.batches["dpo"]["ref_chosen_logp"]).all()
+
+
+def test_text_cut_to_a_max_len_beyond_the_context_is_refused(tok, pairs):
+  config = llm.LMConfig(vocab_size=tok.get_vocab_size(), hidden_size=16,
+                        intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1,
+                        max_position_embeddings=16)
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"holds sequences of 32 tokens, more than the "
+                           r"model's max_position_embeddings=16"):
+    _problem(config, tok, pairs, max_len=32)

@@ -86,6 +86,15 @@ _SCRIPT = "".join(inspect.getsource(fn) for fn in (
     dp = build(mesh=mesh8, microbatches=2)
     dp_params, _ = train(dp)
     out["dp_microbatch_diff"] = maxdiff(ref_params, dp_params)
+
+    # jax.make_mesh gives Explicit axes in recent JAX; dpo_sft_problem uses
+    # the same devices with Auto axes (the embedding gather needs them).
+    made = jax.make_mesh((2, 4), ("data", "fsdp"))
+    out["made_axis_types"] = [str(t) for t in getattr(made, "axis_types", ())]
+    mm = build(mesh=made, data_axis="data", fsdp_axis="fsdp")
+    out["made_head_spec"] = spec(mm.params0.y["lm_head"]["kernel"])
+    mm_params, _ = train(mm)
+    out["made_mesh_diff"] = maxdiff(ref_params, mm_params)
     print("RESULT " + json.dumps(out))
 ''')
 
@@ -118,6 +127,15 @@ def test_sharded_run_equals_single_device_run(measured):
   assert measured["sharded_diff"] < 1e-5
   assert measured["eval_diff"] < 1e-5
   assert measured["dp_microbatch_diff"] < 1e-5
+
+
+def test_a_mesh_from_jax_make_mesh_works(measured):
+  # Explicit axes (the jax.make_mesh default of recent JAX, e.g. 0.10) used
+  # to fail in the embedding gather with a ShardingTypeError.
+  assert set(measured["made_axis_types"]) <= {"AxisType.Explicit",
+                                              "AxisType.Auto"}
+  assert measured["made_head_spec"] == [None, "fsdp"]
+  assert measured["made_mesh_diff"] < 1e-5
 
 
 def test_fsdp_shardings_rules():

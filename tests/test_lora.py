@@ -204,3 +204,23 @@ def test_dense_general_errors():
   bad = {"qkv": {"lora_a": jnp.ones((5, 2)), "lora_b": jnp.ones((2, 6))}}
   with pytest.raises(jbl.BilevelValidationError, match="do not give"):
     lora.merge(params, bad)
+
+
+def test_init_refuses_an_integer_kernel():
+  params = {"d": {"kernel": jnp.ones((2, 2), jnp.int32)}}
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"lora.init: the kernel d/kernel has dtype int32; "
+                           r"LoRA adapts floating-point kernels only"):
+    lora.init(jax.random.PRNGKey(0), params, target="d", rank=1)
+
+
+@pytest.mark.parametrize("scale", [np.nan, float("inf"), jnp.asarray(np.nan)])
+def test_merge_refuses_a_non_finite_scale(scale):
+  params = {"d": {"kernel": jnp.zeros((2, 2))}}
+  adapters = {"d": {"lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2))}}
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=r"lora.merge: scale must be finite"):
+    lora.merge(params, adapters, scale=scale)
+  # A traced scale is not checked (and a finite one merges as before).
+  merged = jax.jit(lambda s: lora.merge(params, adapters, scale=s))(0.5)
+  np.testing.assert_array_equal(merged["d"]["kernel"], 0.5 * np.ones((2, 2)))

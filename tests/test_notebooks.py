@@ -41,7 +41,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GALLERY = ("hyper_cleaning.ipynb", "regularization.ipynb",
            "meta_learning.ipynb", "svm_coupled.ipynb")
 # Addresses of a repository the project does not publish (the package is
-# installed by name or from the checkout the notebook runs in).
+# installed from the checkout the notebook runs in or from an uploaded wheel).
 UNBACKED = ("github.com", "colab.research.google.com/github")
 
 
@@ -58,9 +58,14 @@ def test_notebook_starts_with_title_and_install_cell(path):
   assert nb["cells"][0]["cell_type"] == "markdown"
   assert first.lstrip().startswith("# "), first[:200]
   install = "".join(nb["cells"][1]["source"])
-  # Installs only when missing: from the checkout it runs in, else by name.
+  # Installs only when missing, from what exists (jaxbilevel is on no package
+  # index): the checkout it runs in, else a wheel next to it; otherwise it
+  # raises with instructions instead of going on to a ModuleNotFoundError.
   assert "pip install" in install and 'find_spec("jaxbilevel")' in install
-  assert "pyproject.toml" in install and "jaxbilevel[" in install
+  assert "pyproject.toml" in install and "jaxbilevel-*.whl" in install
+  assert "raise ModuleNotFoundError" in install
+  assert not re.search(r"pip install[^\n]*[\"']jaxbilevel\[", install), (
+      "installs jaxbilevel by name, which no package index serves")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -203,9 +203,10 @@ def test_float32_is_preserved_and_extra_args_ignored(name):
   params = jbl.BilevelParams(jnp.zeros(2, jnp.float32),
                              jnp.zeros(3, jnp.float32))
   state = tx.init(params)
-  update = jax.jit(tx.update)
+  update = jax.jit(tx.update, static_argnames="diagnostics")
   for _ in range(2):
-    updates, state = update(None, state, params, unknown=1.0, batch=None)
+    updates, state = update(None, state, params, unknown=1.0, batch=None,
+                            diagnostics=True)
     params = optax.apply_updates(params, updates)
   for leaf in jax.tree.leaves((params, state)):
     if jnp.issubdtype(leaf.dtype, jnp.floating):

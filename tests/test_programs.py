@@ -18,13 +18,11 @@ from _helpers import quadratic_free as _quadratic_free
 from _helpers import separable_quadratic as _quadratic
 import jaxbilevel as jbl
 from jaxbilevel._src import programs
-from jaxbilevel._src import run as run_lib
 
 
 def _compiled_programs():
-  from jaxbilevel._src import run as run_lib  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=protected-access
-  return [fn._cache_size() for fn in run_lib._PROGRAMS._entries.values()]
+  return [fn._cache_size() for fn in programs.PROGRAMS._entries.values()]
 
 
 def test_run_does_not_recompile_across_calls():
@@ -44,8 +42,7 @@ def test_new_transformations_with_other_hyperparameters_reuse_the_program():
   # A Python loop that rebuilds the method for each gamma compiles once, and
   # the runs agree with runs whose gamma was compiled in.
   prob = _dpo()
-  from jaxbilevel._src import run as run_lib  # pylint: disable=import-outside-toplevel
-  run_lib._PROGRAMS.clear()  # pylint: disable=protected-access
+  programs.PROGRAMS.clear()
   finals = []
   for gamma in (4.0, 16.0, 64.0):
     tx = jbl.pbgd_free(prob.f, prob.g, gamma=gamma,
@@ -67,7 +64,6 @@ def test_new_transformations_with_other_hyperparameters_reuse_the_program():
 
 def test_program_cache_is_bounded():
   from jaxbilevel._src import programs  # pylint: disable=import-outside-toplevel
-  from jaxbilevel._src import run as run_lib  # pylint: disable=import-outside-toplevel
   prob = _dpo()
   for i in range(programs.MAX_PROGRAMS + 3):
     # A new objective each time: a different program.
@@ -75,14 +71,14 @@ def test_program_cache_is_bounded():
     tx = jbl.pbgd_free(f, prob.g, gamma=4.0, upper_optimizer=optax.sgd(1e-2),
                        lower_optimizer=optax.sgd(1e-2))
     jbl.run(tx, prob.params0, num_steps=2)
-  assert len(run_lib._PROGRAMS) == programs.MAX_PROGRAMS  # pylint: disable=protected-access
+  assert len(programs.PROGRAMS) == programs.MAX_PROGRAMS
 
 
 def test_finished_runs_release_their_transformations():
   # 30 runs, each with a newly built identical method: one program, and the
   # transformations (with everything they close over) are released.
   f, g, p0 = _quadratic(2)
-  run_lib._PROGRAMS.clear()  # pylint: disable=protected-access
+  programs.PROGRAMS.clear()
   refs = []
   for _ in range(30):
     tx = _quadratic_free(f, g)
@@ -90,7 +86,7 @@ def test_finished_runs_release_their_transformations():
     refs.append(weakref.ref(tx.update))
     del tx
   gc.collect()
-  assert len(run_lib._PROGRAMS) == 1  # pylint: disable=protected-access
+  assert len(programs.PROGRAMS) == 1
   assert sum(r() is not None for r in refs) == 0
 
 

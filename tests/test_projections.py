@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jaxbilevel as jbl
 
@@ -21,3 +22,18 @@ def test_optax_projections_work_as_proj_arguments():
   proj = jbl.projections.nonnegative()
   np.testing.assert_array_equal(proj({"a": jnp.array([-1.0, 2.0])})["a"],
                                 [0.0, 2.0])
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(lower=np.nan), "lower"),
+    (dict(upper=float("nan")), "upper"),
+    (dict(lower=-1.0, upper=jnp.array([1.0, jnp.nan])), "upper"),
+    (dict(lower={"a": jnp.array([0.0, jnp.nan])}), "lower"),
+])
+def test_box_refuses_nan_bounds(kwargs, name):
+  with pytest.raises(jbl.BilevelValidationError,
+                     match=rf"box\(\): {name} contains NaN .* Use {name}=None"):
+    jbl.projections.box(**kwargs)
+  # Infinite bounds are "no bound" and stay valid.
+  proj = jbl.projections.box(lower=-jnp.inf, upper=1.0)
+  np.testing.assert_array_equal(proj(jnp.array([-5.0, 3.0])), [-5.0, 1.0])

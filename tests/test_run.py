@@ -4,6 +4,7 @@ Chunks, batches, resume, non-finite steps and data (stop, skip, ignore,
 replay of a failing chunk), the messages a run gives, and a long run.
 """
 
+import functools
 import re
 
 import jax
@@ -18,8 +19,9 @@ from _helpers import quadratic_free as _quadratic_free
 from _helpers import separable_quadratic as _quadratic
 import jaxbilevel as jbl
 from jaxbilevel._src import base
+from jaxbilevel._src import loop as loop_lib
+from jaxbilevel._src import nonfinite as nonfinite_lib
 from jaxbilevel._src import programs
-from jaxbilevel._src import run as run_lib
 
 
 # ---------------------------------------------------------------------------
@@ -31,7 +33,7 @@ def test_run_equals_manual_loop_and_scan_run():
   prob = _dpo()
   tx = _free(prob)
   params, state = prob.params0, tx.init(prob.params0)
-  update = jax.jit(tx.update)
+  update = jax.jit(functools.partial(tx.update, diagnostics=True))
   fs = []
   for _ in range(25):
     updates, state = update(None, state, params)
@@ -323,7 +325,7 @@ def test_gamma_hints():
                           upper_optimizer=optax.sgd(0.1),
                           lower_optimizer=optax.sgd(0.1)), p32, num_steps=2)
   # BOME has no gamma: its report gives no gamma hint.
-  report = run_lib._nonfinite_report(  # pylint: disable=protected-access
+  report = nonfinite_lib.nonfinite_report(
       {"step": np.array([3]), "gamma": np.array([np.nan]),
        "finite": np.array([False])}, 0,
       jbl.bome(f, g, upper_optimizer=optax.sgd(0.1),
@@ -505,20 +507,22 @@ def test_run_matches_the_optax_loop_for_every_penalty_method():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_new_params_are_captured_only_from_a_bare_method():
+def test_step_returns_the_new_params_of_update():
   f, g, p0 = _fast_problem()
   tx = _fast_free(f, g)
   state = tx.init(p0)
-  with base.capturing_new_params() as captured:
-    updates, _ = tx.update(None, state, p0)
-  new = base.captured_new_params(captured, p0, updates)
+  updates, via_update = tx.update(None, state, p0)
+  new, via_step = tx.step(p0, state)
   np.testing.assert_allclose(new.x, p0.x + updates.x, atol=1e-7)
   np.testing.assert_allclose(new.y, p0.y + updates.y, atol=1e-7)
-  # Updates changed by a wrapper, or other params: the driver falls back.
-  scaled = jax.tree.map(lambda u: 0.5 * u, updates)
-  assert base.captured_new_params(captured, p0, scaled) is None
-  other = jbl.BilevelParams(x=jnp.ones(3), y=p0.y)
-  assert base.captured_new_params(captured, other, updates) is None
+  jax.tree.map(np.testing.assert_allclose, via_step, via_update)
+  # jbl.step: the method's own step, or update + apply_updates for a
+  # transformation without one (an optax chain around the method).
+  same, _ = jbl.step(tx, p0, state)
+  jax.tree.map(np.testing.assert_array_equal, same, new)
+  chain = optax.chain(tx, optax.scale(0.5))
+  halved, _ = jbl.step(chain, p0, chain.init(p0))
+  np.testing.assert_allclose(halved.x, p0.x + 0.5 * updates.x, atol=1e-7)
 
 
 def test_a_chain_after_the_method_is_applied_by_the_driver():
@@ -554,9 +558,9 @@ def test_compiled_init_equals_eager_init():
                                    lower_optimizer=optax.sgd(0.1))):
     eager = tx.init(p0)
     jbl.run(tx, p0, num_steps=1)  # the program exists: init is compiled
-    assert programs.program_of(tx) in run_lib._PROGRAMS  # pylint: disable=protected-access
-    compiled = run_lib.init_state(tx, p0)
-    assert programs.program_of(tx) in run_lib._INITS  # pylint: disable=protected-access
+    assert programs.program_of(tx) in programs.PROGRAMS
+    compiled = programs.init_state(tx, p0)
+    assert programs.program_of(tx) in programs.INITS
     assert jax.tree.structure(eager) == jax.tree.structure(compiled)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(compiled)):
       assert jnp.asarray(a).dtype == b.dtype
@@ -581,15 +585,15 @@ def test_diagnostics_by_name_record_only_those():
                                     diagnostics=("f",))
   assert "f" in only_f and "g" not in only_f and "gamma" not in only_f
   np.testing.assert_allclose(only_f["f"], all_["f"], rtol=1e-6)
-  # The final state holds the last recorded values (and, for what is not
-  # recorded, the values it started with).
+  # The final state holds the last recorded values (and NaN for what is not
+  # recorded: nothing computed it).
   assert float(state_all.diagnostics["f"]) == pytest.approx(
       float(all_["f"][-1]))
   assert float(state_all.diagnostics["g"]) == pytest.approx(
       float(all_["g"][-1]))
   assert float(state_f.diagnostics["f"]) == pytest.approx(
       float(only_f["f"][-1]))
-  assert float(state_f.diagnostics["g"]) == 0.0
+  assert np.isnan(float(state_f.diagnostics["g"]))
   # scan_run and sweep take the same option; a string is one name.
   _, _, scanned = jbl.scan_run(tx, p0, num_steps=30, diagnostics="f")
   np.testing.assert_allclose(scanned["f"], all_["f"], rtol=1e-5)
@@ -624,13 +628,13 @@ def test_a_nan_in_a_recorded_diagnostic_is_reported_by_name():
 
 def test_one_chunk_unless_a_progress_bar_is_drawn(monkeypatch):
   lengths = []
-  chunk = run_lib._run_chunk  # pylint: disable=protected-access
+  chunk = programs.run_chunk
 
   def counted(*args, **kwargs):
     lengths.append(kwargs["length"])
     return chunk(*args, **kwargs)
 
-  monkeypatch.setattr(run_lib, "_run_chunk", counted)
+  monkeypatch.setattr(programs, "run_chunk", counted)
   f, g, p0 = _fast_problem()
   tx = _fast_free(f, g)
   quiet, _, _ = jbl.run(tx, p0, num_steps=2500, progress=False)
@@ -679,11 +683,11 @@ def test_a_schedule_reads_the_step_count_that_run_does_not_carry(chunk_size):
 @pytest.mark.parametrize("leaves", [2, 40])
 def test_an_unchecked_run_finds_a_nan_on_either_side_of_the_leaf_limit(
     leaves):
-  # Up to run_lib.MAX_LEAVES_CHECKED_IN_PROGRAM leaves the compiled chunk
+  # Up to loop_lib.MAX_LEAVES_CHECKED_IN_PROGRAM leaves the compiled chunk
   # checks the final params and state; above, the host does. Either way a
   # NaN that reaches only the params (diagnostics off) stops the run at its
   # step, and a sweep warns about the point.
-  assert (2 * 2 * leaves > run_lib.MAX_LEAVES_CHECKED_IN_PROGRAM) == (
+  assert (2 * 2 * leaves > loop_lib.MAX_LEAVES_CHECKED_IN_PROGRAM) == (
       leaves == 40)
   names = [f"v{i}" for i in range(leaves)]
 

@@ -292,3 +292,36 @@ def test_an_old_name_with_its_new_one_is_an_error():
   with pytest.warns(DeprecationWarning), pytest.raises(
       jbl.BilevelValidationError, match="both lambda0 .* and gamma"):
     _build("f2sa", lambda0=3.0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: jbl.f2sa_schedules(lambda0=1.0, inner_steps=2),  # one decorator
+    lambda: _build("itd", warm_start=False),  # two decorators
+    lambda: _build("bome", inner_start="current"),
+    lambda: _build("alt_pbgd", y_gamma_start="y_g"),
+], ids=["f2sa_schedules", "itd", "bome", "alt_pbgd"])
+def test_deprecation_warnings_point_at_the_callers_line(call):
+  # The warning is attributed to this file (the line that calls the
+  # builder), not to jaxbilevel's decorators or to sys:1, so Python's default
+  # filters (which show DeprecationWarning in __main__ code) show it.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    call()
+  deprecations = [w for w in caught
+                  if issubclass(w.category, DeprecationWarning)]
+  assert deprecations
+  assert all(w.filename == __file__ for w in deprecations), [
+      (w.filename, w.lineno) for w in deprecations]
+
+
+@pytest.mark.parametrize("name, old, hint", [
+    ("itd", dict(warm_start=False), "use inner_start='initial' instead"),
+    ("itd", dict(warm_start=True), "use inner_start='previous' instead"),
+    ("bome", dict(inner_start="current"), "use value_start='y' instead"),
+    ("bome", dict(inner_start="previous"),
+     "use value_start='previous' instead"),
+    ("itd", dict(init=_ZERO_START), "use inner_start instead"),
+])
+def test_converted_deprecations_name_the_new_value(name, old, hint):
+  with pytest.warns(DeprecationWarning, match=re.escape(hint)):
+    _build(name, **old)

@@ -69,17 +69,24 @@ def build_app(name, mode: Mode, args):
   if name == "regularization":
     return regularization.problem(seed=args.seed), {}
   if name == "nlsy":
-    path = os.path.join(args.data_dir, "nlsy79_processed.csv")
+    # The full file from --data-dir or $JAXBILEVEL_DATA; the notes name it
+    # without the folder (the results carry no paths of the machine).
+    name_csv = "nlsy79_processed.csv"
+    path = os.path.join(args.data_dir, name_csv) if args.data_dir else None
     note = {}
     if args.quick and not args.data_dir_given:
       path = nlsy.sample_path()
       note["data"] = "the 200-row sample shipped with jaxbilevel (quick mode)"
+    elif path is None:
+      note["data"] = ("no data folder (--data-dir or JAXBILEVEL_DATA): ran on "
+                      "the 200-row sample shipped with jaxbilevel")
+      path = nlsy.sample_path()
     elif not os.path.isfile(path):
-      note["data"] = (f"{path} not found: ran on the 200-row sample shipped "
-                      "with jaxbilevel instead")
+      note["data"] = (f"{name_csv} not in the data folder: ran on the "
+                      "200-row sample shipped with jaxbilevel instead")
       path = nlsy.sample_path()
     else:
-      note["data"] = os.path.abspath(path)
+      note["data"] = f"{name_csv} (the full NLSY79 file, from the data folder)"
     return nlsy.problem(path, seed=args.seed, batch_size=mode.nlsy_batch,
                         hidden=mode.nlsy_hidden), note
   if name == "dpo_sft":

@@ -140,7 +140,9 @@ def sinusoid_implicit_check(app_fn, proximals, num_batches: int,
       out = {}
       for name, tx in txs.items():
         updates, state = tx.update(None, tx.init(app.params), app.params,
-                                   batch=batch)
+                                   batch=batch,
+                                   diagnostics=name == "aid" and (
+                                       "linear_residual",))
         out[name] = ravel_pytree(updates.x)[0]
         if name == "aid":
           y_new = optax.apply_updates(app.params, updates).y

@@ -41,6 +41,21 @@ class AIDState(NamedTuple):
   diagnostics: dict
 
 
+def default_tol(dtype) -> float:
+  """The CG tolerance of :func:`aid` when ``tol=None``, for parameters of ``dtype``.
+
+  1e-10 (float32, float64, bfloat16), or the smallest normal number of
+  ``dtype`` where 1e-10 would underflow to 0 (float16: 6.1e-5).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbilevel._src import aid
+    >>> aid.default_tol(jnp.float32), round(aid.default_tol(jnp.float16), 9)
+    (1e-10, 6.1035e-05)
+  """
+  return max(1e-10, float(jnp.finfo(dtype).tiny))
+
+
 @programs.bilevel_method
 @base.renamed_arguments("aid", {"init": "inner_start"})
 def aid(f: base.Objective,
@@ -51,7 +66,7 @@ def aid(f: base.Objective,
         inner_steps: int = 10,
         solver: str = "cg",
         linear_steps: int = 10,
-        tol: base.ScalarOrSchedule = 1e-10,
+        tol: Optional[base.ScalarOrSchedule] = None,
         neumann_step: Optional[base.ScalarOrSchedule] = None,
         inner_start: Union[str, Callable] = "previous",
         proj_x: Optional[base.Projection] = None,
@@ -105,7 +120,10 @@ def aid(f: base.Objective,
     solver: ``"cg"`` (default) or ``"neumann"``.
     linear_steps: K, CG iterations or Neumann terms (static int).
     tol: CG early-exit tolerance on the residual norm (float, array or
-      schedule).
+      schedule). Default ``None``: 1e-10, or, for parameters whose dtype
+      cannot hold 1e-10 (float16), the smallest normal number of that dtype
+      (6.1e-5 for float16); either way CG stops early only at convergence to
+      rounding level.
     neumann_step: :math:`\eta_N` (required for ``solver="neumann"``).
     inner_start: ``"previous"`` (default: warm-start from the previous ``y``
       and optimizer state) or a callable ``(x, y) -> y0``, the start of every
@@ -135,7 +153,8 @@ def aid(f: base.Objective,
   g = base.scalar_objective(g, "g")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
   linear_steps = base.check_static_int(linear_steps, "linear_steps")
-  tol = base.check_hyperparameter(tol, "tol", allow_zero=True)
+  if tol is not None:
+    tol = base.check_hyperparameter(tol, "tol", allow_zero=True)
   hypergradient.check_solver(solver, linear_steps, neumann_step, "aid")
   inner_start = base.check_start(inner_start, "aid", "inner_start",
                                  ("previous",))
@@ -147,14 +166,17 @@ def aid(f: base.Objective,
         **base.init_state_fields(params, "aid", DIAGNOSTICS, upper_optimizer,
                                  lower_optimizer))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "aid")
+    params, dtype = base.begin_step(params, "aid")
+    record = base.recorded_names(diagnostics, DIAGNOSTICS, "aid")
     x, y = params
-    tol_t = base.resolve_hyperparameter(tol, state.count, dtype,
-                                        allow_zero=True)
+    tol_t = base.resolve_hyperparameter(
+        default_tol(dtype) if tol is None else tol, state.count, dtype,
+        allow_zero=True, name="tol")
     step_t = None if solver == "cg" else base.resolve_hyperparameter(
-        neumann_step, state.count, dtype)
+        neumann_step, state.count, dtype, name="neumann_step")
 
     # T inner steps on g, from the previous y (warm start) or from
     # inner_start(x, y).
@@ -165,7 +187,8 @@ def aid(f: base.Objective,
       lower_state0 = lower_optimizer.init(y0)
     y_new, lower_state, trace = inner.inner_solve(
         lambda y_: g(x, y_, batch), y0, lower_state0,
-        optimizer=lower_optimizer, num_steps=inner_steps, proj=proj_y)
+        optimizer=lower_optimizer, num_steps=inner_steps, proj=proj_y,
+        grad_norm="lower_grad_norm" in record)
     # Implicit hypergradient at the new y: K HVPs and one cross product.
     direction, info = hypergradient.implicit_hypergradient(
         f, g, x, y_new, batch, solver=solver, num_iters=linear_steps,
@@ -174,18 +197,16 @@ def aid(f: base.Objective,
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
-    # g at the new y serves only the record.
-    g_t = (g(x, y_new, batch) if base.diagnostics_recorded()
-           else jnp.zeros((), dtype))
     diag = base.diagnostics(
-        dtype, f=info.value, g=g_t,
-        upper_grad_norm=base.diagnostic_norm(direction),
+        dtype, record, f=info.value,
+        g=lambda: g(x, y_new, batch),  # at the new y: only for the record
+        upper_grad_norm=lambda: base.diagnostic_norm(direction),
         lower_grad_norm=inner.first_step(trace).grad_norm,
         linear_residual=info.residual_norm,
         tol=tol_t)
     new_state = AIDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, diagnostics=diag)
-    return base.level_updates(params, x_new, y_new), new_state
+    return base.BilevelParams(x_new, y_new), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, "aid")

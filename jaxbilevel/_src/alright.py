@@ -139,12 +139,14 @@ def alright(f: base.Objective,
                                  upper_optimizer, lower_optimizer),
         key=key)
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "alright")
+    params, dtype = base.begin_step(params, "alright")
+    record = base.recorded_names(diagnostics, DIAGNOSTICS, "alright")
     x, y = params
     lam = base.resolve_hyperparameter(probability, state.count, dtype,
-                                      allow_zero=True)
+                                      allow_zero=True, name="probability")
     lam = jnp.where(lam <= 1, lam, jnp.nan)
 
     key, draw_key = jax.random.split(state.key)
@@ -158,15 +160,22 @@ def alright(f: base.Objective,
     if g_updates == "lower":  # a g step leaves x and its optimizer untouched
       x_new, upper_state = tree_lib.tree_select(
           on_f, (x_new, upper_state), (x, state.upper_state))
+    if callable(probability) or not base._is_concrete(probability):  # pylint: disable=protected-access
+      # A traced or scheduled probability outside [0, 1] is NaN here, and a
+      # NaN draw silently picks g: the new iterates are made NaN instead, so
+      # that jbl.run and jbl.sweep flag the step, as for every other method.
+      valid = ~jnp.isnan(lam)
+      x_new, y_new = jax.tree.map(lambda v: jnp.where(valid, v, jnp.nan),
+                                  (x_new, y_new))
 
     diag = base.diagnostics(
-        dtype, f=f(x, y, batch), g=g(x, y, batch),
-        upper_grad_norm=base.diagnostic_norm(grad_x),
-        lower_grad_norm=base.diagnostic_norm(grad_y), probability=lam,
+        dtype, record, f=lambda: f(x, y, batch), g=lambda: g(x, y, batch),
+        upper_grad_norm=lambda: base.diagnostic_norm(grad_x),
+        lower_grad_norm=lambda: base.diagnostic_norm(grad_y), probability=lam,
         upper_step=on_f)
     new_state = ALRIGHTState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, key=key, diagnostics=diag)
-    return base.level_updates(params, x_new, y_new), new_state
+    return base.BilevelParams(x_new, y_new), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, "alright")

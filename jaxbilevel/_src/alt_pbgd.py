@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import continuation
 from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
@@ -93,7 +94,9 @@ def alt_pbgd(f: base.Objective,
   Args:
     f: upper objective ``f(x, y, batch) -> scalar``.
     g: lower objective ``g(x, y, batch) -> scalar``.
-    gamma: penalty constant :math:`\gamma>0` (float, array or schedule).
+    gamma: penalty constant :math:`\gamma>0` (float, array or schedule);
+      ``"auto"`` or :class:`jaxbilevel.GammaContinuation` grows it by
+      continuation (see :doc:`/choosing_gamma`).
     upper_optimizer: optax optimizer for ``x``.
     lower_optimizer: optax optimizer for the penalized tracker ``y``.
     value_optimizer: optax optimizer for :math:`y_g` (defaults to
@@ -128,6 +131,15 @@ def alt_pbgd(f: base.Objective,
   """
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
+  if continuation.is_continuation(gamma):
+    return continuation.penalty_continuation(
+        lambda gamma_: alt_pbgd(
+            f, g, gamma=gamma_, upper_optimizer=upper_optimizer,
+            lower_optimizer=lower_optimizer, value_optimizer=value_optimizer,
+            inner_steps=inner_steps, value_steps=value_steps,
+            inner_start=inner_start, proj_x=proj_x, proj_y=proj_y),
+        continuation.check_settings(gamma, "alt_pbgd"), f=f, g=g,
+        method="alt_pbgd")
   gamma = base.check_hyperparameter(gamma, "gamma")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
   value_steps = base.check_static_int(
@@ -147,44 +159,48 @@ def alt_pbgd(f: base.Objective,
                                  upper_optimizer, lower_optimizer,
                                  value_optimizer))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "alt_pbgd",
+    params, dtype = base.begin_step(params, "alt_pbgd",
                                       y_g=state.y_g)
+    record = base.recorded_names(diagnostics, DIAGNOSTICS, "alt_pbgd")
     x, y = params
-    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype)
+    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
+                                          name="gamma")
 
     # K_g steps of the value tracker y_g on g.
     y_g, value_state, _ = inner.inner_solve(
         lambda y_: g(x, y_, batch), state.y_g, state.value_state,
-        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y)
+        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y,
+        grad_norm=False)
     # K_gamma steps of the penalized tracker on f / gamma + g.
     y_start = y if inner_start == "previous" else y_g
-    y_gam, lower_state, trace = inner.inner_solve(
+    y_gamma, lower_state, trace = inner.inner_solve(
         lambda y_: lower_objective(x, y_, gamma_t, batch), y_start,
         state.lower_state, optimizer=lower_optimizer, num_steps=inner_steps,
-        proj=proj_y, has_aux=True)
-    # Reduced-penalty gradient: grad_x of f + gamma (g(., y_gam) - g(., y_g)).
+        proj=proj_y, has_aux=True,
+        grad_norm="lower_grad_norm" in record)
+    # Reduced-penalty gradient: grad_x of f + gamma (g(., y_gamma) - g(., y_g)).
     (_, pen_aux), direction = jax.value_and_grad(penalty, has_aux=True)(
-        x, y_gam, y_g, gamma_t, batch)
+        x, y_gamma, y_g, gamma_t, batch)
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
     first = inner.first_step(trace)
-    if inner_start == "previous":
+    if inner_start == "previous":  # the first inner step is at (x_t, y_t)
       f_t, g_t = first.aux["f"], first.aux["g"]
-    elif base.diagnostics_recorded():  # first step not at the incoming y
-      f_t, g_t = f(x, y, batch), g(x, y, batch)
-    else:  # evaluated only for the record, which is not kept
-      f_t = g_t = jnp.zeros((), dtype)
+    else:  # it starts at y_g: f, g at (x_t, y_t) are for the record only
+      f_t, g_t = lambda: f(x, y, batch), lambda: g(x, y, batch)
     diag = base.diagnostics(
-        dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(direction),
+        dtype, record, f=f_t, g=g_t,
+        upper_grad_norm=lambda: base.diagnostic_norm(direction),
         lower_grad_norm=first.grad_norm, gamma=gamma_t,
         g_gap=pen_aux["g_gap"])
     new_state = ALTPBGDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, value_state=value_state, y_g=y_g,
         diagnostics=diag)
-    return base.level_updates(params, x_new, y_gam), new_state
+    return base.BilevelParams(x_new, y_gamma), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, "alt_pbgd")

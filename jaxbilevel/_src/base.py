@@ -16,8 +16,6 @@ Conventions (the notation of the methods guide, ``docs/methods.md``):
 from __future__ import annotations
 
 import functools
-import contextlib
-import contextvars
 import numbers
 import re
 import sys
@@ -173,36 +171,70 @@ def check_hyperparameter(value: ScalarOrSchedule, name: str, *,
   return value
 
 
+def dtype_range_error(value, name: str, dtype, *,
+                      underflow: bool = True) -> Optional[str]:
+  """The message for a finite, nonzero scalar that ``dtype`` cannot hold, else None.
+
+  A value that becomes ``inf`` (overflow) or, with ``underflow``, ``0`` when
+  cast to ``dtype`` (the parameters' dtype, in which the methods compute)
+  would make the run stop or divide by zero with no mention of the value;
+  the message names ``name`` and the fix.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbilevel._src import base
+    >>> base.dtype_range_error(1e40, "gamma", jnp.float32)[:40]
+    'gamma = 1e+40 overflows to inf in float3'
+    >>> base.dtype_range_error(10.0, "gamma", jnp.float32) is None
+    True
+  """
+  arr = np.asarray(value)
+  if (arr.ndim != 0 or arr.dtype.kind not in "iuf" or not np.isfinite(arr)
+      or arr == 0):
+    return None
+  with np.errstate(over="ignore", under="ignore"):
+    cast = arr.astype(jnp.dtype(dtype))
+  if np.isinf(cast):
+    what, fix = "overflows to inf", "a smaller value"
+  elif underflow and cast == 0:
+    what, fix = "underflows to 0", "a larger value"
+  else:
+    return None
+  return (f"{name} = {arr.item()!r} {what} in {jnp.dtype(dtype).name}, the "
+          f"dtype of the parameters: use {fix} or float64 parameters "
+          "(jax.config.update('jax_enable_x64', True)).")
+
+
 def resolve_hyperparameter(value: ScalarOrSchedule, count: Array, dtype, *,
                            positive: bool = True,
-                           allow_zero: bool = False) -> Array:
+                           allow_zero: bool = False,
+                           name: Optional[str] = None) -> Array:
   """Evaluates a float, array or schedule at step ``count`` in ``dtype``.
 
   Invalid values that could not be checked at construction (traced arrays,
   schedules) become NaN so that the run reports them rather than producing a
-  wrong answer.
+  wrong answer. A concrete value that overflows to ``inf`` (or, when
+  ``positive``, underflows to 0) in ``dtype`` is refused, by ``name`` (the
+  argument's name) when given.
   """
   v = value(count) if callable(value) else value
   label = getattr(value, "_jaxbilevel_name", None)
   label = (f"the value of the schedule {label}" if label else
            "the value of a hyperparameter schedule" if callable(value) else
-           "a hyperparameter")
+           name or "a hyperparameter")
   message = _not_a_number(v, label, _SCHEDULE_FIX)
   if message is not None:
     raise BilevelValidationError(message)
-  concrete = v if _is_concrete(v) else None
+  if _is_concrete(v):
+    message = dtype_range_error(
+        v, label, dtype, underflow=positive and np.asarray(v) > 0)
+    if message is not None:
+      raise BilevelValidationError(message)
   v = jnp.asarray(v, dtype=dtype)
   if jnp.ndim(v) != 0:
     raise BilevelValidationError(
         f"a hyperparameter schedule must return a scalar, got shape "
         f"{jnp.shape(v)}.")
-  if positive and concrete is not None and np.asarray(concrete) > 0 and (
-      np.asarray(concrete).astype(jnp.dtype(dtype)) == 0):
-    raise BilevelValidationError(
-        f"{label} = {np.asarray(concrete).item()!r} underflows to 0 in "
-        f"{jnp.dtype(dtype).name}, the dtype of the parameters: use a larger "
-        "value or float64 parameters (jax.config.update('jax_enable_x64', "
-        "True)).")
   if positive:
     # Also +inf and NaN: a traced value cannot be checked when the method is
     # built, so an invalid one becomes NaN and the run reports it by name.
@@ -225,7 +257,14 @@ def check_static_int(value, name: str, minimum: int = 1) -> int:
         f"{value!r} of type {type(value).__name__}.")
   if value < minimum:
     raise BilevelValidationError(f"{name} must be >= {minimum}, got {value}.")
+  if value > _INT32_MAX:
+    # Loop lengths and step counters are int32 inside the compiled programs.
+    raise BilevelValidationError(
+        f"{name} must fit in int32 (at most {_INT32_MAX}), got {value}.")
   return int(value)
+
+
+_INT32_MAX = 2 ** 31 - 1
 
 
 def check_params(params, method: str) -> BilevelParams:
@@ -265,7 +304,7 @@ def check_params(params, method: str) -> BilevelParams:
 
 
 def check_updates_structure(updates, params: BilevelParams, method: str):
-  """Checks that incoming ``updates`` are None (see :func:`begin_update`).
+  """Checks that incoming ``updates`` are None (see :func:`bilevel_transformation`).
 
   A non-None value is reported by what is wrong with it: its type, then its
   structure and leaf shapes against ``params``, and, when it matches
@@ -650,24 +689,17 @@ def init_state_fields(params, method: str, diagnostics_keys, upper_optimizer,
   return fields
 
 
-def begin_update(updates, params, method: str, **trackers):
-  """The checks every ``update`` starts with; returns ``(params, dtype)``.
+def begin_step(params, method: str, **trackers):
+  """The checks every ``step`` starts with; returns ``(params, dtype)``.
 
-  Validates ``params`` and the incoming ``updates`` and checks that each
-  lower-level tracker kept in the state (given as ``name=tree``) has the
-  structure of ``params.y``.
-
-  ``updates`` must be None: a bilevel method computes the updates of both
-  levels itself, so a value passed there (gradients, or the placeholder that
-  ``optax.MultiSteps`` accumulates) would be ignored, and it is rejected
-  instead, with a message that points to
-  :func:`jaxbilevel.objectives.accumulate` and :func:`jaxbilevel.apply_if_finite`.
-  The optax wrappers that cannot mean anything for a bilevel method are
-  refused by name (see :func:`refuse_optax_wrappers`).
+  Validates ``params`` and checks that each lower-level tracker kept in the
+  state (given as ``name=tree``) has the structure of ``params.y``. (The
+  ``update`` that :func:`bilevel_transformation` derives from the step also
+  refuses incoming updates and the optax wrappers that cannot mean anything
+  for a bilevel method: see :func:`check_updates_structure` and
+  :func:`refuse_optax_wrappers`.)
   """
-  refuse_optax_wrappers(method)
   params = check_params(params, method)
-  check_updates_structure(updates, params, method)
   for name, tree in trackers.items():
     check_same_structure(tree, params.y, f"state.{name}", "params.y", method)
   return params, params_dtype(params)
@@ -699,7 +731,49 @@ _WRAPPER_FIXES = {
         "see a non-finite bilevel step. Use jaxbilevel.apply_if_finite(tx, "
         "max_consecutive_errors), which checks the updates the method "
         "returns and keeps the previous state when they are not finite."),
+    "optax.inject_hyperparams": (
+        "optax.inject_hyperparams calls every callable argument not listed "
+        "in static_args as a schedule of the step count, so it would call "
+        "the objectives as f(step) and fail. Use "
+        "jaxbilevel.inject_hyperparams(method)(...), which injects exactly "
+        "the float hyperparameters (gamma, eta, step sizes, ...) and keeps "
+        "the other arguments static (or list f, g and every other "
+        "non-numeric argument in static_args). To sweep hyperparameters, use "
+        "jaxbilevel.sweep or build the method inside jax.jit / jax.vmap: "
+        "its hyperparameters accept traced values and schedules step -> "
+        "value. To inject an optimizer's hyperparameters, wrap the per-level "
+        "optimizer instead, e.g. upper_optimizer="
+        "optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)."),
 }
+
+
+def refuse_inject_hyperparams(method: str, caller) -> None:
+  """Raises when ``caller`` (a frame) is ``optax.inject_hyperparams``' code.
+
+  ``optax.inject_hyperparams(builder)(f, g, ...)`` binds the builder's
+  signature, then, unless ``f`` and ``g`` are in its ``static_args``, calls
+  them as schedules ``f(step)`` and fails there with a ``TypeError`` from
+  the user's function, before any code of ours runs. Binding the signature
+  is the one step that reaches us first: the signature of a method builder
+  (see ``programs.bilevel_method``) calls this from its ``bind``, and, as
+  :func:`refuse_optax_wrappers` does for the wrappers of ``init`` and
+  ``update``, recognises the caller by its code object; its ``static_args``
+  (a variable of that frame) tell whether the objectives are kept static, as
+  :func:`jaxbilevel.inject_hyperparams` and the documented use do.
+  """
+  global _INJECT_CODE
+  if _INJECT_CODE is None:
+    _INJECT_CODE = optax.inject_hyperparams(lambda: None).__code__
+  if caller is None or caller.f_code is not _INJECT_CODE:
+    return
+  static = caller.f_locals.get("static_args", ())
+  if not {"f", "g"} <= set(static):
+    raise BilevelValidationError(
+        f"{method} cannot be wrapped in optax.inject_hyperparams: "
+        + _WRAPPER_FIXES["optax.inject_hyperparams"])
+
+
+_INJECT_CODE = None
 
 
 def refuse_optax_wrappers(method: str, max_depth: int = 24) -> None:
@@ -731,58 +805,149 @@ def refuse_optax_wrappers(method: str, max_depth: int = 24) -> None:
 _WRAPPER_CODES = None
 
 
-def level_updates(params: BilevelParams, x_new, y_new) -> BilevelParams:
-  """The updates that ``optax.apply_updates`` turns ``params`` into the new ones.
+class BilevelTransformation(optax.GradientTransformationExtraArgs):
+  """A bilevel method: optax's ``init``/``update`` and a ``step`` that returns the new params.
 
-  Inside :func:`capturing_new_params` the new iterates are also handed to
-  the driver, which then uses them directly instead of adding the returned
-  difference back to ``params`` (two elementwise passes per variable saved).
+  It *is* an :class:`optax.GradientTransformationExtraArgs` (``tx.init``,
+  ``tx.update``, composable with optax's combinators) with one more
+  callable::
+
+    new_params, new_state = tx.step(params, state, batch=batch,
+                                    diagnostics=False)
+
+  ``step`` does exactly the work of ``update`` followed by
+  ``optax.apply_updates`` but hands back the new iterates it computed, instead
+  of their difference from ``params`` that optax's contract asks ``update``
+  to return (which the caller then adds back: two elementwise passes over
+  every variable, at every step). It is what :func:`jaxbilevel.run`,
+  :func:`jaxbilevel.scan_run` and :func:`jaxbilevel.sweep` call, and what a
+  hand-written loop should call too; :func:`jaxbilevel.step` calls it when it
+  exists and ``update`` + ``optax.apply_updates`` otherwise (a transformation
+  wrapped by an optax combinator).
+
+  Both ``update`` and ``step`` take the keyword ``diagnostics``: ``False``
+  (the default) computes nothing for the record and leaves every diagnostic
+  in the state NaN; ``True`` computes them all; a tuple of names computes
+  those. It is a static (Python) value.
+
+  ``step`` is not a field of the tuple (``init, update = tx`` still
+  unpacks): it lives on the instance. Rebuilding the tuple (``tx._replace``,
+  pytree flattening) drops it, and :func:`jaxbilevel.step` then falls back
+  to ``update``.
   """
-  sub = optax.tree_utils.tree_sub
-  updates = BilevelParams(x=sub(x_new, params.x), y=sub(y_new, params.y))
-  captured = _NEW_PARAMS.get()
-  if captured is not None:
-    captured.append((params, updates, BilevelParams(x=x_new, y=y_new)))
-  return updates
+
+  # A NamedTuple subclass without __slots__ has an instance __dict__, which
+  # holds ``step``: adding a third field would break optax code and user
+  # code that unpacks ``init, update = tx``.
+
+  def __new__(cls, init, update, step=None):
+    tx = super().__new__(cls, init, update)
+    tx.step = step
+    return tx
 
 
-_NEW_PARAMS = contextvars.ContextVar("jaxbilevel_new_params", default=None)
+def check_state_type(state, init_fn: Callable, params, method: str,
+                     cache: list) -> None:
+  """Refuses a ``state`` that is not of the type ``init_fn(params)`` returns.
 
-
-@contextlib.contextmanager
-def capturing_new_params():
-  """Collects ``(params, updates, new_params)`` of each :func:`level_updates`."""
-  captured = []
-  token = _NEW_PARAMS.set(captured)
-  try:
-    yield captured
-  finally:
-    _NEW_PARAMS.reset(token)
-
-
-def captured_new_params(captured, params, updates):
-  """The method's new params if ``updates`` came unchanged from it, else None.
-
-  A driver calls ``tx.update`` inside :func:`capturing_new_params`. When the
-  transformation is a bare method, its ``updates`` are exactly the object
-  :func:`level_updates` built from the driver's own ``params``; then the new
-  iterates it captured equal ``optax.apply_updates(params, updates)`` up to
-  rounding and cost nothing extra. A wrapper that changes the updates (an
-  optax chain, a skipped step) or the params leaves the driver on
-  ``optax.apply_updates``.
+  The state of another method (e.g. PBGD-Free's given to ALT-PBGD) would
+  otherwise fail inside the step on a missing field, without saying that the
+  state is the problem. The expected type is found once, by tracing
+  ``init_fn`` on abstract values (nothing is computed), and kept in ``cache``
+  (a list owned by the transformation).
   """
-  if len(captured) != 1:
-    return None
-  seen_params, seen_updates, new_params = captured[0]
-  if seen_updates is not updates:
-    return None
-  if jax.tree.structure(seen_params) != jax.tree.structure(params) or any(
-      a is not b for a, b in zip(jax.tree.leaves(seen_params),
-                                 jax.tree.leaves(params))):
-    return None
-  # The dtype optax.apply_updates would give: that of each param.
-  return jax.tree.map(lambda n, p: jnp.asarray(n).astype(jnp.asarray(p).dtype),
-                      new_params, params)
+  if not cache:
+    cache.append(type(jax.eval_shape(init_fn, params)))
+  if type(state) is not cache[0]:
+    raise BilevelValidationError(
+        f"{method}: state is of type {type(state).__name__}, but {method}'s "
+        f"state is of type {cache[0].__name__} (what its init returns): the "
+        "state comes from another method. Pass the state that this "
+        "transformation's init returned, or the state of a run of the same "
+        "method.")
+
+
+def bilevel_transformation(init_fn: Callable, step_fn: Callable,
+                           method: str) -> BilevelTransformation:
+  """A :class:`BilevelTransformation` from a method's ``init`` and ``step``.
+
+  ``step_fn(params, state, *, batch=None, diagnostics=False, **extra_args)``
+  computes one outer iteration and returns ``(new_params, new_state)``; it
+  begins with :func:`begin_step`. ``update`` is derived from it: it refuses
+  incoming updates (a bilevel method computes both levels' updates itself)
+  and returns ``new_params - params``, as optax's contract requires.
+  """
+
+  state_type = []  # the type of this method's state, found on first use
+
+  def update_fn(updates, state, params=None, **extra_args):
+    refuse_optax_wrappers(method)
+    params = check_params(params, method)
+    check_updates_structure(updates, params, method)
+    check_state_type(state, init_fn, params, method, state_type)
+    new_params, new_state = step_fn(params, state, **extra_args)
+    return optax.tree_utils.tree_sub(new_params, params), new_state
+
+  def step(params, state, **extra_args):
+    check_state_type(state, init_fn, params, method, state_type)
+    new_params, new_state = step_fn(params, state, **extra_args)
+    # The dtype of each param, as optax.apply_updates would keep it (a
+    # no-op in the usual case where the step preserves dtypes).
+    new_params = jax.tree.map(
+        lambda n, p: n if n.dtype == jnp.asarray(p).dtype
+        else n.astype(jnp.asarray(p).dtype), new_params, params)
+    return new_params, new_state
+
+  return BilevelTransformation(init_fn, update_fn, step)
+
+
+def step(tx: optax.GradientTransformation, params, state, *, batch=None,
+         diagnostics=False, **extra_args):
+  """One step of ``tx``: returns ``(new_params, new_state)``.
+
+  For a bilevel method (a :class:`BilevelTransformation`) this is
+  ``tx.step``, which returns the new iterates directly; for any other
+  transformation (an optax combinator around a method, such as
+  ``optax.chain`` or :func:`jaxbilevel.apply_if_finite`) it is
+  ``tx.update(None, state, params, ...)`` followed by
+  ``optax.apply_updates``. Use it in a hand-written loop to run at the
+  drivers' speed.
+
+  Args:
+    tx: a bilevel method, or an optax transformation around one.
+    params: the current :class:`BilevelParams`.
+    state: ``tx``'s state.
+    batch: the batch handed to ``f`` and ``g``.
+    diagnostics: ``False`` (nothing computed for the record: the state's
+      diagnostics are NaN), ``True`` (all of them) or a tuple of names.
+    **extra_args: further keyword arguments for ``tx.update``.
+
+  Returns:
+    ``(new_params, new_state)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import jaxbilevel as jbl
+    >>> f = lambda x, y, batch: jnp.sum((y - 1.0) ** 2) + 0.1 * jnp.sum(x ** 2)
+    >>> g = lambda x, y, batch: jnp.sum((y - x) ** 2)
+    >>> tx = jbl.alt_pbgd(f, g, gamma=1000.0, upper_optimizer=optax.sgd(0.1),
+    ...                   lower_optimizer=optax.sgd(0.2), inner_steps=5)
+    >>> params = jbl.BilevelParams(x=jnp.zeros(3), y=jnp.zeros(3))
+    >>> def body(carry, _):
+    ...   params, state = carry
+    ...   return jbl.step(tx, params, state), None
+    >>> (params, state), _ = jax.lax.scan(body, (params, tx.init(params)),
+    ...                                   length=500)
+    >>> jnp.round(params.x, 3).tolist()
+    [0.909, 0.909, 0.909]
+  """
+  own_step = getattr(tx, "step", None)
+  if own_step is not None:
+    return own_step(params, state, batch=batch, diagnostics=diagnostics,
+                    **extra_args)
+  updates, new_state = tx.update(None, state, params, batch=batch,
+                                 diagnostics=diagnostics, **extra_args)
+  return optax.apply_updates(params, updates), new_state
 
 
 # Cached: ``jnp.issubdtype`` costs more than the rest of a run's host-side
@@ -808,72 +973,97 @@ def params_dtype(params: BilevelParams):
   return jnp.result_type(*leaves)
 
 
-_RECORDING = contextvars.ContextVar("jaxbilevel_recording_diagnostics",
-                                    default=True)
+def recorded_names(diagnostics, names, method: str) -> frozenset:
+  """The diagnostics a step computes, from its ``diagnostics=`` argument.
 
+  Args:
+    diagnostics: ``False`` or ``None`` (none), ``True`` (all of ``names``), a
+      name or a sequence of names. A static Python value.
+    names: the diagnostics the method records.
+    method: the method's name, for the error message.
 
-@contextlib.contextmanager
-def recording_diagnostics(enabled: bool):
-  """Within this block, methods traced compute their diagnostics or skip them.
-
-  The drivers trace the step with ``enabled=False`` when the diagnostics are
-  not recorded, so that quantities computed only for the record (gradient
-  norms) are neither traced nor compiled; a direct ``tx.update`` call always
-  computes them.
-  """
-  token = _RECORDING.set(bool(enabled))
-  try:
-    yield
-  finally:
-    _RECORDING.reset(token)
-
-
-def diagnostics_recorded() -> bool:
-  """Whether the step being traced records its diagnostics.
-
-  False inside ``recording_diagnostics(False)`` (the drivers without
-  ``diagnostics=True``): a method then skips evaluations made only for the
-  record (e.g. ``g`` at the new iterate) and reports them as zero.
+  Returns:
+    A frozenset of names.
 
   Examples:
     >>> from jaxbilevel._src import base
-    >>> with base.recording_diagnostics(False):
-    ...   base.diagnostics_recorded()
-    False
-    >>> base.diagnostics_recorded()
-    True
+    >>> sorted(base.recorded_names(("f",), ("f", "g"), "alt_pbgd"))
+    ['f']
+    >>> sorted(base.recorded_names(True, ("f", "g"), "alt_pbgd"))
+    ['f', 'g']
   """
-  return _RECORDING.get()
+  if diagnostics is None or diagnostics is False:
+    return frozenset()
+  if diagnostics is True:
+    return frozenset(names)
+  if isinstance(diagnostics, str):
+    diagnostics = (diagnostics,)
+  try:
+    chosen = tuple(diagnostics)
+  except TypeError:
+    chosen = None
+  if chosen is None or not all(isinstance(n, str) for n in chosen):
+    raise BilevelValidationError(
+        f"{method}: diagnostics must be True, False or a sequence of "
+        f"diagnostic names, as a static Python value, got {diagnostics!r} "
+        "(under jax.jit, mark it static: jax.jit(tx.update, "
+        "static_argnames='diagnostics') or functools.partial(tx.update, "
+        f"diagnostics=True)); this method records {list(names)}.")
+  unknown = sorted(set(chosen) - set(names))
+  if unknown:
+    raise BilevelValidationError(
+        f"{method}: diagnostics={chosen!r}: {unknown} not recorded by this "
+        f"method; it records {list(names)}.")
+  return frozenset(chosen)
 
 
 def diagnostic_norm(tree) -> Array:
-  """The norm of ``tree`` for a diagnostic: zero, uncomputed, when not recorded."""
-  if not diagnostics_recorded():
-    leaves = jax.tree.leaves(tree)
-    return jnp.zeros((), jnp.result_type(*leaves) if leaves else jnp.float32)
+  """The norm of ``tree`` for a diagnostic (``optax.tree_utils.tree_norm``)."""
   return optax.tree_utils.tree_norm(tree)
 
 
-def recorded_lower_value(g, x, y, batch, dtype):
-  """``(g(x, y), ‖∇_y g(x, y)‖)`` for the record: zeros, uncomputed, when not recorded.
+def recorded_lower_value(g, x, y, batch):
+  """Two thunks, ``g(x, y)`` and ``‖∇_y g(x, y)‖``, sharing one reverse pass.
 
-  For methods whose step does not evaluate ``g`` at the new lower iterate,
-  so that doing it costs a pass that only the diagnostics use.
+  For methods whose step does not evaluate them: the pass serves only the
+  record, so it is traced only when :func:`diagnostics` calls a thunk (when
+  ``g`` or ``lower_grad_norm`` is recorded).
   """
-  if not diagnostics_recorded():
-    return jnp.zeros((), dtype), jnp.zeros((), dtype)
-  value, grad = jax.value_and_grad(g, argnums=1)(x, y, batch)
-  return value, optax.tree_utils.tree_norm(grad)
+  cache = []
+
+  def both():
+    if not cache:
+      value, grad = jax.value_and_grad(g, argnums=1)(x, y, batch)
+      cache.append((value, optax.tree_utils.tree_norm(grad)))
+    return cache[0]
+
+  return (lambda: both()[0]), (lambda: both()[1])
 
 
-def diagnostics(dtype, **values) -> dict:
-  """A diagnostics dict of scalars, all cast to ``dtype``."""
-  return {k: jnp.asarray(v, dtype=dtype) for k, v in values.items()}
+def diagnostics(dtype, record, **values) -> dict:
+  """A diagnostics dict of scalars cast to ``dtype``; NaN where not recorded.
+
+  Each value is an array or a zero-argument callable (a quantity computed
+  only for the record, such as a gradient norm or an extra evaluation); it
+  is evaluated only when its name is in ``record`` (see
+  :func:`recorded_names`). A diagnostic not recorded is NaN, so that it can
+  never be mistaken for a computed value.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbilevel._src import base
+    >>> d = base.diagnostics(jnp.float32, {"f"}, f=lambda: 1.5, g=2.0)
+    >>> float(d["f"]), bool(jnp.isnan(d["g"]))
+    (1.5, True)
+  """
+  nan = jnp.full((), jnp.nan, dtype)
+  return {k: jnp.asarray(v() if callable(v) else v, dtype=dtype)
+          if k in record else nan for k, v in values.items()}
 
 
 def empty_diagnostics(keys, dtype) -> dict:
-  """Diagnostics before the first step (all zero), with the update's keys."""
-  return {k: jnp.zeros((), dtype=dtype) for k in keys}
+  """Diagnostics before the first step: NaN (nothing computed yet)."""
+  return {k: jnp.full((), jnp.nan, dtype=dtype) for k in keys}
 
 
 COMMON_DIAGNOSTICS = ("f", "g", "upper_grad_norm", "lower_grad_norm")
@@ -927,9 +1117,14 @@ def renamed_arguments(method: str, renames: dict) -> Callable:
         new, convert = (target if isinstance(target, tuple)
                         else (target, lambda v: v))
         value = kwargs.pop(old)
-        hint = f"{new}=..." if isinstance(target, tuple) else new
+        hint = new
+        if isinstance(target, tuple) and value is not None:
+          # Name the new value, e.g. warm_start=False -> inner_start='initial'.
+          converted = convert(value)
+          hint = (f"{new}={converted!r}" if isinstance(
+              converted, (str, numbers.Number)) else new)
         warnings.warn(_deprecation_message(method, f"the argument {old}", hint),
-                      DeprecationWarning, stacklevel=3)
+                      DeprecationWarning, stacklevel=_caller_stacklevel())
         if value is None:
           continue
         if new in kwargs:
@@ -942,6 +1137,33 @@ def renamed_arguments(method: str, renames: dict) -> Callable:
     return wrapper
 
   return decorate
+
+
+def _caller_stacklevel() -> int:
+  """The ``stacklevel`` that points a warning at the user's call of a builder.
+
+  Called from :func:`renamed_arguments`' wrapper (stack level 1 is the
+  ``warnings.warn`` call there): the frames above it that belong to
+  jaxbilevel's own decorators (this wrapper, stacked ones included, and
+  :func:`jaxbilevel._src.programs.bilevel_method`) are skipped, whatever the
+  order and the number of decorations, so that Python's default filters
+  attribute the warning to the line that called the builder.
+  """
+  global _DECORATOR_CODES
+  if _DECORATOR_CODES is None:
+    # pylint: disable-next=import-outside-toplevel
+    from jaxbilevel._src import programs
+    _DECORATOR_CODES = frozenset((
+        renamed_arguments("", {})(lambda: None).__code__,
+        programs.bilevel_method(lambda: None).__code__))
+  frame = sys._getframe(2)  # pylint: disable=protected-access
+  level = 2
+  while frame is not None and frame.f_code in _DECORATOR_CODES:
+    frame, level = frame.f_back, level + 1
+  return level
+
+
+_DECORATOR_CODES = None
 
 
 def deprecated_field(old: str, new: str) -> property:

@@ -182,25 +182,29 @@ def bome(f: base.Objective,
         **base.init_state_fields(params, "bome", DIAGNOSTICS, upper_optimizer,
                                  lower_optimizer, value_optimizer))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "bome",
+    params, dtype = base.begin_step(params, "bome",
                                       y_g=state.y_g)
+    record = base.recorded_names(diagnostics, DIAGNOSTICS, "bome")
     x, y = params
-    eta_t = base.resolve_hyperparameter(eta, state.count, dtype)
+    eta_t = base.resolve_hyperparameter(eta, state.count, dtype,
+                                        name="eta")
     eps_t = base.resolve_hyperparameter(eps, state.count, dtype,
-                                        allow_zero=True)
+                                        allow_zero=True, name="eps")
 
-    # T inner steps on g for y_hat ~ y_g*(x_k).
+    # T inner steps on g for y_g ~ y_g*(x_k).
     if value_start == "y":
       start, value_state = y, value_optimizer.init(y)
     else:
       start, value_state = state.y_g, state.value_state
-    y_hat, value_state, _ = inner.inner_solve(
+    y_g, value_state, _ = inner.inner_solve(
         lambda y_: g(x, y_, batch), start, value_state,
-        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y)
+        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y,
+        grad_norm=False)
     f_t, grad_f = f_grad(x, y, batch)
-    (gap, g_t), grad_q = gap_grad(x, y, y_hat, batch)
+    (gap, g_t), grad_q = gap_grad(x, y, y_g, batch)
     q_sq = otu.tree_vdot(grad_q, grad_q)
     phi = eta_t * (q_sq if phi_rule == "grad_norm" else gap)
     lam = jnp.maximum(phi - otu.tree_vdot(grad_f, grad_q), 0.0) / (
@@ -212,18 +216,20 @@ def bome(f: base.Objective,
         lower_optimizer, d_y, state.lower_state, y, proj_y)
 
     diag = base.diagnostics(
-        dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(d_x),
-        lower_grad_norm=base.diagnostic_norm(d_y), multiplier=lam, g_gap=gap)
+        dtype, record, f=f_t, g=g_t,
+        upper_grad_norm=lambda: base.diagnostic_norm(d_x),
+        lower_grad_norm=lambda: base.diagnostic_norm(d_y), multiplier=lam,
+        g_gap=gap)
     new_state = BOMEState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, y_g=y_hat,
+        lower_state=lower_state, value_state=value_state, y_g=y_g,
         diagnostics=diag)
-    return base.level_updates(params, x_new, y_new), new_state
+    return base.BilevelParams(x_new, y_new), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, "bome")
 
 
-def _value_gap(g, x, y, y_hat, batch):
-  """``(q, g(x, y))``, q = g(x, y) - g(x, y_hat) with ``y_hat`` held fixed."""
+def _value_gap(g, x, y, y_g, batch):
+  """``(q, g(x, y))``, q = g(x, y) - g(x, y_g) with ``y_g`` held fixed."""
   g_xy = g(x, y, batch)
-  return g_xy - g(x, jax.lax.stop_gradient(y_hat), batch), g_xy
+  return g_xy - g(x, jax.lax.stop_gradient(y_g), batch), g_xy

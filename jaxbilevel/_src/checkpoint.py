@@ -22,9 +22,8 @@ them: they carry a SHA-256 of their own content (so an edited step is
 detected), the step must equal the directory's name, and the type name of
 the method's state is stored so that resuming with another method says so.
 
-:func:`resumable_run` is :func:`jaxbilevel.run` with a checkpoint every
-``save_every`` steps; started again with the same directory it continues
-from the latest checkpoint, and the result equals the uninterrupted run.
+:func:`resumable_run` (in ``resumable.py``) is :func:`jaxbilevel.run` with a
+checkpoint every ``save_every`` steps.
 """
 
 from __future__ import annotations
@@ -36,27 +35,27 @@ import contextlib
 import glob
 import hashlib
 import json
+import numbers
 import os
 import shutil
 import signal
 import threading
-import warnings
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 try:
   import orbax.checkpoint as ocp
 except ImportError as _err:  # pragma: no cover - depends on the environment
   raise ImportError(
       "jaxbilevel.checkpoint needs orbax-checkpoint: pip install "
-      "'jaxbilevel[checkpoint]' (or pip install orbax-checkpoint).") from _err
+      "orbax-checkpoint (or, in a jaxbilevel checkout, pip install -e "
+      "'.[checkpoint]').") from _err
 
 from jaxbilevel._src import base
-from jaxbilevel._src import run as run_lib
+from jaxbilevel._src import options as options_lib
 
 _FORMAT = "jaxbilevel-run-checkpoint"
 _VERSION = 2
@@ -72,8 +71,8 @@ class RunCheckpoint(NamedTuple):
   """A restored run.
 
   Attributes:
-    params: the :class:`BilevelParams` (structure, dtypes and shardings of the
-      template).
+    params: the :class:`~jaxbilevel.BilevelParams` (structure, dtypes and
+      shardings of the template).
     state: the method's state (structure of the template).
     step: the number of outer steps the run had taken when it was saved.
     history: the history dict of NumPy arrays saved with it, or None
@@ -89,7 +88,7 @@ class RunCheckpoint(NamedTuple):
   key: Optional[jax.Array]
 
 
-def _directory(directory) -> str:
+def checked_directory(directory) -> str:
   if not isinstance(directory, (str, os.PathLike)):
     raise base.BilevelValidationError(
         f"checkpoint directory must be a path (str or os.PathLike), got "
@@ -217,7 +216,7 @@ def latest_step(directory) -> Optional[int]:
   Returns None when the directory does not exist or holds no complete
   checkpoint (temporary directories of interrupted saves are ignored).
   """
-  directory = _directory(directory)
+  directory = checked_directory(directory)
   if not os.path.isdir(directory):
     return None
   steps = _steps(directory)
@@ -226,12 +225,14 @@ def latest_step(directory) -> Optional[int]:
 
 def save(directory, params, state, *, step: int,
          history: Optional[dict] = None, key: Optional[jax.Array] = None,
-         max_to_keep: Optional[int] = None) -> str:
+         max_to_keep: Optional[int] = None,
+         settings: Optional[dict] = None) -> str:
   """Saves a run as the checkpoint ``<directory>/<step>`` (atomically).
 
   Args:
     directory: the run's checkpoint directory (created if needed).
-    params: the current :class:`BilevelParams` (any pytree of arrays).
+    params: the current :class:`~jaxbilevel.BilevelParams` (any pytree of
+      arrays).
     state: the method's state (all optimizer states and trackers).
     step: the number of outer steps taken; it names the checkpoint and must
       exceed every step already saved in ``directory``.
@@ -241,6 +242,10 @@ def save(directory, params, state, *, step: int,
       the next steps' batches are drawn from.
     max_to_keep: keep only this many newest checkpoints (older ones are
       deleted after the new one is complete); None keeps all.
+    settings: optional dict of JSON values (numbers, strings, booleans,
+      lists) stored in the metadata: :func:`resumable_run` stores the
+      method's hyperparameters and its ``diagnostics=`` and ``record=``
+      options there, and refuses to resume a run with other values.
 
   Returns:
     The path of the checkpoint directory.
@@ -249,7 +254,7 @@ def save(directory, params, state, *, step: int,
     CheckpointError: if ``step`` does not exceed the newest saved step or the
       write fails.
   """
-  directory = _directory(directory)
+  directory = checked_directory(directory)
   step = base.check_static_int(step, "step", minimum=0)
   if max_to_keep is not None:
     max_to_keep = base.check_static_int(max_to_keep, "max_to_keep")
@@ -259,6 +264,10 @@ def save(directory, params, state, *, step: int,
         f"jaxbilevel.run) or None, got {type(history).__name__}.")
   if history is not None:
     history = dict(history)  # run's History is a dict subclass, not a pytree
+  if settings is not None and not isinstance(settings, dict):
+    raise base.BilevelValidationError(
+        f"save: settings must be a dict of JSON values or None, got "
+        f"{type(settings).__name__}.")
   key_data, key_meta = _split_key(key)
   arrays = {"params": params, "state": state}
   if key_data is not None:
@@ -267,6 +276,8 @@ def save(directory, params, state, *, step: int,
           "has_history": history is not None, "key": key_meta,
           "state_type": type(state).__name__,
           "params": _leaf_signature(params), "state": _leaf_signature(state)}
+  if settings is not None:
+    meta["settings"] = settings
   meta["checksum"] = _meta_digest(meta)
   items = {"arrays": ocp.args.StandardSave(arrays),
            "meta": ocp.args.JsonSave(meta)}
@@ -295,7 +306,7 @@ def save(directory, params, state, *, step: int,
         if not isinstance(err, Exception):
           raise  # KeyboardInterrupt, SystemExit: cleaned up, passed on
         raise CheckpointError(
-            f"saving step {step} in {directory} failed ({_short(err)}); the "
+            f"saving step {step} in {directory} failed ({short_error(err)}); the "
             "checkpoints saved before are untouched.") from err
       if not saved:
         raise CheckpointError(
@@ -305,7 +316,7 @@ def save(directory, params, state, *, step: int,
   return target
 
 
-def _short(err: Exception, limit: int = 400) -> str:
+def short_error(err: Exception, limit: int = 400) -> str:
   text = f"{type(err).__name__}: {err}"
   return text if len(text) <= limit else text[:limit] + " ..."
 
@@ -357,7 +368,7 @@ def _is_signature(value) -> bool:
               for d in leaf[1]) for leaf in value)
 
 
-def _check_meta(meta, path: str, step: int):
+def check_meta(meta, path: str, step: int):
   """Checks the metadata's fields before anything is built from them."""
   if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
     raise CheckpointError(
@@ -388,6 +399,8 @@ def _check_meta(meta, path: str, step: int):
   for part in ("params", "state"):
     if not _is_signature(meta.get(part)):
       raise invalid(f"the {part} entry is missing or malformed")
+  if not isinstance(meta.get("settings", {}), dict):
+    raise invalid(f"settings is {str(meta.get('settings'))[:100]!r}")
   key = meta.get("key")
   if key is None:
     return
@@ -407,7 +420,7 @@ def _check_meta(meta, path: str, step: int):
       sample = jax.random.key_data(jax.random.key(0, impl=key["impl"]))
     except Exception as err:  # pylint: disable=broad-except
       raise invalid(f"the PRNG implementation {str(key['impl'])[:50]!r} is "
-                    f"unknown ({_short(err, 200)})") from err
+                    f"unknown ({short_error(err, 200)})") from err
     if (tuple(shape[len(shape) - sample.ndim:]) != sample.shape
         or key["dtype"] != str(sample.dtype)):
       raise invalid(f"key data of shape {shape} and dtype {key['dtype']} do "
@@ -421,8 +434,9 @@ def restore(directory, params, state, *,
 
   Args:
     directory: the run's checkpoint directory.
-    params: template of the params: the initial :class:`BilevelParams` of the
-      run, or ``jax.ShapeDtypeStruct`` leaves. The restored arrays take the
+    params: template of the params: the initial
+      :class:`~jaxbilevel.BilevelParams` of the run, or
+      ``jax.ShapeDtypeStruct`` leaves. The restored arrays take the
       template's dtypes and, where it has them, its shardings (so a run
       saved on one device can be restored sharded, and vice versa).
     state: template of the state, e.g. ``tx.init(params)`` or
@@ -436,10 +450,16 @@ def restore(directory, params, state, *,
     CheckpointError: if there is no such checkpoint, if it is incomplete or
       corrupt, or if it does not fit the template.
   """
-  directory = _directory(directory)
+  directory = checked_directory(directory)
   if not os.path.isdir(directory):
     raise CheckpointError(
         f"no checkpoint directory {directory}: nothing was saved there.")
+  if step is not None and (isinstance(step, (bool, np.bool_))
+                           or not isinstance(step, numbers.Integral)):
+    raise base.BilevelValidationError(
+        f"restore: step must be an int (the step of a checkpoint, e.g. "
+        f"step=5) or None for the newest, got {step!r} of type "
+        f"{type(step).__name__}.")
   steps = _steps(directory)
   if step is None:
     if not steps:
@@ -463,8 +483,8 @@ def restore(directory, params, state, *,
     except Exception as err:  # pylint: disable=broad-except
       raise CheckpointError(
           f"the checkpoint {path} is corrupt or incomplete: its metadata "
-          f"cannot be read ({_short(err)}).") from err
-    _check_meta(meta, path, step)
+          f"cannot be read ({short_error(err)}).") from err
+    check_meta(meta, path, step)
     if meta["state_type"] != type(state).__name__:
       raise CheckpointError(
           f"the checkpoint {path} holds the state of another method: it was "
@@ -485,7 +505,7 @@ def restore(directory, params, state, *,
     except Exception as err:  # pylint: disable=broad-except
       raise CheckpointError(
           f"the checkpoint {path} is corrupt or incomplete: its arrays cannot "
-          f"be read ({_short(err)}).") from err
+          f"be read ({short_error(err)}).") from err
   finally:
     reader.close()
 
@@ -497,159 +517,23 @@ def restore(directory, params, state, *,
       key = jax.random.wrap_key_data(key, impl=key_meta["impl"])
   history = None
   if meta.get("has_history"):
-    history = run_lib.History(jax.tree.map(np.asarray, restored.history))
+    history = options_lib.History(jax.tree.map(np.asarray, restored.history))
   return RunCheckpoint(params=arrays["params"], state=arrays["state"],
                        step=int(meta["step"]), history=history, key=key)
 
 
-def resumable_run(tx: optax.GradientTransformationExtraArgs,
-                  params: base.BilevelParams,
-                  *,
-                  num_steps: int,
-                  directory,
-                  save_every: int,
-                  batch: Any = None,
-                  batches: Any = None,
-                  record: Optional[Callable] = None,
-                  diagnostics: Union[bool, Sequence[str]] = False,
-                  on_nonfinite: str = "stop",
-                  max_to_keep: Optional[int] = 2):
-  """:func:`jaxbilevel.run` with a checkpoint every ``save_every`` steps, resuming from the latest.
-
-  If ``directory`` holds a checkpoint, the run continues from the newest one
-  (params, state, history and the step counter); otherwise it starts from
-  ``params``. Every ``save_every`` steps (and at ``num_steps``) the run is
-  saved with :func:`save`. Stopped at any point (a crash, a pre-empted job,
-  ``Ctrl-C``) and called again with the same arguments, it returns exactly
-  what the uninterrupted call returns: steps are numbered globally, so
-  ``batches`` given as an array is indexed by the global step and a callable
-  ``batches(step)`` receives the global step (e.g. draw batch ``t`` with
-  ``jax.random.fold_in(key, t)``). The global step is the number of executed
-  outer iterations; with ``on_nonfinite="skip"`` it can exceed
-  ``state.count``, which counts accepted steps only.
-
-  To extend a finished run, call again with a larger ``num_steps``. A run that
-  stops on a non-finite step saves nothing after its last finite checkpoint.
-
-  Args:
-    tx: a bilevel transformation.
-    params: initial :class:`BilevelParams` (also the template for restoring).
-    num_steps: total number of outer iterations of the run.
-    directory: the run's checkpoint directory.
-    save_every: steps between checkpoints (each segment is one compiled
-      ``lax.scan``, as a chunk of :func:`jaxbilevel.run`).
-    batch: a batch used at every step.
-    batches: per-step batches indexed by the global step: a pytree with a
-      leading axis of length ``>= num_steps`` or a callable ``step -> batch``.
-    record: optional ``(params, state) -> pytree`` recorded after each step.
-    diagnostics: as in :func:`jaxbilevel.run`; a resumed run must use the
-      same value as the run that wrote the checkpoints.
-    on_nonfinite: as in :func:`jaxbilevel.run`.
-    max_to_keep: number of newest checkpoints kept (None: all).
-
-  Returns:
-    ``(params, state, history)`` as from :func:`jaxbilevel.run`, for the
-    whole run (``history`` includes the steps before the resume).
-
-  Examples:
-    >>> import tempfile, optax
-    >>> import jaxbilevel as jbl
-    >>> from jaxbilevel import checkpoint
-    >>> prob = jbl.problems.negative_example()
-    >>> tx = jbl.alt_pbgd(prob.f, prob.g, gamma=15.0,
-    ...                   upper_optimizer=optax.adam(0.01),
-    ...                   lower_optimizer=optax.sgd(0.1))
-    >>> p0 = prob.params0
-    >>> ckpt_dir = tempfile.mkdtemp()
-    >>> _ = checkpoint.resumable_run(tx, p0, num_steps=200,
-    ...                             directory=ckpt_dir, save_every=100)
-    >>> checkpoint.latest_step(ckpt_dir)
-    200
-    >>> # Later (or after a crash): continue the same run to 300 steps.
-    >>> params, state, history = checkpoint.resumable_run(
-    ...     tx, p0, num_steps=300, directory=ckpt_dir, save_every=100)
-    >>> history["step"][[0, -1]].tolist(), int(state.count)
-    ([0, 299], 300)
-  """
-  num_steps = base.check_static_int(num_steps, "num_steps")
-  save_every = base.check_static_int(save_every, "save_every")
-  if on_nonfinite not in run_lib._NONFINITE_MODES:
-    raise base.BilevelValidationError(
-        f"resumable_run: on_nonfinite must be one of "
-        f"{run_lib._NONFINITE_MODES}, got {on_nonfinite!r}.")
-  run_lib._check_batches(batch, batches, num_steps)
-  base.check_params(params, "resumable_run")
-  state = tx.init(params)
-  done, parts = 0, []
-  start = latest_step(directory)
-  if start is not None:
-    ckpt = restore(directory, params, state, step=start)
-    if ckpt.step > num_steps:
-      raise CheckpointError(
-          f"resumable_run: the checkpoint in {_directory(directory)} is at "
-          f"step {ckpt.step}, beyond num_steps={num_steps}.")
-    if ckpt.history is None and ckpt.step > 0:
-      raise CheckpointError(
-          f"resumable_run: the checkpoint for step {ckpt.step} in "
-          f"{_directory(directory)} has no history, so the returned history "
-          "could not cover the whole run; resume from checkpoints written by "
-          "resumable_run or by save(..., history=history).")
-    params, state, done = ckpt.params, ckpt.state, ckpt.step
-    if ckpt.history is not None:
-      parts.append(ckpt.history)
-
-  def whole_history(new_parts):
-    # The restored history (orbax gives dicts and lists) in this run's form.
-    if parts and new_parts and jax.tree.structure(
-        parts[0]) != jax.tree.structure(new_parts[0]):
-      parts[0] = _conform_history(parts[0], new_parts[0], directory)
-    return jax.tree.map(lambda *v: np.concatenate(v), *(parts + new_parts))
-
-  def after_chunk(done, params, state, new_parts):
-    save(directory, params, state, step=done,
-         history=whole_history(new_parts), max_to_keep=max_to_keep)
-
-  params, state, new_parts, failure = run_lib.drive(
-      tx, params, state, batch=batch, batches=batches, first_step=done,
-      num_steps=num_steps, chunk_size=save_every, on_nonfinite=on_nonfinite,
-      record=record, record_every=1,
-      diagnostics=run_lib.diagnostics_option(diagnostics, "resumable_run"),
-      progress=False,
-      after_chunk=after_chunk)
-  history = run_lib.History(whole_history(new_parts))
-  _report_nonfinite(history, on_nonfinite, failure, state)
-  return params, state, history
-
-
-def _conform_history(saved, new, directory):
-  """Gives the restored history the structure of this run's (tuples, ...).
-
-  Orbax restores containers without a template as dicts and lists, so a
-  ``record`` that returns tuples or NamedTuples comes back as lists.
-  """
-  leaves, treedef = jax.tree.leaves(saved), jax.tree.structure(new)
-  if len(leaves) != treedef.num_leaves:
+def saved_settings(directory: str, step: int) -> Optional[dict]:
+  """The settings saved with the checkpoint of ``step`` (None: none saved)."""
+  path = os.path.join(directory, str(step))
+  reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    meta = reader.restore(path, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+  except Exception as err:  # pylint: disable=broad-except
     raise CheckpointError(
-        f"resumable_run: the history saved in {_directory(directory)} does "
-        f"not match this run's (keys {sorted(saved)} vs {sorted(new)}); was "
-        "the run saved with another record= function?")
-  return jax.tree.unflatten(treedef, leaves)
-
-
-def _report_nonfinite(history, on_nonfinite, failure, state):
-  """Warns or raises about non-finite steps, as :func:`jaxbilevel.run` does."""
-  if failure is not None:
-    step, what, hint = run_lib._nonfinite_report(
-        failure, len(failure["step"]) - 1, state)
-    message = (
-        f"jaxbilevel.checkpoint.resumable_run: non-finite {what} at step "
-        f"{step}{hint}. The run stopped with the iterate after step "
-        f"{step - 1}; the checkpoints hold at most that iterate.")
-    if on_nonfinite == "raise":
-      raise base.NonFiniteError(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-  elif on_nonfinite == "skip" and not history["finite"].all():
-    warnings.warn(
-        f"jaxbilevel.checkpoint.resumable_run: skipped "
-        f"{int(np.sum(~history['finite']))} non-finite step(s).",
-        RuntimeWarning, stacklevel=3)
+        f"the checkpoint {path} is corrupt or incomplete: its metadata "
+        f"cannot be read ({short_error(err)}).") from err
+  finally:
+    reader.close()
+  check_meta(meta, path, step)
+  return meta.get("settings")

@@ -87,7 +87,8 @@ def primal_dual_solve(objective: Callable, constraint: Callable, y, mu,
                       opt_state, *, optimizer: optax.GradientTransformation,
                       dual_step_size, dual_steps: int, primal_steps: int,
                       proj: Optional[base.Projection] = None,
-                      multiplier_floor=0.0, has_aux: bool = False):
+                      multiplier_floor=0.0, has_aux: bool = False,
+                      grad_norm: bool = True):
   r"""Warm-started MaxMin: alternating descent on ``y`` and projected ascent on :math:`\mu`.
 
   Approximates a saddle point of :math:`L(y,\mu)=h(y)+\mu^\top c(y)` over
@@ -124,6 +125,8 @@ def primal_dual_solve(objective: Callable, constraint: Callable, y, mu,
     proj: projection onto :math:`\mathcal Y` after each primal step.
     multiplier_floor: :math:`\mu_{\min}\ge0`.
     has_aux: whether ``objective`` returns ``(value, aux)``.
+    grad_norm: whether the trace records the primal gradient norms (static;
+      NaN when False).
 
   Returns:
     ``(y, mu, opt_state, trace)`` with ``trace`` a :class:`PrimalDualTrace`.
@@ -169,7 +172,7 @@ def primal_dual_solve(objective: Callable, constraint: Callable, y, mu,
     y_, mu_, state = carry
     y_, state, trace = inner.inner_solve(
         lambda v: lagrangian(v, mu_), y_, state, optimizer=optimizer,
-        num_steps=primal_steps, proj=proj, has_aux=True)
+        num_steps=primal_steps, proj=proj, has_aux=True, grad_norm=grad_norm)
     values = constraint(y_)
     eta2 = jnp.asarray(dual_step_size, values.dtype)
     floor = jnp.asarray(multiplier_floor, values.dtype)
@@ -336,13 +339,15 @@ class SaddleSettings(NamedTuple):
                                   allow_zero=True))
 
   def solve(self, objective, constraint, y, mu, opt_state, count, dtype,
-            proj, has_aux=False):
+            proj, has_aux=False, grad_norm=True):
     """Runs :func:`primal_dual_solve` with these settings at step ``count``."""
     return primal_dual_solve(
         objective, constraint, y, mu, opt_state, optimizer=self.optimizer,
         dual_step_size=base.resolve_hyperparameter(self.dual_step_size, count,
-                                                   dtype),
+                                                   dtype,
+                                                   name="dual_step_size"),
         dual_steps=self.dual_steps, primal_steps=self.primal_steps, proj=proj,
         multiplier_floor=base.resolve_hyperparameter(
-            self.multiplier_floor, count, dtype, allow_zero=True),
-        has_aux=has_aux)
+            self.multiplier_floor, count, dtype, allow_zero=True,
+            name="multiplier_floor"),
+        has_aux=has_aux, grad_norm=grad_norm)

@@ -222,7 +222,8 @@ def parse_libsvm(lines: Sequence[str], *, num_features: Optional[int] = None,
   except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "jaxbilevel.datasets parses LIBSVM files with scikit-learn: pip "
-        "install 'jaxbilevel[data]' (or pip install scikit-learn).") from err
+        "install scikit-learn (or, in a jaxbilevel checkout, pip install -e "
+        "'.[data]').") from err
   features, labels = sklearn_datasets.load_svmlight_file(
       io.BytesIO("\n".join(texts).encode("ascii")),
       n_features=max(num_features, 1), dtype=np.float64, zero_based=False)
@@ -289,7 +290,8 @@ def download(name: str, cache_dir: PathLike, *, url: Optional[str] = None,
 
   The file is written to a temporary file in ``cache_dir`` and moved into
   place only after it has been checked: a known data set must match its size
-  and SHA-256 (:data:`KNOWN_DIGESTS`, whatever ``url`` serves it), a file
+  and SHA-256 (recorded in the library for ``"diabetes"`` and
+  ``"fourclass"``, whatever ``url`` serves it), a file
   with ``sha256`` given must match that, and every file must parse as
   LIBSVM. A failed download (offline, an error page, a tampered file) leaves
   nothing in the cache. Plain ``http://`` is accepted only for files with a

@@ -152,7 +152,8 @@ def lower_level_evaluation(
     if y_star is None:
       y_bar, _, _ = inner.inner_solve(
           lambda y_: g(x, y_, batch), y, lower_optimizer.init(y),
-          optimizer=lower_optimizer, num_steps=num_steps, proj=proj)
+          optimizer=lower_optimizer, num_steps=num_steps, proj=proj,
+          grad_norm=False)
     else:
       y_bar = y_star(x, batch)
       base.check_same_structure(y_bar, y, "y_star(x, batch)", "params.y",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional, Tuple
+import numbers
 import warnings
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import continuation
 from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
@@ -129,7 +131,10 @@ def f2sa(f: base.Objective,
     f: upper objective ``f(x, y, batch) -> scalar``.
     g: lower objective ``g(x, y, batch) -> scalar`` (strongly convex in y).
     gamma: initial penalty weight :math:`\lambda_0>0` on :math:`g` (float or
-      array; formerly ``lambda0``, a deprecated alias for one release).
+      array; formerly ``lambda0``, a deprecated alias for one release);
+      ``"auto"`` or :class:`jaxbilevel.GammaContinuation` grows it by
+      continuation instead of ``gamma_increment`` (with ``scale_lower=True``;
+      see :doc:`/choosing_gamma`).
     upper_optimizer: optax optimizer for ``x`` (step :math:`\xi\alpha_k`).
     lower_optimizer: optax optimizer for ``y`` (step :math:`\alpha_k`).
     value_optimizer: optax optimizer for ``z`` (step :math:`\gamma_k`;
@@ -165,6 +170,24 @@ def f2sa(f: base.Objective,
   """
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
+  if continuation.is_continuation(gamma):
+    if not (isinstance(gamma_increment, numbers.Number)
+            and gamma_increment == 0) or gamma_max is not None:
+      raise base.BilevelValidationError(
+          "f2sa: gamma='auto' grows the multiplier itself; drop "
+          "gamma_increment and gamma_max (cap it with "
+          "jaxbilevel.GammaContinuation(max=...)).")
+    # The lower objective f + lambda g is scaled by 1/(1 + lambda), so the
+    # lower step size stays stable as lambda grows.
+    return continuation.penalty_continuation(
+        lambda gamma_: f2sa(
+            f, g, gamma=gamma_, upper_optimizer=upper_optimizer,
+            lower_optimizer=lower_optimizer, value_optimizer=value_optimizer,
+            inner_steps=inner_steps, value_steps=value_steps,
+            scale_lower=True, proj_x=proj_x, proj_y=proj_y),
+        continuation.check_settings(gamma, "f2sa"), f=f, g=g, method="f2sa",
+        set_gamma=lambda state, gamma_: state._replace(
+            lagrange_multiplier=gamma_))
   gamma = base.check_hyperparameter(gamma, "gamma")
   if callable(gamma):
     raise base.BilevelValidationError(
@@ -199,22 +222,25 @@ def f2sa(f: base.Objective,
         lagrange_multiplier=_initial_multiplier(
             gamma, gamma_max, base.params_dtype(params)))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "f2sa", y_g=state.y_g)
+    params, dtype = base.begin_step(params, "f2sa", y_g=state.y_g)
+    record = base.recorded_names(diagnostics, DIAGNOSTICS, "f2sa")
     x, y = params
     lam = jnp.asarray(state.lagrange_multiplier, dtype)
 
-    # T steps of z on g (tracks y*(x_k)).
-    z, value_state, _ = inner.inner_solve(
+    # T steps of y_g on g (tracks y*(x_k)).
+    y_g, value_state, _ = inner.inner_solve(
         lambda y_: g(x, y_, batch), state.y_g, state.value_state,
-        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y)
+        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y,
+        grad_norm=False)
     # T steps of y on f + lambda g (the y-gradient of the Lagrangian).
     scale = 1.0 / (1.0 + lam) if scale_lower else None
 
     def lower_objective(y_):
       # f + lambda g: the Lagrangian's y-gradient without evaluating the
-      # constant g(x, z) at every step (it would serve no gradient).
+      # constant g(x, y_g) at every step (it would serve no gradient).
       fv, gv = f(x, y_, batch), g(x, y_, batch)
       value = fv + jnp.asarray(lam, jnp.result_type(fv)) * gv
       if scale is not None:
@@ -225,32 +251,34 @@ def f2sa(f: base.Objective,
 
     y_new, lower_state, trace = inner.inner_solve(
         lower_objective, y, state.lower_state, optimizer=lower_optimizer,
-        num_steps=inner_steps, proj=proj_y, has_aux=True)
-    # x direction: grad_x f(x, y) + lambda (grad_x g(x, y) - grad_x g(x, z)).
+        num_steps=inner_steps, proj=proj_y, has_aux=True,
+        grad_norm="lower_grad_norm" in record)
+    # x direction: grad_x f(x, y) + lambda (grad_x g(x, y) - grad_x g(x, y_g)).
     (_, aux), direction = jax.value_and_grad(lagrangian, has_aux=True)(
-        x, y_new, z, lam, batch)
+        x, y_new, y_g, lam, batch)
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
     lam_next = lam + base.resolve_hyperparameter(
-        gamma_increment, state.count, dtype, allow_zero=True)
+        gamma_increment, state.count, dtype, allow_zero=True,
+        name="gamma_increment")
     if gamma_max is not None:
       lam_next = jnp.minimum(lam_next, base.resolve_hyperparameter(
-          gamma_max, state.count, dtype))
+          gamma_max, state.count, dtype, name="gamma_max"))
     first = inner.first_step(trace)
     diag = base.diagnostics(
-        dtype, f=first.aux["f"], g=first.aux["g"],
-        upper_grad_norm=base.diagnostic_norm(direction),
+        dtype, record, f=first.aux["f"], g=first.aux["g"],
+        upper_grad_norm=lambda: base.diagnostic_norm(direction),
         lower_grad_norm=(first.grad_norm if scale is None else
                          first.grad_norm / scale), gamma=lam,
         g_gap=aux["g_gap"])
     new_state = F2SAState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, y_g=z,
+        lower_state=lower_state, value_state=value_state, y_g=y_g,
         lagrange_multiplier=lam_next, diagnostics=diag)
-    return base.level_updates(params, x_new, y_new), new_state
+    return base.BilevelParams(x_new, y_new), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, "f2sa")
 
 
 def _initial_multiplier(gamma, gamma_max, dtype):
@@ -260,7 +288,8 @@ def _initial_multiplier(gamma, gamma_max, dtype):
   sweep) cannot be, so an invalid pair becomes a NaN penalty, which the run
   reports (as ``gamma``) instead of silently clipping it to ``gamma_max``.
   """
-  lam = base.resolve_hyperparameter(gamma, jnp.zeros([], jnp.int32), dtype)
+  lam = base.resolve_hyperparameter(gamma, jnp.zeros([], jnp.int32), dtype,
+                                    name="gamma")
   if gamma_max is None or callable(gamma_max):
     return lam
   cap = jnp.asarray(gamma_max, dtype)
@@ -289,7 +318,7 @@ class F2SASchedules(NamedTuple):
     upper: schedule of the ``x`` learning rate (argument: outer step k).
     lower: schedule of the ``y`` learning rate (argument: the inner
       optimizer's step count; constant within an outer iteration).
-    value: schedule of the ``z`` learning rate (same convention).
+    value: schedule of the ``y_g`` learning rate (same convention).
     gamma: initial penalty weight :math:`\\lambda_0` (pass as
       ``f2sa(gamma=)``; formerly ``lambda0``, a deprecated alias for one
       release).
@@ -340,7 +369,7 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
 
   :math:`\lambda_k` is the penalty weight that :func:`f2sa` calls ``gamma``
   (the ``gamma*`` arguments and fields here); :math:`\gamma_k` is the
-  paper's step size of :math:`z`. Old names (``lambda0``, ``lambda_delta``,
+  paper's step size of :math:`y_g`. Old names (``lambda0``, ``lambda_delta``,
   ``lambda_exponent``; fields ``lambda0``, ``lambda_increment``) work for one
   release with a ``DeprecationWarning``.
 
@@ -387,7 +416,7 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
   def per_outer(schedule):
     return lambda count: schedule(jnp.asarray(count) // inner_steps)
 
-  # alpha_k (y steps) and the paper's gamma_k (z steps, not the penalty).
+  # alpha_k (y steps) and the paper's gamma_k (y_g steps, not the penalty).
   alpha, z_step = decay(lower_step, a_y), decay(value_step, a_z)
   upper = decay(lower_step / outer_ratio, a_x)
   if preset == "benchopt":

@@ -293,6 +293,7 @@ def record_trackers(params: base.BilevelParams, state) -> dict:
   :func:`jaxbilevel.pbgd_blocc`. ``run`` records *after* each step, so
   ``x`` is already the next iterate; see :func:`trajectory_from_history`.
   """
+  state = getattr(state, "inner_state", state)  # gamma="auto"
   if not hasattr(state, "y_g"):
     raise base.BilevelValidationError(
         "record_trackers needs a method whose state tracks y_g (alt_pbgd, "

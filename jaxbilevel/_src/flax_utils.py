@@ -115,7 +115,7 @@ def split_params(params, upper: Selector) -> base.BilevelParams:
       module docstring); every other leaf goes to ``y``.
 
   Returns:
-    A :class:`BilevelParams` whose ``x`` and ``y`` have the type of
+    A :class:`~jaxbilevel.BilevelParams` whose ``x`` and ``y`` have the type of
     ``params`` (``nnx.State`` or dict) and hold the selected and the other
     leaves under their original paths. Both must be non-empty.
 
@@ -179,6 +179,19 @@ def merge_params(x, y):
     raise base.BilevelValidationError(
         f"merge_params: x and y both hold the parameters {both}; each "
         "parameter must belong to exactly one level.")
+  # A path that is a leaf in one half and a subtree in the other.
+  for (name_a, items_a), (name_b, items_b) in (
+      (("x", x_items), ("y", y_items)), (("y", y_items), ("x", x_items))):
+    leaves = {p: s for p, s, _ in items_a}
+    for p, s, _ in items_b:
+      for i in range(1, len(p)):
+        if p[:i] in leaves:
+          raise base.BilevelValidationError(
+              f"merge_params: {name_a} has a parameter at "
+              f"'{'/'.join(leaves[p[:i]])}' where {name_b} has a subtree "
+              f"(its parameter '{'/'.join(s)}'); the two halves have "
+              "different structures at that path. Both must come from the "
+              "same split_params call on one parameter tree.")
   return _unflatten(kind_x, [(p, leaf) for p, _, leaf in x_items + y_items])
 
 

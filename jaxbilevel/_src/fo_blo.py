@@ -99,9 +99,11 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
       return FOBLOState(**fields)
     return UFOBLOState(key=key, **fields)
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, method)
+    params, dtype = base.begin_step(params, method)
+    record = base.recorded_names(diagnostics, keys, method)
     x, y = params
     start = _start(init, params, method)
 
@@ -115,22 +117,23 @@ def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
                                       "identity")[1],
           direction, draw_key, state.count, dtype)
       direction = jax.tree.map(jnp.add, direction, delta)
-      extra = dict(correction_norm=base.diagnostic_norm(delta),
+      extra = dict(correction_norm=lambda: base.diagnostic_norm(delta),
                    correction_draw=draw)
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
-    g_t, g_grad_norm = base.recorded_lower_value(g, x, y_r, batch, dtype)
+    g_t, g_grad_norm = base.recorded_lower_value(g, x, y_r, batch)
     diag = base.diagnostics(
-        dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(direction),
+        dtype, record, f=f_t, g=g_t,
+        upper_grad_norm=lambda: base.diagnostic_norm(direction),
         lower_grad_norm=g_grad_norm, **extra)
     fields = dict(count=optax.safe_increment(state.count),
                   upper_state=upper_state, diagnostics=diag)
     new_state = (FOBLOState(**fields) if correction is None
                  else UFOBLOState(key=key, **fields))
-    return base.level_updates(params, x_new, y_r), new_state
+    return base.BilevelParams(x_new, y_r), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, method)
 
 
 @programs.bilevel_method
@@ -330,7 +333,8 @@ def ufo_blo(f: base.Objective,
         f"{float(q)}.")
 
   def bernoulli(grad_at, g_fo, draw_key, count, dtype):
-    q_t = base.resolve_hyperparameter(q, count, dtype)
+    q_t = base.resolve_hyperparameter(q, count, dtype,
+                                      name="correction_probability")
     q_t = jnp.where(q_t <= 1, q_t, jnp.nan)
     xi = jax.random.bernoulli(draw_key, q_t)
     exact = jax.lax.cond(xi, lambda: grad_at(inner_steps), lambda: g_fo)

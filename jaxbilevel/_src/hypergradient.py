@@ -501,7 +501,8 @@ def _differentiated_steps(g, x, y, opt_state, batch, optimizer, length, proj,
   def steps(carry, x, batch, n):
     y, state, _ = inner.inner_solve(lambda y_: g(x, y_, batch), carry[0],
                                     carry[1], optimizer=optimizer,
-                                    num_steps=n, proj=proj)
+                                    num_steps=n, proj=proj,
+                                    grad_norm=False)
     return y, state
 
   carry = (y, opt_state)

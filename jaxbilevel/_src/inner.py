@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
@@ -101,7 +102,7 @@ def _update_failure(optimizer, opt_state, params, err) -> str:
 def inner_solve(objective: Callable, y, opt_state, *,
                 optimizer: optax.GradientTransformation, num_steps: int,
                 proj: Optional[base.Projection] = None,
-                has_aux: bool = False):
+                has_aux: bool = False, grad_norm: bool = True):
   r"""Runs ``num_steps`` projected optax steps on ``objective(y)``.
 
   .. math:: y \leftarrow \mathrm{Proj}(y + \mathrm{opt}(\nabla \mathrm{obj}(y)))
@@ -118,6 +119,9 @@ def inner_solve(objective: Callable, y, opt_state, *,
     num_steps: number of steps (a static Python int >= 1).
     proj: projection after each step.
     has_aux: whether ``objective`` returns ``(value, aux)``.
+    grad_norm: whether the trace records each step's gradient norm (a
+      static bool; when False the trace's ``grad_norm`` is NaN and costs
+      nothing).
 
   Returns:
     ``(y, opt_state, trace)`` where ``trace`` is an :class:`InnerTrace`.
@@ -139,7 +143,9 @@ def inner_solve(objective: Callable, y, opt_state, *,
     out, grads = grad_fn(y)
     value, aux = out if has_aux else (out, None)
     y, state = projected_step(optimizer, grads, state, y, proj)
-    return (y, state), InnerTrace(value, base.diagnostic_norm(grads), aux)
+    norm = (optax.tree_utils.tree_norm(grads) if grad_norm
+            else jnp.full((), jnp.nan, jnp.result_type(value)))
+    return (y, state), InnerTrace(value, norm, aux)
 
   if num_steps == 1:
     # One step needs no loop: calling the body directly spares a traced and
@@ -154,8 +160,3 @@ def inner_solve(objective: Callable, y, opt_state, *,
 def first_step(trace: InnerTrace) -> InnerTrace:
   """The record of the first inner step (the values at the incoming iterate)."""
   return jax.tree.map(lambda v: v[0], trace)
-
-
-def last_step(trace: InnerTrace) -> InnerTrace:
-  """The record of the last inner step."""
-  return jax.tree.map(lambda v: v[-1], trace)

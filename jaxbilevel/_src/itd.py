@@ -153,10 +153,12 @@ def itd(f: base.Objective,
                                  lower_optimizer),
         y_init=params.y)
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "itd",
+    params, dtype = base.begin_step(params, "itd",
                                       y_init=state.y_init)
+    record = base.recorded_names(diagnostics, DIAGNOSTICS, "itd")
     x, y = params
     if inner_start == "previous":
       start = lambda x_: (y, state.lower_state)
@@ -180,13 +182,14 @@ def itd(f: base.Objective,
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
-    g_t, g_grad_norm = base.recorded_lower_value(g, x, y_new, batch, dtype)
+    g_t, g_grad_norm = base.recorded_lower_value(g, x, y_new, batch)
     diag = base.diagnostics(
-        dtype, f=f_t, g=g_t, upper_grad_norm=base.diagnostic_norm(direction),
+        dtype, record, f=f_t, g=g_t,
+        upper_grad_norm=lambda: base.diagnostic_norm(direction),
         lower_grad_norm=g_grad_norm)
     new_state = ITDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, y_init=state.y_init, diagnostics=diag)
-    return base.level_updates(params, x_new, y_new), new_state
+    return base.BilevelParams(x_new, y_new), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, "itd")

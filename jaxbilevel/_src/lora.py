@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+import numpy as np
 
 from jaxbilevel._src import base
 
@@ -150,6 +151,12 @@ def init(key: jax.Array, params, *, target: Pattern, rank: int,
           f"{jnp.shape(kernel)}; LoRA adapters are defined for 2-D Dense "
           "kernels (d_in, d_out) and 3-D DenseGeneral kernels. Narrow the "
           "target regular expression.")
+    if not jnp.issubdtype(jnp.result_type(kernel), jnp.floating):
+      raise base.BilevelValidationError(
+          f"lora.init: the kernel {'/'.join(map(str, path))} has dtype "
+          f"{jnp.result_type(kernel)}; LoRA adapts floating-point kernels "
+          "only. Cast the parameters to a floating dtype or narrow the target "
+          "regular expression.")
     split = 1 if jnp.ndim(kernel) == 2 else in_axes
     d_in = math.prod(jnp.shape(kernel)[:split])
     d_out = math.prod(jnp.shape(kernel)[split:])
@@ -190,6 +197,11 @@ def merge(params, adapters, *, scale: Any = 1.0,
     >>> lora.merge(params, adapters, scale=0.5)["dense"]["kernel"].tolist()
     [[0.5, 1.0], [0.5, 1.0]]
   """
+  if base._is_concrete(scale) and not np.all(np.isfinite(np.asarray(scale))):  # pylint: disable=protected-access
+    raise base.BilevelValidationError(
+        f"lora.merge: scale must be finite, got {scale!r}; it multiplies "
+        "every adapter update (scale = alpha / rank), so a non-finite scale "
+        "makes every adapted kernel NaN or infinite.")
   flat = dict(_flat(params, "lora.merge (params)"))
   flat_adapters = _flat(adapters, "lora.merge (adapters)")
   prefixes = {path[:-1] for path in flat_adapters}

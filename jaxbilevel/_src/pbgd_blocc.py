@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import continuation
 from jaxbilevel._src import programs
 from jaxbilevel._src import constrained
 from jaxbilevel._src import inner
@@ -88,19 +89,20 @@ class _PenalizedSaddle(NamedTuple):
   settings: constrained.SaddleSettings
   proj_y: base.Projection
 
-  def solve(self, x, y, mu, opt_state, gamma, count, dtype, batch):
+  def solve(self, x, y, mu, opt_state, gamma, count, dtype, batch,
+            record):
     """``(y_F, mu_F, opt_state, trace)`` warm-started from ``(y, mu)``."""
     return self.settings.solve(
         lambda y_: self.lower(x, y_, gamma, batch),
         lambda y_: self.c(x, y_, batch), y, mu, opt_state, count, dtype,
-        self.proj_y, has_aux=True)
+        self.proj_y, has_aux=True, grad_norm="lower_grad_norm" in record)
 
 
-def _saddle_diagnostics(dtype, trace, direction, gamma, **extra):
+def _saddle_diagnostics(dtype, record, trace, direction, gamma, **extra):
   first = constrained.first_primal_step(trace)
   return base.diagnostics(
-      dtype, f=first.aux["f"], g=first.aux["g"],
-      upper_grad_norm=base.diagnostic_norm(direction),
+      dtype, record, f=first.aux["f"], g=first.aux["g"],
+      upper_grad_norm=lambda: base.diagnostic_norm(direction),
       lower_grad_norm=first.grad_norm, gamma=gamma,
       constraint_violation=trace.violation[-1], **extra)
 
@@ -167,7 +169,8 @@ def pbgd_blocc(f: base.Objective,
     c: coupled constraint ``c(x, y, batch) -> (m,)``, feasible where
       ``<= 0``.
     gamma: penalty constant :math:`\gamma>0` (float, traced array or
-      schedule).
+      schedule); ``"auto"`` or :class:`jaxbilevel.GammaContinuation` grows
+      it by continuation (see :doc:`/choosing_gamma`).
     upper_optimizer: optax optimizer for ``x``.
     lower_optimizer: optax optimizer of the primal steps on :math:`y_F`
       (the authors: ``optax.sgd(eta1)``).
@@ -216,6 +219,20 @@ def pbgd_blocc(f: base.Objective,
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
   c = constrained.check_constraint(c)
+  if continuation.is_continuation(gamma):
+    return continuation.penalty_continuation(
+        lambda gamma_: pbgd_blocc(
+            f, g, c, gamma=gamma_, upper_optimizer=upper_optimizer,
+            lower_optimizer=lower_optimizer, dual_step_size=dual_step_size,
+            dual_steps=dual_steps, primal_steps=primal_steps,
+            value_optimizer=value_optimizer,
+            value_dual_step_size=value_dual_step_size,
+            value_dual_steps=value_dual_steps,
+            value_primal_steps=value_primal_steps,
+            multiplier_floor=multiplier_floor,
+            num_constraints=num_constraints, proj_x=proj_x, proj_y=proj_y),
+        continuation.check_settings(gamma, "pbgd_blocc"), f=f, g=g,
+        method="pbgd_blocc")
   gamma = base.check_hyperparameter(gamma, "gamma")
   value_optimizer, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
@@ -241,36 +258,41 @@ def pbgd_blocc(f: base.Objective,
         **fields, value_state=value_settings.optimizer.init(params.y),
         y_g=params.y, mu_g=mu, mu_F=mu)
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "pbgd_blocc",
+    params, dtype = base.begin_step(params, "pbgd_blocc",
                                       y_g=state.y_g)
+    record = base.recorded_names(diagnostics, BLOCC_DIAGNOSTICS,
+                                 "pbgd_blocc")
     x, y = params
-    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype)
+    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
+                                          name="gamma")
 
     # (y_g, mu_g): saddle point of g + mu^T c.
     y_g, mu_g, value_state, _ = value_settings.solve(
         lambda y_: g(x, y_, batch), lambda y_: c(x, y_, batch), state.y_g,
-        state.mu_g, state.value_state, state.count, dtype, proj_y)
+        state.mu_g, state.value_state, state.count, dtype, proj_y,
+        grad_norm=False)
     # (y_F, mu_F): saddle point of f / gamma + g + mu^T c.
     y_f, mu_f, lower_state, trace = saddle.solve(
         x, y, state.mu_F, state.lower_state, gamma_t, state.count, dtype,
-        batch)
+        batch, record)
     # Multiplier-aware reduced-penalty gradient: grad_x of the coupled value-gap penalty.
     (_, pen_aux), direction = jax.value_and_grad(penalty, has_aux=True)(
         x, y_f, mu_f, y_g, mu_g, gamma_t, batch)
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
 
-    diag = _saddle_diagnostics(dtype, trace, direction, gamma_t,
+    diag = _saddle_diagnostics(dtype, record, trace, direction, gamma_t,
                                g_gap=pen_aux["g_gap"])
     new_state = PBGDBLOCCState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, value_state=value_state, y_g=y_g,
         mu_g=mu_g, mu_F=mu_f, diagnostics=diag)
-    return base.level_updates(params, x_new, y_f), new_state
+    return base.BilevelParams(x_new, y_f), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, "pbgd_blocc")
 
 
 @programs.bilevel_method
@@ -339,7 +361,8 @@ def pbgd_free_cc(f: base.Objective,
     c: coupled constraint ``c(x, y, batch) -> (m,)``, feasible where
       ``<= 0``.
     gamma: penalty constant :math:`\gamma>0` (float, traced array or
-      schedule).
+      schedule); ``"auto"`` or :class:`jaxbilevel.GammaContinuation` grows
+      it by continuation (see :doc:`/choosing_gamma`).
     upper_optimizer: optax optimizer for ``x``.
     lower_optimizer: optax optimizer of the primal steps on :math:`y_F`.
     dual_step_size: :math:`\eta_2>0` of the multiplier steps.
@@ -380,6 +403,17 @@ def pbgd_free_cc(f: base.Objective,
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
   c = constrained.check_constraint(c)
+  if continuation.is_continuation(gamma):
+    return continuation.penalty_continuation(
+        lambda gamma_: pbgd_free_cc(
+            f, g, c, gamma=gamma_, upper_optimizer=upper_optimizer,
+            lower_optimizer=lower_optimizer, dual_step_size=dual_step_size,
+            dual_steps=dual_steps, primal_steps=primal_steps,
+            multiplier_term=multiplier_term,
+            multiplier_floor=multiplier_floor,
+            num_constraints=num_constraints, proj_x=proj_x, proj_y=proj_y),
+        continuation.check_settings(gamma, "pbgd_free_cc"), f=f, g=g,
+        method="pbgd_free_cc")
   gamma = base.check_hyperparameter(gamma, "gamma")
   if not isinstance(multiplier_term, bool):
     raise base.BilevelValidationError(
@@ -408,11 +442,15 @@ def pbgd_free_cc(f: base.Objective,
         mu_F=constrained.init_multipliers(c, params, num_constraints,
                                           "pbgd_free_cc"))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "pbgd_free_cc")
+    params, dtype = base.begin_step(params, "pbgd_free_cc")
+    record = base.recorded_names(diagnostics, FREE_CC_DIAGNOSTICS,
+                                 "pbgd_free_cc")
     x, y = params
-    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype)
+    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
+                                          name="gamma")
     if not base.depends_on(
         lambda x_: upper_objective(x_, y, state.mu_F, gamma_t, batch), x):
       raise base.BilevelValidationError(
@@ -423,7 +461,7 @@ def pbgd_free_cc(f: base.Objective,
 
     y_f, mu_f, lower_state, trace = saddle.solve(
         x, y, state.mu_F, state.lower_state, gamma_t, state.count, dtype,
-        batch)
+        batch, record)
     direction = jax.grad(upper_objective)(x, y_f, mu_f, gamma_t, batch)
     x_new, upper_state = inner.projected_step(
         upper_optimizer, direction, state.upper_state, x, proj_x)
@@ -431,7 +469,8 @@ def pbgd_free_cc(f: base.Objective,
     new_state = PBGDFreeCCState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, mu_F=mu_f,
-        diagnostics=_saddle_diagnostics(dtype, trace, direction, gamma_t))
-    return base.level_updates(params, x_new, y_f), new_state
+        diagnostics=_saddle_diagnostics(dtype, record, trace, direction,
+                                        gamma_t))
+    return base.BilevelParams(x_new, y_f), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, "pbgd_free_cc")

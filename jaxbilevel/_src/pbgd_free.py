@@ -8,6 +8,7 @@ import jax
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import continuation
 from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
@@ -96,7 +97,9 @@ def pbgd_free(f: base.Objective,
     f: upper objective ``f(x, y, batch) -> scalar``.
     g: lower objective ``g(x, y, batch) -> scalar``.
     gamma: penalty constant :math:`\gamma > 0`: a float, an array (may be
-      traced, for sweeps) or a schedule ``step -> gamma``.
+      traced, for sweeps) or a schedule ``step -> gamma``; ``"auto"`` or
+      :class:`jaxbilevel.GammaContinuation` grows it by continuation (see
+      :doc:`/choosing_gamma`).
     upper_optimizer: optax optimizer for ``x`` (any chain).
     lower_optimizer: optax optimizer for ``y`` (any chain).
     inner_steps: number K of lower steps per outer iteration (static int).
@@ -105,9 +108,11 @@ def pbgd_free(f: base.Objective,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``update(updates,
-    state, params, *, batch=None)`` ignores ``updates`` (pass ``None``),
-    takes ``params`` as a :class:`BilevelParams` and returns the change of
-    both levels; unknown keyword arguments are ignored.
+    state, params, *, batch=None)`` takes ``updates=None`` (the method
+    computes the updates of both levels itself; any other value raises
+    :class:`BilevelValidationError`), takes ``params`` as a
+    :class:`BilevelParams` and returns the change of both levels; unknown
+    keyword arguments are ignored.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -130,6 +135,14 @@ def pbgd_free(f: base.Objective,
   """
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
+  if continuation.is_continuation(gamma):
+    return continuation.penalty_continuation(
+        lambda gamma_: pbgd_free(
+            f, g, gamma=gamma_, upper_optimizer=upper_optimizer,
+            lower_optimizer=lower_optimizer, inner_steps=inner_steps,
+            proj_x=proj_x, proj_y=proj_y),
+        continuation.check_settings(gamma, "pbgd_free"), f=f, g=g,
+        method="pbgd_free")
   gamma = base.check_hyperparameter(gamma, "gamma")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
   _, proj_x, proj_y = base.level_arguments(
@@ -141,17 +154,20 @@ def pbgd_free(f: base.Objective,
         **base.init_state_fields(params, "pbgd_free", DIAGNOSTICS,
                                  upper_optimizer, lower_optimizer))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "pbgd_free")
+    params, dtype = base.begin_step(params, "pbgd_free")
+    record = base.recorded_names(diagnostics, DIAGNOSTICS, "pbgd_free")
     x, y = params
-    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype)
+    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
+                                          name="gamma")
 
     # K lower steps on f / gamma + g, warm-started from the previous y.
     y_new, lower_state, trace = inner.inner_solve(
         lambda y_: lower_objective(x, y_, gamma_t, batch), y,
         state.lower_state, optimizer=lower_optimizer, num_steps=inner_steps,
-        proj=proj_y, has_aux=True)
+        proj=proj_y, has_aux=True, grad_norm="lower_grad_norm" in record)
     # One upper step on grad_x f at the new y (the gamma-term is dropped).
     direction = upper_direction(f, x, y_new, batch, "pbgd_free")
     x_new, upper_state = inner.projected_step(
@@ -159,12 +175,12 @@ def pbgd_free(f: base.Objective,
 
     at_iterate = inner.first_step(trace)
     diag = base.diagnostics(
-        dtype, f=at_iterate.aux["f"], g=at_iterate.aux["g"],
-        upper_grad_norm=base.diagnostic_norm(direction),
+        dtype, record, f=at_iterate.aux["f"], g=at_iterate.aux["g"],
+        upper_grad_norm=lambda: base.diagnostic_norm(direction),
         lower_grad_norm=at_iterate.grad_norm, gamma=gamma_t)
     new_state = PBGDFreeState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, diagnostics=diag)
-    return base.level_updates(params, x_new, y_new), new_state
+    return base.BilevelParams(x_new, y_new), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, "pbgd_free")

@@ -464,10 +464,10 @@ def maml_counterexample(dtype=jnp.float64) -> BilevelProblem:
   :math:`\alpha=0.2` from :math:`\varphi_0=x`; :math:`a=(1,4)`,
   :math:`c=(0,2)`, :math:`d=(1,-1)`.
 
-  As a bilevel problem over :class:`BilevelParams`: ``x`` is the scalar
-  initialisation and ``y`` holds one adapted copy per task (shape ``(2,)``),
-  so ``g(x, y) = sum_tau 0.5 a_tau (y_tau - c_tau)^2`` (each coordinate takes
-  its own task's gradient step) and ``f(x, y) = sum_tau w_tau 0.5 (y_tau -
+  As a bilevel problem over :class:`~jaxbilevel.BilevelParams`: ``x`` is the
+  scalar initialisation and ``y`` holds one adapted copy per task (shape
+  ``(2,)``), so ``g(x, y) = sum_tau 0.5 a_tau (y_tau - c_tau)^2`` (each
+  coordinate takes its own task's gradient step) and ``f(x, y) = sum_tau w_tau 0.5 (y_tau -
   d_tau)^2``. ``batch`` is ``None`` (uniform task weights ``w = (1/2, 1/2)``,
   the exact objective :math:`F`) or an array of two task weights (e.g.
   ``(1, 0)`` for a one-task stochastic step). The inner problem starts at

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import numbers
+import sys
 import types
 import warnings
 from typing import Callable
@@ -28,6 +30,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxbilevel._src import base
+from jaxbilevel._src import loop as loop_lib
+from jaxbilevel._src import options as options_lib
 
 MAX_PROGRAMS = 16
 """The most compiled driver programs kept alive at once (least recently used dropped)."""
@@ -54,7 +60,69 @@ def bilevel_method(constructor: Callable) -> Callable:
       pass
     return tx
 
+  signature = inspect.signature(constructor)
+  build.__signature__ = _BuilderSignature(
+      list(signature.parameters.values()),
+      return_annotation=signature.return_annotation)
+  build.__signature__.method = constructor.__name__
   return build
+
+
+def check_hyperparameters_fit(tx, dtype, where: str) -> None:
+  """Refuses a constant hyperparameter of ``tx`` that ``dtype`` cannot hold.
+
+  A driver passes the floating-point hyperparameters to its program as
+  traced arguments (see the module notes), which the method casts to the
+  parameters' dtype, so a constant ``gamma=1e40`` becomes ``inf`` and
+  ``gamma=1e-50`` becomes 0 in float32, and the run can only stop on a
+  non-finite step. Called before the loop, this
+  names the argument and the cause, as a direct ``tx.update`` does (see
+  ``base.resolve_hyperparameter``). Checked once per transformation and dtype.
+  """
+  update = getattr(tx, "update", None)
+  recipe = getattr(update, _RECIPE, None)
+  if recipe is None:
+    return
+  checked = getattr(update, _FITS, ())
+  if dtype in checked:
+    return
+  _, args, kwargs = recipe
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      {**{f"argument {i}": a for i, a in enumerate(args)}, **kwargs}):
+    if not _is_hyperparameter(leaf):
+      continue
+    name = str(path[0].key) + jax.tree_util.keystr(path[1:])
+    message = base.dtype_range_error(leaf, name, dtype,
+                                     underflow=np.asarray(leaf) > 0)
+    if message is not None:
+      raise base.BilevelValidationError(f"{where}: {message}")
+  try:
+    setattr(update, _FITS, checked + (dtype,))
+  except AttributeError:
+    pass
+
+
+_FITS = "_jaxbilevel_fits_dtypes"
+
+
+class _BuilderSignature(inspect.Signature):
+  """The signature of a method builder, whose ``bind`` refuses ``optax.inject_hyperparams``.
+
+  ``optax.inject_hyperparams(builder)(f, g, ...)`` binds this signature and
+  then calls the objectives as schedules ``f(step)``, which fails inside the
+  user's function with a bare ``TypeError``; binding is the one step of it
+  that reaches our code, so ``bind`` explains what to use instead (see
+  ``base.refuse_inject_hyperparams``). Everything else is
+  ``inspect.Signature``'s.
+  """
+
+  __slots__ = ("method",)
+
+  def bind(self, *args, **kwargs):
+    # pylint: disable-next=protected-access
+    base.refuse_inject_hyperparams(getattr(self, "method", "this method"),
+                                   sys._getframe(1))
+    return super().bind(*args, **kwargs)
 
 
 class _Identity:
@@ -239,3 +307,94 @@ class ProgramCache:
 
   def clear(self):
     self._entries.clear()
+
+
+# ---------------------------------------------------------------------------
+# The drivers' programs: a chunk of steps, and init.
+# ---------------------------------------------------------------------------
+
+
+def _chunk_program(build):
+  """The jitted chunk of one program (see :mod:`programs`)."""
+
+  def chunk(hyperparameters, params, state, batch, batches, start, stopped, *,
+            batches_fn, length, mode, record, record_every, diagnostics):
+    tx = build(hyperparameters)
+    if state is None:
+      # A run's first chunk starts the state itself: XLA fuses the zeros
+      # into the loop's set-up, where a separate ``init`` costs a dispatch
+      # (and, eagerly, one per state leaf).
+      state = tx.init(params)
+    else:
+      options_lib.check_given_state(tx, params, state, "jaxbilevel.run")
+    params, state, stopped, history = loop_lib.scan_chunk(
+        tx, params, state, batch, batches_fn if batches_fn is not None else
+        batches, start, stopped, length=length, mode=mode, record=record,
+        record_every=record_every, diagnostics=diagnostics)
+    if mode == "fast":
+      history["finite"] = loop_lib.unchecked_finite(history, params, state)
+    return params, state, stopped, history
+
+  return jax.jit(chunk, static_argnames=(
+      "batches_fn", "length", "mode", "record", "record_every",
+      "diagnostics"))
+
+
+PROGRAMS = ProgramCache(_chunk_program)
+
+
+_NEEDS_STATIC = set()
+
+
+_TRACER_ERRORS = (jax.errors.ConcretizationTypeError,
+                  jax.errors.TracerBoolConversionError,
+                  jax.errors.TracerIntegerConversionError)
+
+
+def _call_program(cache, tx, *args, **kwargs):
+  """Calls the jitted program of ``tx`` in ``cache`` (see :mod:`programs`)."""
+  program = program_of(tx)
+  if program.key in _NEEDS_STATIC:
+    program = static_program(program)
+  try:
+    return cache.get(program)(program.hyperparameters, *args, **kwargs)
+  except _TRACER_ERRORS:
+    if not program.hyperparameters:
+      raise
+    # The method needs its hyperparameters as Python values (e.g. it
+    # branches on one): key the program by value instead.
+    _NEEDS_STATIC.add(program.key)
+    program = static_program(program)
+    return cache.get(program)(program.hyperparameters, *args, **kwargs)
+
+
+def run_chunk(tx, params, state, batch, batches, start, stopped, *, length,
+               mode, record, record_every, diagnostics):
+  """Runs one chunk through the shared, bounded program cache."""
+  fn = batches if callable(batches) else None
+  return _call_program(
+      PROGRAMS, tx, params, state, batch, None if fn else batches,
+      np.int32(start), stopped, batches_fn=fn, length=length, mode=mode,
+      record=record, record_every=record_every, diagnostics=diagnostics)
+
+
+INITS = ProgramCache(
+    lambda build: jax.jit(lambda hyperparameters, params:
+                          build(hyperparameters).init(params)))
+
+
+def init_state(tx, params):
+  """``tx.init(params)``, compiled once the same program has run before.
+
+  Eager initialisation dispatches one small operation per state leaf, which
+  costs more than a whole short run of a small problem when runs repeat (a
+  loop over hyperparameters); compiling it costs more than that once, so a
+  program's first run initialises eagerly. An ``init`` that needs concrete
+  values (a user's optimizer) always runs eagerly.
+  """
+  if program_of(tx) not in PROGRAMS:
+    return tx.init(params)
+  try:
+    return _call_program(INITS, tx, params)
+  except _TRACER_ERRORS:
+    return tx.init(params)

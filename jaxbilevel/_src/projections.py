@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxbilevel._src.base import BilevelValidationError
@@ -51,6 +52,15 @@ def box(lower=None, upper=None):
   """
   if lower is None and upper is None:
     raise BilevelValidationError("box() needs at least one of lower, upper.")
+  for name, bound, none in (("lower", lower, "-inf"), ("upper", upper, "inf")):
+    for leaf in jax.tree.leaves(bound):
+      if isinstance(leaf, jax.core.Tracer):
+        continue  # a traced bound cannot be checked here
+      if np.isnan(np.asarray(leaf, dtype=np.float64)).any():
+        raise BilevelValidationError(
+            f"box(): {name} contains NaN ({name}={str(bound)[:80]}); a NaN "
+            f"bound would make every projected value NaN. Use {name}=None "
+            f"(or {none}) for no bound.")
   if (lower is not None and upper is not None
       and not isinstance(lower, (dict, list, tuple))
       and not isinstance(upper, (dict, list, tuple))):

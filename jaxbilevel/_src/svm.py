@@ -102,11 +102,6 @@ def project_margins(x):
 # each split it calls torch.manual_seed(seed), then runs PBGD-Free (first draw
 # of n_train values) and PBGD-BLOCC (second draw) from the same generator.
 AUTHORS_DRAW = {"pbgd_free_cc": 0, "pbgd_blocc": 1}
-# The notebook's protocol (SVM/SVM_Tests.ipynb): 3 seeds, splits shuffled in
-# place one after the other (``datasets.random_splits(..., chained=True)``),
-# 50 epochs whose metrics are recorded at the start of each epoch, so the
-# "last epoch" accuracy is that after 49 outer iterations.
-AUTHORS_NOTEBOOK = dict(seeds=3, chained=True, outer_iterations=49)
 
 
 def torch_cpu_uniform(seed: int, size: int, low: float = 0.0,
@@ -156,7 +151,7 @@ class FitResult(NamedTuple):
   """Outcome of :func:`fit` (arrays; ``vmap``-able).
 
   Attributes:
-    params: the final :class:`BilevelParams` (``params.y`` is
+    params: the final :class:`~jaxbilevel.BilevelParams` (``params.y`` is
       :math:`(w_F,b_F)`).
     epochs: number of outer iterations taken.
     val_loss: mean validation loss at the final iterate.

@@ -17,6 +17,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from jaxbilevel._src import base
+from jaxbilevel._src import loop as loop_lib
+from jaxbilevel._src import nonfinite as nonfinite_lib
+from jaxbilevel._src import options as options_lib
 from jaxbilevel._src import run as run_lib
 from jaxbilevel._src import sharding as sharding_lib
 from jaxbilevel._src import tree as tree_lib
@@ -137,16 +140,18 @@ def _sweep_core(points, params, batch, batches, *, make_tx, params_fn,
   # Whether every point's steps and, for a small model, its final iterate
   # are finite, as one value read by the host.
   if mode == "fast":
-    finite = run_lib.unchecked_finite(history, params, state)
+    finite = loop_lib.unchecked_finite(history, params, state)
     # The recorded diagnostics' incoming values would be outputs (one copy
     # each) that the host replaces with the last rows: they are left out.
-    state = run_lib.with_diagnostics(state, {
-        k: v for k, v in run_lib.find_diagnostics(state).items()
+    state = loop_lib.with_diagnostics(state, {
+        k: v for k, v in loop_lib.find_diagnostics(state).items()
         if k not in history})
     return params, state, history, finite
   finite = jnp.all(history["finite"])
-  if run_lib.checked_in_program(params, state):
-    finite &= tree_lib.tree_all_finite((params, state))
+  if loop_lib.checked_in_program(params, state):
+    # (Diagnostics not recorded are NaN: the recorded ones are in history.)
+    finite &= tree_lib.tree_all_finite(
+        (params, loop_lib.with_diagnostics(state, {})))
   return params, state, history, finite
 
 
@@ -160,7 +165,7 @@ _sweep_jit = jax.jit(
 
 # One compiled call instead of a slice per diagnostic, for histories that are
 # not in this process's host memory.
-_with_last_diagnostics = jax.jit(run_lib.with_last_diagnostics,
+_with_last_diagnostics = jax.jit(loop_lib.with_last_diagnostics,
                                  static_argnames="names")
 
 
@@ -173,8 +178,8 @@ def _last_diagnostics(state, history):
   """
   # (The rows come from one program: they all lie where the first does.)
   names = tuple(history)
-  if run_lib.on_host(next(iter(history.values())).sharding):
-    return run_lib.with_last_diagnostics(
+  if nonfinite_lib.on_host(next(iter(history.values())).sharding):
+    return loop_lib.with_last_diagnostics(
         state, {k: np.asarray(v) for k, v in history.items()}, names)
   return _with_last_diagnostics(state, history, names=names)
 
@@ -301,7 +306,7 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
         f"sweep: on_nonfinite must be 'stop', 'skip' or 'ignore' (a sweep "
         f"cannot raise from inside the compiled program), got "
         f"{on_nonfinite!r}.")
-  run_lib._check_batches(batch, batches, num_steps)  # pylint: disable=protected-access
+  options_lib.check_batches(batch, batches, num_steps)
   if isinstance(params, base.BilevelParams):
     base.check_params(params, "sweep")
     params_fn, dtype = None, base.params_dtype(params)
@@ -328,18 +333,19 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
     if batches_fn is not None:
       batches = None
 
-  record_every = run_lib._check_record_every(  # pylint: disable=protected-access
+  record_every = options_lib.check_record_every(
       record, record_every, num_steps, "sweep")
   options = dict(make_tx=make_tx, params_fn=params_fn, batches_fn=batches_fn,
                  num_steps=num_steps, record=record, record_every=record_every,
-                 diagnostics=run_lib.diagnostics_option(diagnostics, "sweep"))
+                 diagnostics=options_lib.diagnostics_option(diagnostics, "sweep"))
   args = (run_points, params, batch,
           None if batches_fn is not None else batches)
   mode = "fast" if on_nonfinite == "stop" else on_nonfinite
   num_run_points = jax.tree.leaves(run_points)[0].shape[0]
   *out, finite = _sweep_jit(*args, mode=mode, **options)
-  finite = bool(finite) and (run_lib.checked_in_program(out[0], out[1])
-                             or run_lib.all_finite(out[:2]))
+  finite = bool(finite) and (loop_lib.checked_in_program(out[0], out[1])
+                             or nonfinite_lib.all_finite(
+                                 (out[0], loop_lib.with_diagnostics(out[1], {}))))
   if mode == "fast" and not finite:
     # Some point failed: run again with the per-step guard, which freezes
     # each failed point at its last finite iterate.
@@ -348,10 +354,10 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
     recorded = {k: v for k, v in out[2].items() if k != "record"}
     if recorded:
       out[1] = _last_diagnostics(out[1], recorded)
-    out[2] = run_lib.unchecked_rows(out[2], 0, num_steps,
+    out[2] = loop_lib.unchecked_rows(out[2], 0, num_steps,
                                     points=(num_run_points,))
   if num_run_points != num_points:
     out = jax.tree.map(lambda v: v[:num_points], out)
   if not finite and on_nonfinite != "ignore":
     _warn_nonfinite(out[2], points, num_points)
-  return out[0], out[1], run_lib.History(out[2])
+  return out[0], out[1], options_lib.History(out[2])

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
+from jaxbilevel._src import continuation
 from jaxbilevel._src import programs
 from jaxbilevel._src import inner
 from jaxbilevel._src import objectives
@@ -85,7 +86,11 @@ def v_pbgd(f: base.Objective,
   Args:
     f: upper objective ``f(x, y, batch) -> scalar``.
     g: lower objective ``g(x, y, batch) -> scalar``.
-    gamma: penalty constant :math:`\gamma\ge0` (float, array or schedule).
+    gamma: penalty constant :math:`\gamma\ge0` (float, array or schedule);
+      ``"auto"`` or :class:`jaxbilevel.GammaContinuation` grows it by
+      continuation (see :doc:`/choosing_gamma`;
+      the joint step then needs a step size stable at ``max``, or
+      ``normalize=True``).
     upper_optimizer: optax optimizer for ``x`` (step :math:`\alpha`).
     lower_optimizer: optax optimizer for ``y``.
     value_optimizer: optax optimizer for :math:`\omega` (step :math:`\beta`;
@@ -117,6 +122,15 @@ def v_pbgd(f: base.Objective,
   """
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
+  if continuation.is_continuation(gamma):
+    return continuation.penalty_continuation(
+        lambda gamma_: v_pbgd(
+            f, g, gamma=gamma_, upper_optimizer=upper_optimizer,
+            lower_optimizer=lower_optimizer, value_optimizer=value_optimizer,
+            value_steps=value_steps, normalize=normalize, proj_x=proj_x,
+            proj_y=proj_y),
+        continuation.check_settings(gamma, "v_pbgd"), f=f, g=g,
+        method="v_pbgd")
   gamma = base.check_hyperparameter(gamma, "gamma", allow_zero=True)
   value_steps = base.check_static_int(value_steps, "value_steps")
   value_optimizer, proj_x, proj_y = base.level_arguments(
@@ -128,21 +142,24 @@ def v_pbgd(f: base.Objective,
         **base.init_state_fields(params, "v_pbgd", DIAGNOSTICS, upper_optimizer,
                                  lower_optimizer, value_optimizer))
 
-  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+  def step_fn(params, state, *, batch=None, diagnostics=False,
+              **extra_args):
     del extra_args
-    params, dtype = base.begin_update(updates, params, "v_pbgd",
+    params, dtype = base.begin_step(params, "v_pbgd",
                                       y_g=state.y_g)
+    record = base.recorded_names(diagnostics, DIAGNOSTICS, "v_pbgd")
     x, y = params
     gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
-                                          allow_zero=True)
+                                          allow_zero=True, name="gamma")
 
-    # T steps of the value tracker omega on g (warm start, never reset).
-    omega, value_state, _ = inner.inner_solve(
+    # T steps of the value tracker y_g on g (warm start, never reset).
+    y_g, value_state, _ = inner.inner_solve(
         lambda y_: g(x, y_, batch), state.y_g, state.value_state,
-        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y)
-    # Joint gradient of f + gamma (g(x, y) - g(x, omega)) at (x_k, y_k).
+        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y,
+        grad_norm=False)
+    # Joint gradient of f + gamma (g(x, y) - g(x, y_g)) at (x_k, y_k).
     (_, aux), (grad_x, grad_y) = jax.value_and_grad(
-        penalty, argnums=(0, 1), has_aux=True)(x, y, omega, gamma_t, batch)
+        penalty, argnums=(0, 1), has_aux=True)(x, y, y_g, gamma_t, batch)
     if normalize:
       scale = jnp.minimum(1.0 / gamma_t, 1.0)
       grad_x = jax.tree.map(lambda v: v * scale.astype(v.dtype), grad_x)
@@ -153,14 +170,14 @@ def v_pbgd(f: base.Objective,
         lower_optimizer, grad_y, state.lower_state, y, proj_y)
 
     diag = base.diagnostics(
-        dtype, f=aux["f"], g=aux["g"],
-        upper_grad_norm=base.diagnostic_norm(grad_x),
-        lower_grad_norm=base.diagnostic_norm(grad_y), gamma=gamma_t,
+        dtype, record, f=aux["f"], g=aux["g"],
+        upper_grad_norm=lambda: base.diagnostic_norm(grad_x),
+        lower_grad_norm=lambda: base.diagnostic_norm(grad_y), gamma=gamma_t,
         g_gap=aux["g_gap"])
     new_state = VPBGDState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, y_g=omega,
+        lower_state=lower_state, value_state=value_state, y_g=y_g,
         diagnostics=diag)
-    return base.level_updates(params, x_new, y_new), new_state
+    return base.BilevelParams(x_new, y_new), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.bilevel_transformation(init_fn, step_fn, "v_pbgd")

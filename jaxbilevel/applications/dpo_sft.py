@@ -133,6 +133,7 @@ class CausalLM(nn.Module):
   config: LMConfig
 
   def setup(self):
+    """Token embedding, learned positions, blocks, final norm and head."""
     c = self.config
     self.embed = nn.Embed(c.vocab, c.d_model)
     self.pos = self.param("pos", nn.initializers.normal(0.02),
@@ -343,7 +344,7 @@ def problem(*, seed: int = 0, config: LMConfig = LMConfig(),
     ``preference_accuracy`` and ``reward_margin``; ``info`` has the model,
     the reference params, the :class:`~jaxbilevel.lora.LoRA`, the
     pre-training record and ``refit_sft``, the second half of the SFT
-    training rows (for :func:`transfer`).
+    training rows (for the stage-2 re-fit of :func:`make_transfer`).
 
   Examples:
     >>> import jax, optax, jaxbilevel as jbl

@@ -49,6 +49,8 @@ from jaxbilevel.applications import _common
 
 TARGET = "income"
 SENSITIVE = "gender"
+#: The 21 feature columns of the NLSY79 file, in the order of the model's
+#: input.
 FEATURES = ("genhealth", "illegalact", "age", "charged", "grade90",
             "jobsnum90", "afqt89", "jobtrain90", "job_agri", "job_mining",
             "job_construction", "job_manuf", "job_transp", "job_wholesale",

@@ -38,6 +38,7 @@ from jaxbilevel._src import base
 from jaxbilevel._src import projections
 from jaxbilevel.applications import _common
 
+#: Bounds of the log-strengths ``x`` that ``info["proj_x"]`` projects onto.
 LOG_STRENGTH_BOUNDS = (-8.0, 8.0)
 
 

@@ -1,13 +1,17 @@
 """Pretrained decoder LMs (Llama / Qwen2) in flax.nnx, with LoRA and a bilevel split.
 
 Not imported by ``import jaxbilevel``; the loaders need the optional
-``llm`` extra: ``pip install 'jaxbilevel[llm]'``.
+``llm`` extra: ``pip install -e ".[llm]"`` in a jaxbilevel checkout (or
+``pip install safetensors gguf tokenizers``).
 """
 
 from jaxbilevel._src.llm.adapters import add_lora
 from jaxbilevel._src.llm.adapters import bilevel_split
 from jaxbilevel._src.llm.adapters import ScaledLoRA
 from jaxbilevel._src.llm.adapters import zero_adapters
+from jaxbilevel._src.llm.chat import chat_template
+from jaxbilevel._src.llm.chat import format_chat
+from jaxbilevel._src.llm.chat import read_chat_template
 from jaxbilevel._src.llm.data import apply_chat_template
 from jaxbilevel._src.llm.data import batch_iterator
 from jaxbilevel._src.llm.data import from_hf_dataset
@@ -27,6 +31,16 @@ from jaxbilevel._src.llm.data import stacked_batches
 from jaxbilevel._src.llm.data import tokenize_preferences
 from jaxbilevel._src.llm.data import tokenize_sft
 from jaxbilevel._src.llm.data import train_eval_split
+from jaxbilevel._src.llm.export import load_adapter
+from jaxbilevel._src.llm.export import merge_lora
+from jaxbilevel._src.llm.export import read_adapter
+from jaxbilevel._src.llm.export import save_adapter
+from jaxbilevel._src.llm.generate import forward_cached
+from jaxbilevel._src.llm.generate import generate
+from jaxbilevel._src.llm.generate import Generation
+from jaxbilevel._src.llm.generate import init_cache
+from jaxbilevel._src.llm.generate import KVCache
+from jaxbilevel._src.llm.generate import top_p_filter
 from jaxbilevel._src.llm.loading import CheckpointError
 from jaxbilevel._src.llm.loading import gguf_to_hf_name
 from jaxbilevel._src.llm.loading import hf_parameter_names
@@ -45,6 +59,8 @@ from jaxbilevel._src.llm.losses import dpo_metrics
 from jaxbilevel._src.llm.losses import dpo_reward_margin
 from jaxbilevel._src.llm.losses import make_dpo_loss
 from jaxbilevel._src.llm.losses import make_sft_loss
+from jaxbilevel._src.llm.losses import preference_accuracy
+from jaxbilevel._src.llm.losses import preference_eval
 from jaxbilevel._src.llm.losses import sequence_logprobs
 from jaxbilevel._src.llm.losses import token_logprobs
 from jaxbilevel._src.llm.model import CausalLM
@@ -59,6 +75,8 @@ __all__ = (
     "CausalLM",
     "CheckpointError",
     "DPOSFTProblem",
+    "Generation",
+    "KVCache",
     "LLMDataError",
     "LMConfig",
     "PREFERENCE_KEYS",
@@ -72,15 +90,21 @@ __all__ = (
     "apply_chat_template",
     "batch_iterator",
     "bilevel_split",
+    "chat_template",
     "count_params",
     "dpo_logprobs",
     "dpo_metrics",
     "dpo_reward_margin",
     "dpo_sft_problem",
+    "format_chat",
+    "forward_cached",
     "from_hf_dataset",
+    "generate",
     "gguf_to_hf_name",
     "hf_parameter_names",
     "hh_messages",
+    "init_cache",
+    "load_adapter",
     "load_gguf",
     "load_preference_jsonl",
     "load_pretrained",
@@ -90,18 +114,25 @@ __all__ = (
     "locate",
     "make_dpo_loss",
     "make_sft_loss",
+    "merge_lora",
+    "preference_accuracy",
+    "preference_eval",
     "preference_to_sft",
+    "read_adapter",
+    "read_chat_template",
     "read_config",
     "read_jsonl",
     "rope_inverse_frequencies",
     "rope_permute",
     "rope_unpermute",
+    "save_adapter",
     "save_safetensors",
     "sequence_logprobs",
     "shuffle",
     "split_hh_dialogue",
     "stacked_batches",
     "token_logprobs",
+    "top_p_filter",
     "tokenize_preferences",
     "tokenize_sft",
     "train_eval_split",

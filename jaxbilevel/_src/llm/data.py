@@ -80,6 +80,7 @@ import gzip
 import json
 import os
 import warnings
+import zlib
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
                     NamedTuple, Optional, Sequence, Tuple, Union)
 
@@ -176,8 +177,9 @@ def read_jsonl(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
     ``(line_number, dict)`` pairs.
 
   Raises:
-    LLMDataError: if the file is missing, a line is not UTF-8, not JSON, or
-      not a JSON object; the message names the file and the line.
+    LLMDataError: if the file is missing, truncated or corrupt (a cut
+      ``.gz`` download), a line is not UTF-8, not JSON, or not a JSON object;
+      the message names the file and the line.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -188,7 +190,20 @@ def read_jsonl(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
     gzipped = f.read(2) == b"\x1f\x8b"
   opener = gzip.open if gzipped else open
   with opener(path, "rb") as f:
-    for lineno, raw in enumerate(f, start=1):
+    lineno = 0
+    while True:
+      try:
+        raw = f.readline()
+      except (EOFError, OSError, zlib.error) as e:
+        # A truncated download (EOFError) or damaged compressed data.
+        raise LLMDataError(
+            f"{path}: the {'gzip ' if gzipped else ''}file is truncated or "
+            f"corrupt: reading stopped after line {lineno} "
+            f"({type(e).__name__}: {e}). Download or compress the file "
+            "again.") from None
+      if not raw:
+        break
+      lineno += 1
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:

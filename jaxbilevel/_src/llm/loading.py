@@ -1,7 +1,8 @@
 """Loading pretrained Llama / Qwen2 checkpoints into :class:`CausalLM`.
 
 Two formats are read, both with their maintained reader packages (the
-optional ``llm`` extra: ``pip install jaxbilevel[llm]``):
+optional ``llm`` extra: ``pip install -e ".[llm]"`` in a checkout, or
+``pip install safetensors gguf tokenizers``):
 
 * a Hugging Face directory with ``config.json`` and ``*.safetensors``
   (one file or shards listed in ``model.safetensors.index.json``), read with
@@ -53,7 +54,8 @@ def _require(module: str):
   except ImportError:
     raise ImportError(
         f"jaxbilevel.llm needs the package {module!r}: pip install "
-        "'jaxbilevel[llm]' (safetensors, gguf, tokenizers).") from None
+        "safetensors gguf tokenizers (or, in a jaxbilevel checkout, pip "
+        "install -e '.[llm]').") from None
 
 
 # ---------------------------------------------------------------------------
@@ -277,8 +279,9 @@ def _hf_tensors(model: CausalLM) -> Dict[str, jax.Array]:
     except KeyError:
       raise CheckpointError(
           f"save_safetensors: the model has no parameter at {path} (for "
-          f"{name}); a model with LoRA adapters must have them merged or "
-          "removed before saving.") from None
+          f"{name}); a model with LoRA adapters must have them merged "
+          "first: llm.save_safetensors(llm.merge_lora(model), path) (or save "
+          "the adapters alone with llm.save_adapter).") from None
     out[name] = jnp.asarray(value.T if transpose else value)
   return out
 
@@ -495,8 +498,9 @@ def load_gguf(path, *, dtype=jnp.float32, param_dtype=jnp.float32,
     The :class:`CausalLM` (its config is ``model.config``).
 
   Raises:
-    FileNotFoundError, CheckpointError, UnknownArchitectureError: as
-    :func:`load_safetensors`.
+    FileNotFoundError: as :func:`load_safetensors`.
+    CheckpointError: as :func:`load_safetensors`.
+    UnknownArchitectureError: as :func:`load_safetensors`.
   """
   import gguf  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
@@ -534,8 +538,6 @@ def load_gguf(path, *, dtype=jnp.float32, param_dtype=jnp.float32,
 
 # Pre-tokenizer regular expressions of llama.cpp's ``tokenizer.ggml.pre``
 # names, as in the corresponding tokenizer.json files.
-_GPT2_SPLIT = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"
-               r"|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+"
                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+"
@@ -674,9 +676,11 @@ def load_pretrained(path_or_name, *, dtype=jnp.float32,
     ``(model, tokenizer, config)``.
 
   Raises:
-    FileNotFoundError, CheckpointError, UnknownArchitectureError; a
-    CheckpointError too when the tokenizer has more tokens than the model
-    has embedding rows.
+    FileNotFoundError: as :func:`load_safetensors` and :func:`load_gguf`.
+    CheckpointError: as :func:`load_safetensors` and :func:`load_gguf`, and
+      when the tokenizer has more tokens than the model has embedding rows.
+    UnknownArchitectureError: as :func:`load_safetensors` and
+      :func:`load_gguf`.
   """
   kwargs = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
   if isinstance(path_or_name, str) and path_or_name in _NAMED:

@@ -37,10 +37,12 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ApplyFn = Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
@@ -215,7 +217,8 @@ def dpo_metrics(apply_fn: ApplyFn, x: Any, y: Any, batch: Batch, *,
 
   Returns:
     A dict of scalars: ``loss`` (as :func:`make_dpo_loss`), ``accuracy``
-    (fraction of pairs with a positive margin), ``margin`` (mean reward
+    (fraction of pairs with a positive margin, a tie counting 1/2: see
+    :func:`preference_accuracy`), ``margin`` (mean reward
     margin ``beta[(pi_c - ref_c) - (pi_r - ref_r)]``), ``chosen_reward`` and
     ``rejected_reward`` (means of ``beta (pi - ref)``).
   """
@@ -225,7 +228,7 @@ def dpo_metrics(apply_fn: ApplyFn, x: Any, y: Any, batch: Batch, *,
   rejected = beta * (pi_r - dpo["ref_rejected_logp"])
   margin = chosen - rejected
   return {"loss": jnp.mean(-jax.nn.log_sigmoid(margin)),
-          "accuracy": jnp.mean((margin > 0).astype(margin.dtype)),
+          "accuracy": jnp.mean(preference_accuracy(margin)),
           "margin": jnp.mean(margin),
           "chosen_reward": jnp.mean(chosen),
           "rejected_reward": jnp.mean(rejected)}
@@ -320,3 +323,123 @@ def dpo_logprobs(apply_fn: ApplyFn, x: Any, y: Any, batch: Batch, *,
   """Policy log-probabilities ``(pi_chosen, pi_rejected)``, each ``(B,)``."""
   return _pair_logprobs(apply_fn, x, y,
                         _part(batch, key, _PREFERENCE_KEYS, "dpo_logprobs"))
+
+
+def preference_accuracy(margin: jax.Array) -> jax.Array:
+  """Per-pair preference score: 1 if ``margin > 0``, 1/2 if 0, else 0.
+
+  Decision: a tie counts as half right, so a model that does not separate
+  the two responses at all (e.g. the reference model itself, whose margins
+  are all exactly 0) scores 0.5, the accuracy of a coin flip, not 0.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbilevel import llm
+    >>> llm.preference_accuracy(jnp.array([0.3, 0.0, -1.0])).tolist()
+    [1.0, 0.5, 0.0]
+  """
+  margin = jnp.asarray(margin)
+  kind = jnp.promote_types(margin.dtype, jnp.float32)
+  return ((margin > 0).astype(kind) + 0.5 * (margin == 0).astype(kind))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames="beta")
+def _eval_margins(apply_fn, has_ref, x, y, reference, chunks, *, beta):
+  def one(chunk):
+    pi_c, pi_r = _pair_logprobs(apply_fn, x, y, chunk)
+    if has_ref:
+      ref_c, ref_r = chunk["ref_chosen_logp"], chunk["ref_rejected_logp"]
+    else:
+      ref_c, ref_r = _pair_logprobs(apply_fn, reference[0], reference[1],
+                                    chunk)
+    return dpo_reward_margin(pi_c, pi_r, ref_c, ref_r, beta=beta)
+
+  return jax.lax.map(one, chunks)
+
+
+def preference_eval(apply_fn: ApplyFn, x: Any, y: Any, pairs: Batch, *,
+                    reference: Any = None, beta: float = 0.1,
+                    batch_size: int = 8) -> Dict[str, float]:
+  r"""Preference accuracy and reward margin on held-out pairs, with errors.
+
+  For each pair the implicit DPO reward margin
+  :math:`m = \beta[(\pi_c - \mathrm{ref}_c) - (\pi_r - \mathrm{ref}_r)]`
+  is computed (:func:`dpo_reward_margin`), in chunks of ``batch_size`` pairs
+  under one compiled program. The accuracy scores each pair with
+  :func:`preference_accuracy` (a tie counts 1/2, so the reference model
+  scores 0.5). Standard errors are those of a mean over independent pairs,
+  ``std(ddof=1) / sqrt(n)``.
+
+  Args:
+    apply_fn: ``(x, y, input_ids, attention_mask) -> logits`` (e.g.
+      ``problem.apply_fn`` of :func:`jaxbilevel.llm.dpo_sft_problem`, or
+      :func:`jaxbilevel.llm.bilevel_split`'s).
+    x: the upper variable (adapters) to evaluate.
+    y: the lower variable (head) to evaluate.
+    pairs: preference arrays of
+      :func:`jaxbilevel.llm.tokenize_preferences` (``[N, T]`` each); if
+      they hold ``ref_chosen_logp`` / ``ref_rejected_logp`` (as
+      ``problem.batches["dpo"]`` does) those are the reference.
+    reference: otherwise, the reference model's ``(x, y)`` for ``apply_fn``,
+      e.g. ``problem.params0`` (adapters with ``B = 0``: the base model).
+    beta: the DPO temperature of the margin.
+    batch_size: pairs per forward pass.
+
+  Returns:
+    A dict of floats: ``accuracy``, ``accuracy_se``, ``margin`` (mean reward
+    margin), ``margin_se``, ``loss`` (mean DPO loss) and ``n`` (pairs).
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from jaxbilevel import llm
+    >>> apply_fn = lambda x, y, ids, m: jnp.zeros(ids.shape + (5,)) + x
+    >>> ids = np.array([[1, 2, 3]] * 4)
+    >>> pairs = dict(chosen_ids=ids, chosen_attention_mask=ids * 0 + 1,
+    ...              chosen_loss_mask=np.array([[0, 1, 1]] * 4),
+    ...              rejected_ids=ids, rejected_attention_mask=ids * 0 + 1,
+    ...              rejected_loss_mask=np.array([[0, 0, 1]] * 4))
+    >>> out = llm.preference_eval(apply_fn, 0.0, None, pairs,
+    ...                           reference=(0.0, None), batch_size=3)
+    >>> out["accuracy"], out["margin"], out["n"]   # all ties
+    (0.5, 0.0, 4)
+  """
+  missing = [k for k in _PREFERENCE_KEYS if k not in pairs]
+  if missing:
+    raise KeyError(f"preference_eval: pairs lacks {missing} (use the arrays "
+                   "of jaxbilevel.llm.tokenize_preferences).")
+  beta = float(beta)
+  if not beta > 0:
+    raise ValueError(f"preference_eval: beta must be > 0, got {beta}.")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
+      batch_size < 1):
+    raise ValueError(f"preference_eval: batch_size must be an int >= 1, got "
+                     f"{batch_size!r}.")
+  has_ref = all(k in pairs for k in _REF_KEYS)
+  if not has_ref and reference is None:
+    raise ValueError(
+        "preference_eval: pairs has no ref_chosen_logp / ref_rejected_logp; "
+        "pass reference=(x_ref, y_ref), e.g. problem.params0 (the base "
+        "model).")
+  keys = _PREFERENCE_KEYS + (_REF_KEYS if has_ref else ())
+  arrays = {k: np.asarray(pairs[k]) for k in keys}
+  n = int(arrays["chosen_ids"].shape[0])
+  if n == 0:
+    raise ValueError("preference_eval: pairs is empty.")
+  size = min(batch_size, n)
+  count = -(-n // size)
+  index = np.concatenate([np.arange(n), np.zeros(count * size - n, np.int64)])
+  chunks = {k: v[index].reshape((count, size) + v.shape[1:])
+            for k, v in arrays.items()}
+  ref = None if has_ref else tuple(reference)
+  margin = np.asarray(_eval_margins(apply_fn, has_ref, x, y, ref, chunks,
+                                    beta=beta)).reshape(-1)[:n]
+  margin = margin.astype(np.float64)
+  score = np.asarray(preference_accuracy(margin)).astype(np.float64)
+  loss = np.logaddexp(0.0, -margin)  # -log sigmoid(m)
+
+  def se(values):
+    return float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+
+  return {"accuracy": float(np.mean(score)), "accuracy_se": se(score),
+          "margin": float(np.mean(margin)), "margin_se": se(margin),
+          "loss": float(np.mean(loss)), "n": n}

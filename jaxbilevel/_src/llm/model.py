@@ -515,6 +515,7 @@ class CausalLM(nnx.Module):
       raise base.BilevelValidationError(
           f"CausalLM: input_ids must be an int array [batch, length], got "
           f"shape {input_ids.shape} dtype {input_ids.dtype}.")
+    check_token_ids(input_ids, self.config.vocab_size, "CausalLM")
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     attention_mask = jnp.asarray(attention_mask)
@@ -543,6 +544,42 @@ class CausalLM(nnx.Module):
     for layer in self.layers:
       h = block(layer, h, cos, sin, mask)
     return self.lm_head(self.norm(h)).astype(_at_least_f32(self.dtype))
+
+
+def check_token_ids(ids, vocab_size: int, where: str) -> None:
+  """Refuses concrete token ids outside ``[0, vocab_size)``, naming them.
+
+  ``jnp.take`` (the embedding lookup) returns NaN rows for ids past the
+  table and wraps negative ones around, so such ids would give NaN or wrong
+  logits without a word. Traced ids (inside ``jax.jit``) cannot be read and
+  are not checked.
+
+  Examples:
+    >>> import numpy as np
+    >>> from jaxbilevel._src.llm import model
+    >>> model.check_token_ids(np.array([[1, 2, 3]]), 4, "demo")
+    >>> try:
+    ...   model.check_token_ids(np.array([[1, 7, 3]]), 4, "demo")
+    ... except ValueError as err:
+    ...   print(str(err)[:58])
+    demo: token ids must be in [0, vocab_size) = [0, 4), got 7
+  """
+  if isinstance(ids, jax.core.Tracer):
+    return
+  ids = np.asarray(ids)
+  bad = (ids < 0) | (ids >= vocab_size)
+  if not bad.any():
+    return
+  values = np.unique(ids[bad])
+  first = tuple(int(i) for i in np.argwhere(bad)[0])
+  shown = ", ".join(str(v) for v in values[:8]) + (
+      f", ... ({values.size} distinct)" if values.size > 8 else "")
+  raise base.BilevelValidationError(
+      f"{where}: token ids must be in [0, vocab_size) = [0, {vocab_size}), "
+      f"got {shown} (first at index {list(first)}). The embedding would give "
+      "NaN (or, for negative ids, another token's) rows: tokenize with the "
+      "model's own tokenizer (jaxbilevel.llm.load_pretrained returns it), or "
+      "use a model whose config has a larger vocab_size.")
 
 
 def count_params(model: nnx.Module, filter_=nnx.Param) -> int:

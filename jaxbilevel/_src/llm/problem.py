@@ -78,6 +78,7 @@ from jaxbilevel._src import sharding
 from jaxbilevel._src.llm import adapters
 from jaxbilevel._src.llm import data as data_lib
 from jaxbilevel._src.llm import losses
+from jaxbilevel._src.llm import model as model_lib
 
 _FROM_CONFIG = "config"
 
@@ -98,7 +99,9 @@ class DPOSFTProblem(NamedTuple):
       log-probabilities and SFT token weights added.
     evaluate: ``evaluate(params) -> dict`` of floats on the eval split:
       ``dpo_loss``, ``accuracy`` (fraction of pairs with a positive reward
-      margin), ``reward_margin`` (mean), ``sft_loss`` (token average).
+      margin, a tie counting 1/2, so the base model scores 0.5),
+      ``reward_margin`` (mean), ``sft_loss`` (token average). For standard
+      errors use :func:`jaxbilevel.llm.preference_eval`.
     refit_head: ``refit_head(params, num_steps, optimizer) -> (params,
       sft_losses)``: the authors' stage 2, ``num_steps`` optax steps on ``g``
       over ``y`` with ``x`` frozen (cycling through the training batches);
@@ -163,6 +166,33 @@ def _tokenized(examples, keys, tokenize, what):
     raise _err(f"{what} is a dict without the keys {missing}; pass text "
                f"examples or the arrays of tokenize_* (keys {list(keys)}).")
   return tokenize(list(examples))
+
+
+def _check_fits_model(arrays, config, what: str) -> None:
+  """Refuses token ids or sequence lengths that ``config``'s model cannot take.
+
+  Ids outside the vocabulary give NaN reference log-probabilities (see
+  :func:`jaxbilevel.llm.model.check_token_ids`) and sequences longer than
+  ``max_position_embeddings`` run the model at positions it was never
+  trained on; both are refused here, when the problem is built.
+  """
+  vocab_size = getattr(config, "vocab_size", None)
+  positions = getattr(config, "max_position_embeddings", None)
+  for key in sorted(arrays):
+    if not key.endswith("ids"):
+      continue
+    value = arrays[key]
+    if isinstance(vocab_size, int):
+      model_lib.check_token_ids(value, vocab_size,
+                                f"dpo_sft_problem: {what}[{key!r}]")
+    length = np.shape(value)[-1]
+    if isinstance(positions, int) and length > positions:
+      raise _err(
+          f"{what}[{key!r}] holds sequences of {length} tokens, more than "
+          f"the model's max_position_embeddings={positions} (the context "
+          f"length of the checkpoint); sequences are not truncated. Pass "
+          f"max_len <= {positions} (text data are cut to max_len tokens) or "
+          f"cut the arrays to at most {positions} tokens.")
 
 
 def _sft_token_weights(loss_mask: np.ndarray) -> np.ndarray:
@@ -269,7 +299,10 @@ def dpo_sft_problem(model: nnx.Module,
     sft_data: :class:`SFTExample` items, the arrays of :func:`tokenize_sft`,
       or ``None`` (see above).
     num_steps: the number of stacked training batches.
-    max_len: tokens per sequence (prompt + response + padding).
+    max_len: tokens per sequence (prompt + response + padding); text is
+      cut to it. Sequences (text cut to ``max_len``, or given arrays) longer
+      than the model's ``max_position_embeddings`` are refused, not
+      truncated.
     max_prompt_len: prompt tokens kept when a sequence is cut (default
       ``max_len // 2``).
     dpo_batch_size: preference pairs per batch.
@@ -288,6 +321,10 @@ def dpo_sft_problem(model: nnx.Module,
       both batch sizes.
     remat: rematerialize the decoder blocks (``None``: the model's setting).
     mesh: a :class:`jax.sharding.Mesh` to place batches and parameters on.
+      A mesh with ``Explicit`` axes (the default of ``jax.make_mesh`` in
+      recent JAX) is used with the same devices and axis names but ``Auto``
+      axes: the model's embedding gather has no explicit output sharding, so
+      with explicit axes JAX refuses it (``ShardingTypeError``).
     data_axis: the mesh axis the examples of a batch are split over.
     fsdp_axis: the mesh axis that large parameters and frozen weights are
       split over (``None``: replicated).
@@ -364,6 +401,7 @@ def dpo_sft_problem(model: nnx.Module,
   pref = _tokenized(preference_data, data_lib.PREFERENCE_KEYS,
                     lambda ex: data_lib.tokenize_preferences(
                         ex, tokenizer, **tok_kw), "preference_data")
+  _check_fits_model(pref, config, "preference_data")
   if sft_data is None:
     pref, other = data_lib.train_eval_split(pref, eval_size=0.5, seed=seed)
     sft = {"input_ids": other["chosen_ids"],
@@ -373,6 +411,8 @@ def dpo_sft_problem(model: nnx.Module,
     sft = _tokenized(sft_data, data_lib.SFT_KEYS,
                      lambda ex: data_lib.tokenize_sft(ex, tokenizer, **tok_kw),
                      "sft_data")
+  if sft_data is not None:
+    _check_fits_model(sft, config, "sft_data")
   pref_train, pref_eval = data_lib.train_eval_split(
       pref, eval_size=eval_size, seed=seed)
   sft_train, sft_eval = data_lib.train_eval_split(
@@ -393,6 +433,7 @@ def dpo_sft_problem(model: nnx.Module,
 
   # Placement on the mesh.
   if mesh is not None:
+    mesh = _auto_axes(mesh)
     def place(tree):
       if fsdp_axis is None:
         return sharding.replicate(tree, mesh)
@@ -444,7 +485,8 @@ def dpo_sft_problem(model: nnx.Module,
           pi_c, pi_r, chunk["ref_chosen_logp"], chunk["ref_rejected_logp"],
           beta=beta)
       return (jnp.sum(valid * -jax.nn.log_sigmoid(margin)),
-              jnp.sum(valid * (margin > 0)), jnp.sum(valid * margin))
+              jnp.sum(valid * losses.preference_accuracy(margin)),
+              jnp.sum(valid * margin))
 
     def sft_chunk(chunk):
       ids = chunk["input_ids"]
@@ -497,6 +539,25 @@ def dpo_sft_problem(model: nnx.Module,
   return DPOSFTProblem(f=f, g=g, params0=params0, batches=batches,
                        evaluate=evaluate, refit_head=refit_head,
                        apply_fn=apply_fn, frozen=frozen)
+
+
+def _auto_axes(mesh):
+  """``mesh`` with every axis ``Auto`` (XLA's sharding propagation).
+
+  ``jax.make_mesh`` gives ``Explicit`` axes in recent JAX; under them every
+  gather needs an explicit ``out_sharding``, which the embedding lookup of
+  the model does not give. The same devices with ``Auto`` axes work.
+  """
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise _err(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((2, 4),"
+               f" ('data', 'fsdp'))), got {type(mesh).__name__}.")
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  types = getattr(mesh, "axis_types", None)
+  if axis_type is None or types is None or all(
+      t == axis_type.Auto for t in types):
+    return mesh
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                           axis_types=(axis_type.Auto,) * len(mesh.axis_names))
 
 
 def _maybe_accumulate(fn, microbatches):
