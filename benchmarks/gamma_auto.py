@@ -284,6 +284,13 @@ def choice_rows():
   return rows
 
 
+def _table(columns, rows):
+  """A Markdown table: the header, its rule and one line per row of cells."""
+  return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+          + ["| " + " | ".join(str(cell) for cell in row) + " |"
+             for row in rows])
+
+
 def markdown(result):
   lines = [f"# gamma='auto' against the best value ({'quick' if result['quick'] else 'full'} run)",
            "",
@@ -297,36 +304,38 @@ def markdown(result):
            "first-step start and its every-10th-step check) and loop bodies "
            "once, so it overstates the continuation's share. Machine: "
            f"{result['machine']['platform']}, {result['machine']['cpu_count']}"
-           " CPU cores.", "",
-           "| problem | best F (from) | method | auto: gap | gamma first → last "
-           "(increases) | gamma=10 gap | gamma=100 gap | gamma=1000 gap | time "
-           "ratio | static FLOPs ratio |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           " CPU cores.", ""]
+  runs = []
   for name, prob in result["problems"].items():
     for method in ("alt_pbgd", "v_pbgd"):
       r = prob[method]
       a = r["auto"]
-      lines.append(
-          f"| {name} | {prob['F_best']:.6g} ({prob['best_from']}) | {method} "
-          f"| {a['gap']:.2%} | {a['gamma_first']:.3g} → {a['gamma_last']:.3g}"
-          f" ({a['increases']}) | {r['gamma=10']['gap']:.2%} | "
-          f"{r['gamma=100']['gap']:.2%} | {r['gamma=1000']['gap']:.2%} | "
-          f"{r['cost']['ratio']:.2f} | {r['cost']['flops_ratio']:.2f} |")
-  lines += ["", "## gamma_check (ALT-PBGD end points)", "",
-            "| problem | run | f at y | f at y* | lower gap | disagreement | "
-            "warned |", "|---|---|---|---|---|---|---|"]
-  for name, rows in result["gamma_check"].items():
-    for label, r in rows.items():
-      lines.append(f"| {name} | {label} | {r['f_at_iterate']:.6g} | "
-                   f"{r['f_at_lower_solution']:.6g} | {r['lower_gap']:.3g} | "
-                   f"{r['disagreement']:.3g} | {r['warned']} |")
-  lines += ["", "## choose_method", "",
-            "| problem | kind | pick | flat | bias ratio | probe steps | "
-            "seconds |", "|---|---|---|---|---|---|---|"]
-  for name, r in result["choose_method"].items():
-    ratio = "—" if r["bias_ratio"] is None else f"{r['bias_ratio']:.3g}"
-    lines.append(f"| {name} | {r['kind']} | {r['method']} | {r['flat']} | "
-                 f"{ratio} | {r['probe_steps']} | {r['seconds']:.2f} |")
+      runs.append((
+          name, f"{prob['F_best']:.6g} ({prob['best_from']})", method,
+          f"{a['gap']:.2%}",
+          f"{a['gamma_first']:.3g} → {a['gamma_last']:.3g} "
+          f"({a['increases']})", f"{r['gamma=10']['gap']:.2%}",
+          f"{r['gamma=100']['gap']:.2%}", f"{r['gamma=1000']['gap']:.2%}",
+          f"{r['cost']['ratio']:.2f}", f"{r['cost']['flops_ratio']:.2f}"))
+  lines += _table(("problem", "best F (from)", "method", "auto: gap",
+                   "gamma first → last (increases)", "gamma=10 gap",
+                   "gamma=100 gap", "gamma=1000 gap", "time ratio",
+                   "static FLOPs ratio"), runs)
+  checks = [(name, label, f"{r['f_at_iterate']:.6g}",
+             f"{r['f_at_lower_solution']:.6g}", f"{r['lower_gap']:.3g}",
+             f"{r['disagreement']:.3g}", r["warned"])
+            for name, rows in result["gamma_check"].items()
+            for label, r in rows.items()]
+  lines += ["", "## gamma_check (ALT-PBGD end points)", ""]
+  lines += _table(("problem", "run", "f at y", "f at y*", "lower gap",
+                   "disagreement", "warned"), checks)
+  choices = [(name, r["kind"], r["method"], r["flat"],
+              "—" if r["bias_ratio"] is None else f"{r['bias_ratio']:.3g}",
+              r["probe_steps"], f"{r['seconds']:.2f}")
+             for name, r in result["choose_method"].items()]
+  lines += ["", "## choose_method", ""]
+  lines += _table(("problem", "kind", "pick", "flat", "bias ratio",
+                   "probe steps", "seconds"), choices)
   return "\n".join(lines) + "\n"
 
 

@@ -382,7 +382,7 @@ ENTRY_POINT_BAD_INPUTS = [
      "this state has no `diagnostics`"),
     ("scan_run on_nonfinite=raise", lambda: jbl.scan_run(
         _PFREE, _P, num_steps=2, on_nonfinite="raise"),
-     "scan_run: on_nonfinite must be 'stop', 'skip' or 'ignore'"),
+     "scan_run: on_nonfinite must be one of \\('stop', 'skip', 'ignore'\\)"),
     ("scan_run num_steps=0", lambda: jbl.scan_run(_PFREE, _P, num_steps=0),
      "num_steps must be >= 1"),
     ("run tx None", lambda: jbl.run(None, _P, num_steps=2),

@@ -73,6 +73,23 @@ def test_config_from_hf_round_trip_and_families():
   hash(llama)  # static attribute of the nnx model: must be hashable.
 
 
+def test_tiny_config_fields_overrides_and_validation():
+  tiny = llm.LMConfig.tiny()
+  assert tiny == llm.LMConfig(vocab_size=64, hidden_size=32,
+                              intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)
+  assert (tiny.head_dim, tiny.architecture) == (8, "llama")
+  assert llm.count_params(llm.CausalLM(tiny, rngs=nnx.Rngs(0))) == 22688
+  qwen = llm.LMConfig.tiny(architecture="qwen2", qkv_bias=True,
+                           num_key_value_heads=4)
+  assert (qwen.architecture, qwen.qkv_bias, qwen.num_key_value_heads,
+          qwen.hidden_size) == ("qwen2", True, 4, 32)
+  with pytest.raises(jbl.BilevelValidationError, match="num_key_value_heads"):
+    llm.LMConfig.tiny(num_key_value_heads=3)
+  with pytest.raises(TypeError, match="hidden_dim"):
+    llm.LMConfig.tiny(hidden_dim=16)
+
+
 def test_rope_llama3_frequencies_closed_form():
   config = _config(rope_scaling=LLAMA3_ROPE)  # head_dim 8
   inv = llm.rope_inverse_frequencies(config)

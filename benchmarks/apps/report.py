@@ -162,7 +162,15 @@ def markdown(results) -> str:
         f"{sweep['max_abs_difference_upper_loss']:.1e} (of x: "
         f"{sweep['max_abs_difference_x']:.1e}, in directions where the loss "
         "is flat and Adam follows the sign of rounding noise).", ""]
+  lines += ["", OTHER_FILES]
   return "\n".join(lines) + "\n"
+
+
+# Results files written by other scripts, described here so that a new
+# README written by benchmarks/run.py keeps them.
+OTHER_FILES = """## LLM memory per method (`llm_memory.json`, `llm_memory.md`)
+
+Written by `python benchmarks/llm_memory.py` (growth columns of the other methods added with `--growth-only --growth-methods v_pbgd,bome,f2sa,alright`, the SmolLM2-135M shape with `--config smollm2 --growth-methods none --append`): the DPO (LoRA x) / SFT (head y) problem of `benchmarks/llm.py` with each of PBGD-Free, ALT-PBGD, V-PBGD, BOME, F2SA and ALRIGHT in its own process. Per method: the bytes of its state (and of the value tracker `y_g` plus its optimizer state, which only the value-function methods keep), `compiled.memory_analysis()` of one jitted step (XLA's static buffer assignment: argument, output, temporary bytes and peak), and the process's peak resident memory, also over its resident memory after the build, split into compilation and the two steps run. A growth table gives temporary and state bytes against the head size and the sequence length. `--markdown llm_memory.json` rewrites the table from the JSON."""
 
 
 def plot(name, app_result, path):

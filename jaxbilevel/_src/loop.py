@@ -51,7 +51,7 @@ from jaxbilevel._src import tree as tree_lib
 
 def find_diagnostics(state) -> dict:
   """Returns the ``diagnostics`` dict of a method's state (searching nested states)."""
-  found = _maybe_find(state)
+  found = maybe_find_diagnostics(state)
   if found is None:
     raise base.BilevelValidationError(
         "this state has no `diagnostics`: jaxbilevel.run drives the bilevel "
@@ -60,12 +60,13 @@ def find_diagnostics(state) -> dict:
   return found
 
 
-def _maybe_find(state):
+def maybe_find_diagnostics(state):
+  """The ``diagnostics`` dict of a method's state (nested states searched), or None."""
   if hasattr(state, "diagnostics") and isinstance(state.diagnostics, dict):
     return state.diagnostics
   if isinstance(state, (tuple, list)):
     for sub in state:
-      found = _maybe_find(sub)
+      found = maybe_find_diagnostics(sub)
       if found is not None:
         return found
   return None
@@ -78,7 +79,7 @@ def with_diagnostics(state, diag):
   if isinstance(state, (tuple, list)):
     replaced, done = [], False
     for sub in state:
-      if not done and _maybe_find(sub) is not None:
+      if not done and maybe_find_diagnostics(sub) is not None:
         sub, done = with_diagnostics(sub, diag), True
       replaced.append(sub)
     return type(state)(*replaced) if hasattr(state, "_fields") else type(
@@ -141,7 +142,8 @@ def scan_chunk(tx, params, state, batch, batches, start, stopped, *, length,
   # index, so the loop does not carry it. A method that reads it (a
   # schedule) gets that sum; one that does not is spared a scalar kernel per
   # step (4% of a 10-microsecond step), and the count is set after the loop.
-  count0 = state.count if keep_diagnostics and _counts_steps(state) else None
+  count0 = (state.count if keep_diagnostics and _counts_steps(tx, state)
+            else None)
 
   def body(carry, inputs):
     params, state, stopped = carry
@@ -217,9 +219,9 @@ def _record_row(record, params, state):
   return out
 
 
-def _counts_steps(state) -> bool:
-  """Whether ``state`` is a jaxbilevel method's, whose ``count`` counts updates."""
-  return (type(state).__module__.startswith("jaxbilevel.")
+def _counts_steps(tx, state) -> bool:
+  """Whether ``tx`` is a bilevel method whose ``state.count`` counts its steps."""
+  return (isinstance(tx, base.BilevelTransformation)
           and "count" in getattr(state, "_fields", ())
           and jnp.shape(state.count) == ()
           and jnp.result_type(state.count) == jnp.int32)

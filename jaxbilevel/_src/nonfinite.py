@@ -33,10 +33,6 @@ from jaxbilevel._src import programs
 from jaxbilevel._src import tree as tree_lib
 
 
-_STATE_TYPES_WITH_PENALTY = ("PBGDFreeState", "ALTPBGDState", "VPBGDState",
-                             "PBGDBLOCCState", "PBGDFreeCCState")
-
-
 _device_all_finite = jax.jit(tree_lib.tree_all_finite)
 
 
@@ -143,20 +139,14 @@ def nonfinite_report(history, index, state=None):
   what = ", ".join(names) if names else "values"
   hint = ""
   gamma = history.get("gamma")
-  has_penalty = state is None or any(
-      type(s).__name__ in _STATE_TYPES_WITH_PENALTY for s in _states(state))
+  # Whether the method has a penalty constant: its diagnostics name one.
+  has_penalty = state is None or "gamma" in (
+      loop_lib.maybe_find_diagnostics(state) or {})
   if gamma is not None and has_penalty and not np.isfinite(gamma[index]):
     hint = (" (gamma is not a finite positive number at this step: a traced "
             "or scheduled gamma was <= 0, infinite or NaN, or a positive "
             "value too small for the parameters' dtype)")
   return step, what, hint
-
-
-def _states(state):
-  yield state
-  if isinstance(state, (tuple, list)) and not hasattr(state, "diagnostics"):
-    for sub in state:
-      yield from _states(sub)
 
 
 def nonfinite_message(where, history, state):

@@ -9,6 +9,8 @@ call these checks rather than each its own.
 from __future__ import annotations
 
 
+from typing import NamedTuple, Union
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +140,40 @@ def check_host_call(params, where):
         "jax.jit, jax.vmap or jax.grad. Inside traced code use "
         "jaxbilevel.scan_run, its pure counterpart (same arguments), or "
         "jaxbilevel.sweep to vmap runs over hyperparameters.")
+
+
+class DriverOptions(NamedTuple):
+  """The options every driver takes, checked (see :func:`check_options`)."""
+
+  num_steps: int
+  record_every: int
+  diagnostics: Union[bool, tuple]
+  on_nonfinite: str
+
+
+def check_options(where: str, *, num_steps, batch, batches, record,
+                  record_every, diagnostics, on_nonfinite,
+                  modes=NONFINITE_MODES, why_not: str = "") -> DriverOptions:
+  """Checks the options shared by ``run``, ``scan_run``, ``sweep`` and ``resumable_run``.
+
+  Args:
+    where: the driver's name, for the messages.
+    num_steps, batch, batches, record, record_every, diagnostics,
+      on_nonfinite: the driver's arguments of these names.
+    modes: the ``on_nonfinite`` values this driver accepts.
+    why_not: said after the accepted modes when another one is given (e.g.
+      why a compiled driver cannot raise).
+
+  Returns:
+    The checked :class:`DriverOptions` (``diagnostics`` as ``True``,
+    ``False`` or a tuple of names).
+  """
+  num_steps = base.check_static_int(num_steps, "num_steps")
+  if on_nonfinite not in modes:
+    raise base.BilevelValidationError(
+        f"{where}: on_nonfinite must be one of {tuple(modes)}{why_not}, got "
+        f"{on_nonfinite!r}.")
+  check_batches(batch, batches, num_steps)
+  record_every = check_record_every(record, record_every, num_steps, where)
+  return DriverOptions(num_steps, record_every,
+                       diagnostics_option(diagnostics, where), on_nonfinite)

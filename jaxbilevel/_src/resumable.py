@@ -96,18 +96,15 @@ def resumable_run(tx: optax.GradientTransformationExtraArgs,
     >>> history["step"][[0, -1]].tolist(), int(state.count)
     ([0, 299], 300)
   """
-  num_steps = base.check_static_int(num_steps, "num_steps")
+  num_steps, _, diagnostics, _ = options_lib.check_options(
+      "resumable_run", num_steps=num_steps, batch=batch, batches=batches,
+      record=record, record_every=1, diagnostics=diagnostics,
+      on_nonfinite=on_nonfinite)
   save_every = base.check_static_int(save_every, "save_every")
-  if on_nonfinite not in options_lib.NONFINITE_MODES:
-    raise base.BilevelValidationError(
-        f"resumable_run: on_nonfinite must be one of "
-        f"{options_lib.NONFINITE_MODES}, got {on_nonfinite!r}.")
-  options_lib.check_batches(batch, batches, num_steps)
   options_lib.check_transformation(tx, "resumable_run")
   base.check_params(params, "resumable_run")
   programs.check_hyperparameters_fit(tx, base.params_dtype(params),
                                      "resumable_run")
-  diagnostics = options_lib.diagnostics_option(diagnostics, "resumable_run")
   settings = _run_settings(tx, diagnostics, record)
   state = tx.init(params)
   done, parts = 0, []

@@ -102,18 +102,14 @@ def scan_run(tx: optax.GradientTransformationExtraArgs,
     >>> xs.shape
     (2, 2)
   """
-  num_steps = base.check_static_int(num_steps, "num_steps")
-  if on_nonfinite not in ("stop", "skip", "ignore"):
-    raise base.BilevelValidationError(
-        f"scan_run: on_nonfinite must be 'stop', 'skip' or 'ignore', got "
-        f"{on_nonfinite!r}.")
-  options_lib.check_batches(batch, batches, num_steps)
-  record_every = options_lib.check_record_every(record, record_every, num_steps,
-                                     "scan_run")
+  options = options_lib.check_options(
+      "scan_run", num_steps=num_steps, batch=batch, batches=batches,
+      record=record, record_every=record_every, diagnostics=diagnostics,
+      on_nonfinite=on_nonfinite, modes=("stop", "skip", "ignore"))
   return scan_steps(
-      tx, params, num_steps=num_steps, state=state, batch=batch,
-      batches=batches, record=record, record_every=record_every,
-      diagnostics=diagnostics, mode=on_nonfinite)
+      tx, params, num_steps=options.num_steps, state=state, batch=batch,
+      batches=batches, record=record, record_every=options.record_every,
+      diagnostics=options.diagnostics, mode=on_nonfinite)
 
 
 def scan_steps(tx, params, *, num_steps, state, batch, batches, record,
@@ -238,13 +234,10 @@ def run(tx: optax.GradientTransformationExtraArgs,
   """
   options_lib.check_host_call(params, "jaxbilevel.run")
   options_lib.check_transformation(tx, "jaxbilevel.run")
-  num_steps = base.check_static_int(num_steps, "num_steps")
-  if on_nonfinite not in options_lib.NONFINITE_MODES:
-    raise base.BilevelValidationError(
-        f"run: on_nonfinite must be one of {options_lib.NONFINITE_MODES}, got "
-        f"{on_nonfinite!r}.")
-  options_lib.check_batches(batch, batches, num_steps)
-  record_every = options_lib.check_record_every(record, record_every, num_steps, "run")
+  num_steps, record_every, diagnostics, _ = options_lib.check_options(
+      "run", num_steps=num_steps, batch=batch, batches=batches, record=record,
+      record_every=record_every, diagnostics=diagnostics,
+      on_nonfinite=on_nonfinite)
   if chunk_size is not None:
     chunk_size = base.check_static_int(chunk_size, "chunk_size")
   if progress is None:
@@ -268,7 +261,7 @@ def run(tx: optax.GradientTransformationExtraArgs,
       tx, params, state, batch=batch, batches=batches, first_step=0,
       num_steps=num_steps, chunk_size=chunk_size, on_nonfinite=on_nonfinite,
       record=record, record_every=record_every,
-      diagnostics=options_lib.diagnostics_option(diagnostics, "run"),
+      diagnostics=diagnostics,
       progress=progress)
   history = options_lib.History(host_lib.concat_history(parts))
   if failure is not None:

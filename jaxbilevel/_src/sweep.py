@@ -300,13 +300,11 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
     raise base.BilevelValidationError(
         f"sweep: make_tx must be a callable make_tx(**point) -> "
         f"transformation, got {type(make_tx).__name__}.")
-  num_steps = base.check_static_int(num_steps, "num_steps")
-  if on_nonfinite not in ("stop", "skip", "ignore"):
-    raise base.BilevelValidationError(
-        f"sweep: on_nonfinite must be 'stop', 'skip' or 'ignore' (a sweep "
-        f"cannot raise from inside the compiled program), got "
-        f"{on_nonfinite!r}.")
-  options_lib.check_batches(batch, batches, num_steps)
+  num_steps, record_every, diagnostics, _ = options_lib.check_options(
+      "sweep", num_steps=num_steps, batch=batch, batches=batches,
+      record=record, record_every=record_every, diagnostics=diagnostics,
+      on_nonfinite=on_nonfinite, modes=("stop", "skip", "ignore"),
+      why_not=" (a sweep cannot raise from inside the compiled program)")
   if isinstance(params, base.BilevelParams):
     base.check_params(params, "sweep")
     params_fn, dtype = None, base.params_dtype(params)
@@ -333,11 +331,9 @@ def sweep(make_tx: Callable[..., optax.GradientTransformationExtraArgs],
     if batches_fn is not None:
       batches = None
 
-  record_every = options_lib.check_record_every(
-      record, record_every, num_steps, "sweep")
   options = dict(make_tx=make_tx, params_fn=params_fn, batches_fn=batches_fn,
                  num_steps=num_steps, record=record, record_every=record_every,
-                 diagnostics=options_lib.diagnostics_option(diagnostics, "sweep"))
+                 diagnostics=diagnostics)
   args = (run_points, params, batch,
           None if batches_fn is not None else batches)
   mode = "fast" if on_nonfinite == "stop" else on_nonfinite

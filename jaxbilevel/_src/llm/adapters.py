@@ -110,11 +110,9 @@ def add_lora(model: nnx.Module, *, targets: Targets = ("q_proj", "v_proj"),
     >>> import jax
     >>> from flax import nnx
     >>> from jaxbilevel import llm
-    >>> config = llm.LMConfig(vocab_size=64, hidden_size=32,
-    ...                       intermediate_size=64, num_hidden_layers=2,
-    ...                       num_attention_heads=4, num_key_value_heads=2)
-    >>> model = llm.add_lora(llm.CausalLM(config, rngs=nnx.Rngs(0)),
-    ...                      rank=4, rngs=nnx.Rngs(1))
+    >>> model = llm.add_lora(
+    ...     llm.CausalLM(llm.LMConfig.tiny(), rngs=nnx.Rngs(0)), rank=4,
+    ...     rngs=nnx.Rngs(1))
     >>> len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     8
   """
@@ -183,10 +181,7 @@ def bilevel_split(model: nnx.Module) -> Tuple[Callable, base.BilevelParams,
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxbilevel import llm
-    >>> config = llm.LMConfig(vocab_size=64, hidden_size=32,
-    ...                       intermediate_size=64, num_hidden_layers=2,
-    ...                       num_attention_heads=4, num_key_value_heads=2)
-    >>> model = llm.CausalLM(config, rngs=nnx.Rngs(0))
+    >>> model = llm.CausalLM(llm.LMConfig.tiny(), rngs=nnx.Rngs(0))
     >>> ids = jnp.array([[1, 2, 3]])
     >>> base_logits = model(ids)
     >>> llm.add_lora(model, rank=4, rngs=nnx.Rngs(1))

@@ -127,11 +127,9 @@ def merge_lora(model: nnx.Module, *,
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxbilevel import llm
-    >>> config = llm.LMConfig(vocab_size=64, hidden_size=32,
-    ...                       intermediate_size=64, num_hidden_layers=2,
-    ...                       num_attention_heads=4, num_key_value_heads=2)
-    >>> model = llm.add_lora(llm.CausalLM(config, rngs=nnx.Rngs(0)),
-    ...                      rank=4, rngs=nnx.Rngs(1))
+    >>> model = llm.add_lora(
+    ...     llm.CausalLM(llm.LMConfig.tiny(), rngs=nnx.Rngs(0)), rank=4,
+    ...     rngs=nnx.Rngs(1))
     >>> lora = model.layers[0].self_attn.q_proj.lora
     >>> lora.lora_b[...] = jnp.ones_like(lora.lora_b[...])
     >>> merged = llm.merge_lora(model)
@@ -311,9 +309,7 @@ def load_adapter(model: nnx.Module, path_dir, *,
     >>> import tempfile, jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxbilevel import llm
-    >>> config = llm.LMConfig(vocab_size=64, hidden_size=32,
-    ...                       intermediate_size=64, num_hidden_layers=2,
-    ...                       num_attention_heads=4, num_key_value_heads=2)
+    >>> config = llm.LMConfig.tiny()
     >>> model = llm.add_lora(llm.CausalLM(config, rngs=nnx.Rngs(0)),
     ...                      rank=4, rngs=nnx.Rngs(1))
     >>> with tempfile.TemporaryDirectory() as tmp:

@@ -170,10 +170,7 @@ def forward_cached(model: model_lib.CausalLM, input_ids, cache: KVCache,
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from jaxbilevel import llm
-    >>> config = llm.LMConfig(vocab_size=64, hidden_size=32,
-    ...                       intermediate_size=64, num_hidden_layers=2,
-    ...                       num_attention_heads=4, num_key_value_heads=2)
-    >>> model = llm.CausalLM(config, rngs=nnx.Rngs(0))
+    >>> model = llm.CausalLM(llm.LMConfig.tiny(), rngs=nnx.Rngs(0))
     >>> ids = jnp.array([[5, 6, 7, 8]])
     >>> cache = llm.init_cache(model, 1, 8)
     >>> _, cache = llm.forward_cached(model, ids[:, :3], cache)
@@ -451,10 +448,7 @@ def generate(model: model_lib.CausalLM,
     >>> import jax
     >>> from flax import nnx
     >>> from jaxbilevel import llm
-    >>> config = llm.LMConfig(vocab_size=64, hidden_size=32,
-    ...                       intermediate_size=64, num_hidden_layers=2,
-    ...                       num_attention_heads=4, num_key_value_heads=2)
-    >>> model = llm.CausalLM(config, rngs=nnx.Rngs(0))
+    >>> model = llm.CausalLM(llm.LMConfig.tiny(), rngs=nnx.Rngs(0))
     >>> out = llm.generate(model, None, [3, 4, 5], max_new_tokens=6)
     >>> out.tokens.shape, out.lengths.tolist()
     ((1, 6), [6])

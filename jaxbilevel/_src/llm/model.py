@@ -249,6 +249,39 @@ class LMConfig:
         eos_token_id=hf.get("eos_token_id"),
     )
 
+  @classmethod
+  def tiny(cls, **overrides) -> LMConfig:
+    """A two-layer Llama config of width 32, for examples, tests and checks.
+
+    ``vocab_size=64, hidden_size=32, intermediate_size=64,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2``;
+    other fields keep their defaults. A :class:`CausalLM` of it has 22,688
+    parameters.
+
+    Args:
+      **overrides: fields to set otherwise (e.g. ``architecture="qwen2",
+        qkv_bias=True``); they are validated as in the constructor.
+
+    Returns:
+      The :class:`LMConfig`.
+
+    Examples:
+      >>> from flax import nnx
+      >>> from jaxbilevel import llm
+      >>> config = llm.LMConfig.tiny()
+      >>> config.hidden_size, config.head_dim, config.num_hidden_layers
+      (32, 8, 2)
+      >>> llm.count_params(llm.CausalLM(config, rngs=nnx.Rngs(0)))
+      22688
+      >>> llm.LMConfig.tiny(vocab_size=128, architecture="qwen2").vocab_size
+      128
+    """
+    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    fields.update(overrides)
+    return cls(**fields)
+
   def to_hf(self) -> dict:
     """The Hugging Face ``config.json`` dict of this config."""
     out = {
