@@ -62,7 +62,7 @@ def test_bome_denominator_guard_at_a_lower_optimal_point():
   def first_step(eps):
     tx = jbl.bome(f, g, eta=0.5, upper_optimizer=optax.sgd(0.1),
                   lower_optimizer=optax.sgd(0.1), value_steps=5, eps=eps)
-    _, state = tx.update(None, tx.init(params), params)
+    _, state = tx.update(None, tx.init(params), params, diagnostics=True)
     return state.diagnostics
 
   guarded = first_step(1e-8)

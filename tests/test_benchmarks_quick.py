@@ -33,6 +33,7 @@ def quick_run(tmp_path_factory):
                               "applications.json")
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_every_application_ran_with_finite_numbers(quick_run):
   _, results = quick_run
   assert results["quick"] is True
@@ -64,6 +65,7 @@ def test_every_application_ran_with_finite_numbers(quick_run):
     assert _finite(app["target"]["target"])
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_not_applicable_methods_are_listed_with_reasons(quick_run):
   _, results = quick_run
   hyper = {row["method"]: row for row in
@@ -74,6 +76,7 @@ def test_not_applicable_methods_are_listed_with_reasons(quick_run):
   assert "query labels" in sinus["PBGD-Free"]["reason"]
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_markdown_plots_and_sweep(quick_run):
   out, results = quick_run
   table = (out / "README.md").read_text()
@@ -94,6 +97,7 @@ def test_markdown_plots_and_sweep(quick_run):
     assert f"({name}.png)" in table
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_nlsy_parity_gap_and_sinusoid_implicit_check(quick_run):
   _, results = quick_run
   nlsy_rows = [row for row in results["applications"]["nlsy"]["rows"]
@@ -169,6 +173,7 @@ def test_settings_text_format_and_unknown_argument():
     methods.format_value(object())
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_report_settings_are_the_tables(quick_run):
   _, results = quick_run
   methods = _methods_module()

@@ -41,6 +41,7 @@ def quick_run(tmp_path_factory):
   return out, result, proc
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_json_numbers(quick_run):
   _, result, _ = quick_run
   assert list(result["methods"]) == ["pbgd_free", "alright"]
@@ -85,6 +86,7 @@ def test_json_numbers(quick_run):
   assert result["methods"]["pbgd_free"]["stage1"]["dpo"] < math.log(2.0)
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_markdown_table_and_png(quick_run):
   out, result, proc = quick_run
   text = (out / "llm.md").read_text()

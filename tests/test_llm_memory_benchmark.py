@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "llm_memory.py"
 RESULTS = ROOT / "benchmarks" / "results" / "llm_memory.json"
@@ -50,6 +52,7 @@ def _check_value_tracker(rows):
         "value_tracker_bytes"], name
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_quick_run(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(

@@ -104,10 +104,12 @@ def measured():
   return _result_json(_run_python(_SCRIPT, host_devices=8, timeout=300))
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_eight_devices(measured):
   assert measured["device_count"] == 8
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_placements(measured):
   # The head [32, 64] and the embedding [64, 32] are split along their
   # largest dimension (64) over "fsdp"; a LoRA A [32, 4] (128 < 512
@@ -119,6 +121,7 @@ def test_placements(measured):
   assert measured["sharded_head_spec_after"] == [None, "fsdp"]
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_sharded_run_equals_single_device_run(measured):
   assert measured["f"][0] == pytest.approx(np.log(2.0), abs=1e-6)
   assert measured["moved"] > 1e-3  # the steps did something
@@ -129,6 +132,7 @@ def test_sharded_run_equals_single_device_run(measured):
   assert measured["dp_microbatch_diff"] < 1e-5
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_a_mesh_from_jax_make_mesh_works(measured):
   # Explicit axes (the jax.make_mesh default of recent JAX, e.g. 0.10) used
   # to fail in the embedding gather with a ShardingTypeError.

@@ -94,6 +94,7 @@ def test_readme_and_docs_list_every_notebook():
     assert f"notebooks/{path.stem}\n" in toctree, path.name
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_in_quick_mode(path, tmp_path):
   script = tmp_path / f"{path.stem}.py"

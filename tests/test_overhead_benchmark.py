@@ -18,7 +18,10 @@ ROW_KEYS = {"method", "ms_per_step", "hand_ms_per_step", "time_ratio",
             "chunk_check_mflops", "mbytes_per_step", "bytes_ratio",
             "floor_ratio", "compile_s",
             "hand_compile_s", "hand_constants_ms_per_step",
-            "time_ratio_constants"}
+            "time_ratio_constants", "user_update_ms_per_step",
+            "user_update_ratio", "user_step_ratio", "scan_run_ratio",
+            "diagnostics_ratio", "user_update_ratio_iqr",
+            "user_step_ratio_iqr", "time_ratio_iqr"}
 
 
 def _positive(value):
@@ -31,6 +34,7 @@ def quick(tmp_path_factory):
                               "overhead_quick.json")
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_rows_have_every_column(quick):
   _, result = quick
   assert result["quick"] is True and result["machine"]["cpu_count"] >= 1
@@ -38,8 +42,12 @@ def test_rows_have_every_column(quick):
   assert [row["method"] for row in bench["rows"]] == list(METHODS)
   for row in bench["rows"]:
     assert set(row) == ROW_KEYS, row
-    for key in ROW_KEYS - {"method", "compile_s", "hand_compile_s"}:
+    spreads = {k for k in ROW_KEYS if k.endswith("_iqr")}
+    for key in ROW_KEYS - {"method", "compile_s", "hand_compile_s"} - spreads:
       assert _positive(row[key]), (row["method"], key, row[key])
+    for key in spreads:  # the quartiles of the per-round ratios
+      q1, q3 = row[key]
+      assert _positive(q1) and q1 <= q3, (row["method"], key, row[key])
     assert row["time_ratio"] == pytest.approx(
         row["ms_per_step"] / row["hand_ms_per_step"])
     assert row["flops_ratio"] == pytest.approx(
@@ -51,6 +59,7 @@ def test_rows_have_every_column(quick):
   assert _positive(bench["floor"]["ms_per_step"])
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_sweep_agrees_with_the_hand_written_vmap(quick):
   _, result = quick
   (sweep,) = result["sweep"]
@@ -64,6 +73,7 @@ def test_sweep_agrees_with_the_hand_written_vmap(quick):
     assert row["max_abs_difference"] < 1e-5, (history, row)
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_no_compilation_in_a_loop_over_gamma(quick):
   out, result = quick
   count = result["compile_count"]
