@@ -256,6 +256,7 @@ def _maml_reference(app, x, batch, first_order):
   return jax.grad(meta_loss)(x)
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 @pytest.mark.parametrize("method", ["itd", "fo_blo"])
 def test_sinusoid_meta_gradients_are_maml_and_fomaml(method):
   app = sinusoid.problem(meta_batch=3, hidden=8, num_eval_tasks=10)
@@ -345,6 +346,7 @@ def _tiny_app():
                          num_eval=8, batch_size=4, lora_rank=2), model
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_dpo_sft_problem_starts_at_the_reference():
   app, model = _tiny_app()
   flat_x = jax.tree_util.tree_leaves_with_path(app.params.x)
@@ -368,6 +370,7 @@ def test_dpo_sft_problem_starts_at_the_reference():
       assert float(jnp.abs(leaf).max()) > 0
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_pretraining_lowers_the_language_model_loss():
   config = dpo_sft.LMConfig(d_model=16, num_layers=1, num_heads=2)
   _, info = dpo_sft.pretrain(jax.random.PRNGKey(0), config, steps=60,

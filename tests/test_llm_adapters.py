@@ -65,6 +65,7 @@ def _ids(batch=2, length=9, seed=3):
                                                           (batch, length)))
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_merge_gives_the_adapter_logits_and_can_be_saved(tmp_path):
   model = _adapted(_base(_config()), targets=ALL)
   ids = _ids()

@@ -69,6 +69,7 @@ def _full_forward_logits(model, prompt, tokens):
     ("qwen2", {"num_key_value_heads": 1, "rope_theta": 500000.0,
                "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
 ])
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_kv_cache_greedy_equals_full_recompute(arch, overrides):
   model = _model(_config(arch, **overrides))
   prompts = [[5, 9, 2, 33, 7, 1, 60], [12, 4, 8]]  # left-padded together
@@ -87,6 +88,7 @@ def test_kv_cache_greedy_equals_full_recompute(arch, overrides):
   assert len(set(out.tokens[0].tolist())) > 2    # not one repeated token
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_forward_cached_in_chunks_equals_the_forward_pass():
   model = _model(_config(num_key_value_heads=1, qkv_bias=True, o_bias=True))
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 11)))
@@ -184,6 +186,7 @@ def test_eos_stops_a_row_and_pads_after_it():
   assert first[0] is not None and first[0] <= 2
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_generate_with_trained_params_does_not_touch_the_model():
   model = _model(_config())
   apply_fn, params, _ = llm.bilevel_split(model)
@@ -318,6 +321,7 @@ def _smollm2():
   return llm.load_pretrained("smollm2")
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_smollm2_chat_generation():
   pytest.importorskip("jinja2")
   model, tokenizer, config = _smollm2()

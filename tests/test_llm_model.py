@@ -132,6 +132,7 @@ def test_right_and_left_padding_leave_real_token_logits_unchanged():
   assert not np.allclose(changed[:, 4], alone[:, 4])
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_bf16_compute_is_finite_and_close_to_f32():
   config = _config()
   f32 = _model(config)
@@ -482,6 +483,7 @@ def test_lora_gradients_nonzero_frozen_not_inputs_and_reference():
       rtol=1e-5)
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_lora_gradient_matches_finite_difference():
   config = _config()
   model = llm.CausalLM(config, dtype=jnp.float64, param_dtype=jnp.float64,

@@ -143,6 +143,7 @@ def test_evaluate_matches_direct_computation(config, tok, pairs, problem):
   assert held_out["margin_se"] > 0
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_accumulated_microbatches_equal_the_full_batch(config, tok, pairs,
                                                        problem):
   acc = _problem(config, tok, pairs, microbatches=2)
@@ -184,6 +185,7 @@ def test_remat_gives_the_same_gradients(config, tok, pairs, problem):
     assert _maxdiff(g1, g2) < 1e-6, name
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_bf16_compute_keeps_float32_state_and_stays_finite(config, tok, pairs,
                                                            problem):
   bf = _problem(config, tok, pairs, dtype=jnp.bfloat16)
@@ -212,6 +214,7 @@ def test_bf16_compute_keeps_float32_state_and_stays_finite(config, tok, pairs,
               jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_pbgd_free_lowers_the_dpo_loss_and_refit_lowers_sft(problem):
   batch = _step(problem.batches, 0)
   tx = jbl.pbgd_free(problem.f, problem.g, gamma=10.0,

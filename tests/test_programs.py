@@ -11,6 +11,7 @@ import weakref
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from _helpers import dpo_free as _free
 from _helpers import dpo_toy as _dpo
@@ -62,6 +63,7 @@ def test_new_transformations_with_other_hyperparameters_reuse_the_program():
     np.testing.assert_allclose(params.y, expected.y, rtol=1e-6)
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 def test_program_cache_is_bounded():
   from jaxbilevel._src import programs  # pylint: disable=import-outside-toplevel
   prob = _dpo()

@@ -680,6 +680,7 @@ def test_a_schedule_reads_the_step_count_that_run_does_not_carry(chunk_size):
                              rtol=1e-6)
 
 
+@pytest.mark.slow  # run by .ci/run (step 1b)
 @pytest.mark.parametrize("leaves", [2, 40])
 def test_an_unchecked_run_finds_a_nan_on_either_side_of_the_leaf_limit(
     leaves):
