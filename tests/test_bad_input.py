@@ -13,6 +13,9 @@ run names.
 A cross-method suite: it stays one file, beside the files of the modules.
 """
 
+import os
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +28,9 @@ from jaxbilevel import flax_utils
 from jaxbilevel import hypergradient
 from jaxbilevel import objectives
 from jaxbilevel import projections
+
+# A directory the checks refuse before anything is written (never created).
+_UNUSED_DIR = os.path.join(tempfile.gettempdir(), "jaxbilevel-unused")
 
 # ---------------------------------------------------------------------------
 # A tiny problem and every method built on it.
@@ -449,16 +455,16 @@ ENTRY_POINT_BAD_INPUTS = [
     ("split_params empty x", lambda: flax_utils.split_params(
         {"a": jnp.ones(2), "b": jnp.ones(2)}, "^c"),
      "selects no parameter, so x would be empty"),
-    ("checkpoint step<0", lambda: checkpoint.save("/tmp/unused", _P, None,
+    ("checkpoint step<0", lambda: checkpoint.save(_UNUSED_DIR, _P, None,
                                                   step=-1),
      "step must be >= 0"),
     ("checkpoint directory type", lambda: checkpoint.latest_step(3),
      "checkpoint directory must be a path"),
-    ("checkpoint key type", lambda: checkpoint.save("/tmp/unused", _P, None,
+    ("checkpoint key type", lambda: checkpoint.save(_UNUSED_DIR, _P, None,
                                                     step=1, key="k"),
      "key must be a JAX PRNG key"),
     ("resumable_run save_every=0", lambda: checkpoint.resumable_run(
-        _PFREE, _P, num_steps=2, directory="/tmp/unused", save_every=0),
+        _PFREE, _P, num_steps=2, directory=_UNUSED_DIR, save_every=0),
      "save_every must be >= 1"),
     ("upper_optimizer not optax", lambda: _method("pbgd_free",
                                                   upper_optimizer=0.1),
