@@ -79,9 +79,7 @@ SAMPLE = os.path.join(os.path.dirname(HERE), "tests", "data",
                       "hh_rlhf_sample.jsonl.gz")
 METHODS = ("pbgd_free", "alt_pbgd", "v_pbgd", "bome", "f2sa", "alright")
 DEFAULT_METHODS = ("pbgd_free", "alt_pbgd", "alright")
-LABELS = {"pbgd_free": "PBGD-Free", "alt_pbgd": "ALT-PBGD",
-          "v_pbgd": "V-PBGD", "bome": "BOME", "f2sa": "F2SA",
-          "alright": "ALRIGHT"}
+LABELS = {name: jbl.METHODS[name].label for name in METHODS}
 
 
 # ---------------------------------------------------------------------------

@@ -205,17 +205,13 @@ def library_flops(tx, prob):
   traces it (diagnostics off) and the parameter update. The once-per-chunk
   finiteness check outside the loop is left out (see ``chunk_check_flops``).
   """
-  program = programs.program_of(tx)
-
-  def step(hyperparameters, params, state, batch):
+  def step(tx, params, state, batch):
     out = loop_lib._step(  # pylint: disable=protected-access
-        program.build(hyperparameters), params, state, batch, "fast",
-        jnp.asarray(False), False)
+        tx, params, state, batch, "fast", jnp.asarray(False), False)
     return out[0], out[1]
 
   params = prob["params"]
-  return _flops(step, program.hyperparameters, params, tx.init(params),
-                prob["batch"])
+  return _flops(step, tx, params, tx.init(params), prob["batch"])
 
 
 def chunk_check_flops(tx, prob):
@@ -627,7 +623,7 @@ def sweep_benchmark(num_points, steps, rounds, d=32):
 
 
 def compile_count(prob, steps, gammas=(1.0, 3.0, 10.0, 30.0, 100.0)):
-  """Compilations when a Python loop builds a new transformation per gamma."""
+  """Compilations when a Python loop builds a new method (and optimizers) per gamma."""
   events = []
 
   def listener(event, duration, **kwargs):
@@ -645,9 +641,11 @@ def compile_count(prob, steps, gammas=(1.0, 3.0, 10.0, 30.0, 100.0)):
   counts, backend, seconds = [], [], []
   for gamma in gammas:
     before, before_events = programs_compiled(), len(events)
+    # Everything built anew, optimizers included (as values: their
+    # learning rates are leaves of the method, like gamma).
     tx = jbl.pbgd_free(f, g, gamma=gamma,
-                       upper_optimizer=optax.adam(prob["lr_x"]),
-                       lower_optimizer=optax.sgd(prob["lr_y"]))
+                       upper_optimizer=jbl.as_value(optax.adam)(prob["lr_x"]),
+                       lower_optimizer=jbl.as_value(optax.sgd)(prob["lr_y"]))
     start = time.perf_counter()
     jax.block_until_ready(jbl.run(tx, prob["params"], num_steps=steps,
                                   batch=prob["batch"])[0])

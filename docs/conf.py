@@ -16,6 +16,7 @@ import sys
 _DOCS = pathlib.Path(__file__).resolve().parent
 _ROOT = _DOCS.parent
 sys.path.insert(0, str(_ROOT))
+sys.path.insert(0, str(_DOCS))  # method_tables.py
 
 # The notebooks live in notebooks/ at the repository root; the site renders
 # copies of them (with their committed outputs, never executed here).
@@ -113,9 +114,25 @@ def _public_type_names(app, what, name, obj, options, lines):
       lines[i] = head + sep + type_name
 
 
+def _method_tables_are_current(app):
+  """Warns (an error under -W) while a table made from jbl.METHODS is stale.
+
+  The method tables of choosing.md and vocabulary.md are written by
+  docs/method_tables.py from the method table (jaxbilevel/_src/registry.py).
+  """
+  del app  # Unused.
+  import method_tables  # pylint: disable=g-import-not-at-top
+  from sphinx.util import logging as sphinx_logging  # pylint: disable=g-import-not-at-top
+  for page in method_tables.stale_pages():
+    sphinx_logging.getLogger(__name__).warning(
+        "docs/%s: the method tables differ from jaxbilevel.METHODS; run "
+        "python docs/method_tables.py", page)
+
+
 def setup(app):
   # After napoleon (priority 500), which writes the `:vartype` fields.
   app.connect("autodoc-process-docstring", _public_type_names, priority=600)
+  app.connect("builder-inited", _method_tables_are_current)
 
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

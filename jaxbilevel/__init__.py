@@ -19,6 +19,7 @@ application and benchmark material; extras ``flax`` and ``examples``).
 import importlib as _importlib
 
 # Public sub-modules without optional dependencies.
+from jaxbilevel import adjoints
 from jaxbilevel import constrained
 from jaxbilevel import evaluation
 from jaxbilevel import flatness
@@ -36,6 +37,7 @@ from jaxbilevel._src.base import NonFiniteError
 
 # One step of a method, as the drivers take it.
 from jaxbilevel._src.base import step
+from jaxbilevel._src.values import as_value
 
 # Inner loops.
 from jaxbilevel._src.inner import inner_solve
@@ -79,11 +81,18 @@ from jaxbilevel._src.fo_blo import FOBLOState
 from jaxbilevel._src.fo_blo import ufo_blo
 from jaxbilevel._src.fo_blo import UFOBLOState
 
-# Hypergradient (implicit and unrolled) methods.
+# Hypergradient (implicit and unrolled) methods: one method whose adjoint says
+# how the lower solve is differentiated, and its presets.
+from jaxbilevel._src.hypergradient_descent import hypergradient_descent
 from jaxbilevel._src.aid import aid
 from jaxbilevel._src.aid import AIDState
 from jaxbilevel._src.itd import itd
 from jaxbilevel._src.itd import ITDState
+
+# The table of the methods above: one entry each, read by the tests, the
+# benchmarks and the documentation's tables.
+from jaxbilevel._src.registry import METHODS
+from jaxbilevel._src.registry import MethodInfo
 
 # optax combinators adapted to bilevel methods.
 from jaxbilevel._src.combinators import apply_if_finite
@@ -138,6 +147,7 @@ def __dir__():
 
 __all__ = (
     # Sub-modules.
+    "adjoints",
     "constrained",
     "evaluation",
     "flatness",
@@ -152,6 +162,7 @@ __all__ = (
     "COMMON_DIAGNOSTICS",
     "NonFiniteError",
     "step",
+    "as_value",
     # inner
     "InnerTrace",
     "inner_solve",
@@ -194,12 +205,17 @@ __all__ = (
     "UFOBLOState",
     "fo_blo",
     "ufo_blo",
+    # hypergradient_descent
+    "hypergradient_descent",
     # aid
     "AIDState",
     "aid",
     # itd
     "ITDState",
     "itd",
+    # registry
+    "METHODS",
+    "MethodInfo",
     # combinators
     "apply_if_finite",
     "inject_hyperparams",

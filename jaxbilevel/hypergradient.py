@@ -4,6 +4,7 @@
 from jaxbilevel._src import hypergradient as _impl
 from jaxbilevel._src.hypergradient import conjugate_gradient
 from jaxbilevel._src.hypergradient import cross_vjp
+from jaxbilevel._src.hypergradient import direct_solve
 from jaxbilevel._src.hypergradient import hvp
 from jaxbilevel._src.hypergradient import implicit_hypergradient
 from jaxbilevel._src.hypergradient import implicit_solution
@@ -16,5 +17,5 @@ from jaxbilevel._src.hypergradient import unrolled_solve
 __doc__ = _impl.__doc__  # pylint: disable=redefined-builtin
 
 __all__ = ("ImplicitInfo", "LinearSolveResult", "conjugate_gradient",
-           "cross_vjp", "hvp", "implicit_hypergradient", "implicit_solution",
+           "cross_vjp", "direct_solve", "hvp", "implicit_hypergradient", "implicit_solution",
            "neumann", "unrollable_adam", "unrolled_solve")

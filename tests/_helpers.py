@@ -25,7 +25,6 @@ import pytest
 
 import jaxbilevel as jbl
 from jaxbilevel import problems
-from jaxbilevel._src import base
 
 try:  # flax is an extra: only nested_layout needs it (the llm files skip).
   from flax import traverse_util
@@ -196,37 +195,42 @@ RIDGE_PARAMS = jbl.BilevelParams(x=jnp.asarray(0.2, jnp.float64),
                                  y=jnp.asarray([0.1, -0.2, 0.3], jnp.float64))
 UO, LO = optax.sgd(0.05), optax.sgd(0.1)
 
-# name -> (method, fixed keyword arguments, {float hyperparameter: (v1, v2)}).
-CASES = {
-    "pbgd_free": (jbl.pbgd_free, dict(inner_steps=2), {"gamma": (4.0, 9.0)}),
-    "alt_pbgd": (jbl.alt_pbgd, dict(inner_steps=2, value_steps=3),
-                 {"gamma": (4.0, 9.0)}),
-    "v_pbgd": (jbl.v_pbgd, dict(value_steps=2), {"gamma": (4.0, 9.0)}),
-    "pbgd_blocc": (jbl.pbgd_blocc, dict(c=ridge_c, dual_step_size=0.1,
-                                        dual_steps=3, primal_steps=2),
-                   {"gamma": (4.0, 9.0)}),
-    "pbgd_free_cc": (jbl.pbgd_free_cc, dict(c=ridge_c, dual_step_size=0.1,
-                                            dual_steps=3, primal_steps=2),
-                     {"gamma": (4.0, 9.0)}),
-    "bome": (jbl.bome, dict(value_steps=3), {"eta": (0.5, 2.0)}),
+# Every method of the table jbl.METHODS on the ridge problem:
+# name -> (fixed keyword arguments, {float hyperparameter: (v1, v2)}).
+_SETTINGS = {
+    "pbgd_free": (dict(inner_steps=2), {"gamma": (4.0, 9.0)}),
+    "alt_pbgd": (dict(inner_steps=2, value_steps=3), {"gamma": (4.0, 9.0)}),
+    "v_pbgd": (dict(value_steps=2), {"gamma": (4.0, 9.0)}),
+    "pbgd_blocc": (dict(c=ridge_c, dual_step_size=0.1, dual_steps=3,
+                        primal_steps=2), {"gamma": (4.0, 9.0)}),
+    "pbgd_free_cc": (dict(c=ridge_c, dual_step_size=0.1, dual_steps=3,
+                          primal_steps=2), {"gamma": (4.0, 9.0)}),
+    "bome": (dict(value_steps=3), {"eta": (0.5, 2.0)}),
     # gamma only sets the initial penalty in init; the increment acts each
     # step.
-    "f2sa": (jbl.f2sa, dict(inner_steps=2, gamma=4.0),
-             {"gamma_increment": (0.5, 2.0)}),
-    "alright": (jbl.alright, dict(key=jax.random.PRNGKey(1)),
-                {"probability": (0.3, 0.8)}),
-    "fo_blo": (jbl.fo_blo, dict(inner_steps=3, inner_start="previous"), {}),
-    "ufo_blo": (jbl.ufo_blo, dict(inner_steps=3, key=jax.random.PRNGKey(0),
-                                  inner_start="previous"),
+    "f2sa": (dict(inner_steps=2, gamma=4.0), {"gamma_increment": (0.5, 2.0)}),
+    "alright": (dict(key=jax.random.PRNGKey(1)), {"probability": (0.3, 0.8)}),
+    "fo_blo": (dict(inner_steps=3, inner_start="previous"), {}),
+    "ufo_blo": (dict(inner_steps=3, key=jax.random.PRNGKey(0),
+                     inner_start="previous"),
                 {"correction_probability": (0.3, 0.8)}),
-    "aid": (jbl.aid, dict(inner_steps=3, solver="neumann", linear_steps=4),
+    "aid": (dict(inner_steps=3, solver="neumann", linear_steps=4),
             {"neumann_step": (0.2, 0.6)}),
-    "itd": (jbl.itd, dict(inner_steps=4), {}),
+    "itd": (dict(inner_steps=4), {}),
 }
-NAMES = sorted(CASES)
+# name -> (method, fixed keyword arguments, {float hyperparameter: (v1, v2)}),
+# in the table's order. A method of the table without settings fails
+# loudly: tests/test_registry.py's test_every_method_has_ridge_settings, and
+# every test of it here.
+CASES = {name: (info.constructor,) + _SETTINGS[name]
+         for name, info in jbl.METHODS.items() if name in _SETTINGS}
+NAMES = tuple(jbl.METHODS)
 
 
 def case_kwargs(name, **hyper):
+  assert name in CASES, (
+      f"{name} is in jbl.METHODS but has no ridge settings: add them to "
+      "_SETTINGS in tests/_helpers.py")
   method, fixed, hypers = CASES[name]
   values = {k: v[0] for k, v in hypers.items()}
   values.update(hyper)

@@ -190,15 +190,15 @@ def test_f2sa_increasing_multiplier_shrinks_the_bias():
                 lower_optimizer=optax.sgd(1 / prob.info["lower_lipschitz"]))
   params, state, hist = jbl.run(tx, prob.params0, num_steps=20000,
                                 diagnostics=True)
-  assert float(state.lagrange_multiplier) == 1000.0
+  assert float(state.gamma) == 1000.0
   np.testing.assert_allclose(hist["gamma"][:3], [1.0, 1.05, 1.1])
   gap = np.linalg.norm(np.asarray(params.x) - prob.info["x_star"])
   np.testing.assert_allclose(gap, 3.27e-4, rtol=0.05)  # A8 golden
 
 
 def test_f2sa_schedule_presets_follow_their_formulas():
-  s = jbl.f2sa_schedules("benchopt", inner_steps=10, lower_step=0.1,
-                         value_step=0.2, outer_ratio=2.0, gamma=3.0,
+  s = jbl.f2sa_schedules("benchopt", inner_steps=10, lower_step_size=0.1,
+                         value_step_size=0.2, outer_ratio=2.0, gamma=3.0,
                          gamma_delta=0.5)
   k = 4
   np.testing.assert_allclose(float(s.lower(10 * k + 7)), 0.1 * 5 ** (-5 / 7),
@@ -210,8 +210,8 @@ def test_f2sa_schedule_presets_follow_their_formulas():
   np.testing.assert_allclose(float(s.gamma_increment(k)), 0.5 * 5 ** (-1 / 7),
                              rtol=1e-6)
   assert s.gamma == 3.0
-  p = jbl.f2sa_schedules("paper", inner_steps=10, lower_step=0.1,
-                         value_step=0.2)
+  p = jbl.f2sa_schedules("paper", inner_steps=10, lower_step_size=0.1,
+                         value_step_size=0.2)
   lam = lambda k: 0.2 * (k + 1) ** (-4 / 7) / (2 * 0.1 * (k + 1) ** (-5 / 7))
   np.testing.assert_allclose(p.gamma, lam(0), rtol=1e-6)
   np.testing.assert_allclose(float(p.gamma_increment(k)),
@@ -227,7 +227,7 @@ def test_f2sa_schedule_presets_follow_their_formulas():
                 value_optimizer=optax.sgd(p.value))
   _, state, hist = jbl.run(tx, prob.params0, num_steps=50, diagnostics=True)
   assert np.all(np.isfinite(hist["f"]))
-  np.testing.assert_allclose(float(state.lagrange_multiplier), lam(50),
+  np.testing.assert_allclose(float(state.gamma), lam(50),
                              rtol=1e-4)
 
 

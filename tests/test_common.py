@@ -1,10 +1,13 @@
 """The common suite every bilevel method must pass.
 
-A new method gets all of these checks by adding one entry to
-``METHOD_CASES``: a builder ``(f, g, hyper, upper_optimizer, lower_optimizer)
--> tx`` where ``hyper`` is the method's swept penalty-like scalar (gamma,
-F2SA's initial gamma, BOME's eta, ALRIGHT's probability, ...), and one entry
-to ``CONVERGENCE``: the closed-form point it must reach on a small quadratic.
+The suite runs every method of the method table ``jbl.METHODS``, through its
+cases in ``METHOD_CASES``: a case named ``<method>`` or ``<method>_<variant>``
+is a builder ``(f, g, hyper, upper_optimizer, lower_optimizer) -> tx`` where
+``hyper`` is the method's swept penalty-like scalar (gamma, F2SA's initial
+gamma, BOME's eta, ALRIGHT's probability, ...), and each case has an entry in
+``CONVERGENCE``: the closed-form point it must reach on a small quadratic. A
+method of the table without a case is still run, and every check of it fails
+and says what to add.
 
 A cross-method suite: it stays one file, beside the files of the modules
 (test_<module>.py).
@@ -88,7 +91,32 @@ METHOD_CASES = {
         lower_optimizer=lo, key=jax.random.PRNGKey(1)),
 }
 
-NAMES = sorted(METHOD_CASES)
+
+def method_of_case(name):
+  """The table's method that case ``name`` builds: ``aid_cg`` -> ``aid``.
+
+  The longest method name that is ``name`` or prefixes it before a ``_``
+  (``pbgd_free_cc`` is its own method, not a variant of ``pbgd_free``).
+  """
+  matches = [m for m in jbl.METHODS if name == m or name.startswith(m + "_")]
+  return max(matches, key=len) if matches else None
+
+
+# Every case, grouped by the table's methods in its order; a method without a
+# case appears under its own name (its checks fail, see case_builder).
+NAMES = [case for method in jbl.METHODS
+         for case in (sorted(c for c in METHOD_CASES
+                             if method_of_case(c) == method) or [method])]
+
+
+def case_builder(name):
+  """METHOD_CASES[name], or a failure saying that the method needs a case."""
+  assert name in METHOD_CASES, (
+      f"{name} is in jbl.METHODS but has no case in tests/test_common.py: add "
+      "a builder to METHOD_CASES and its closed-form answer to CONVERGENCE.")
+  return METHOD_CASES[name]
+
+
 HYPER = 4.0
 LR = 0.05
 
@@ -130,7 +158,7 @@ def _build(name, hyper=HYPER, lr=LR, dtype=jnp.float64, uo=None, lo=None):
   f, g, params = nested_problem(dtype)
   uo = optax.sgd(lr) if uo is None else uo
   lo = optax.sgd(lr) if lo is None else lo
-  return METHOD_CASES[name](f, g, hyper, uo, lo), params
+  return case_builder(name)(f, g, hyper, uo, lo), params
 
 
 def _steps(tx, params, n, update=None, **extra):
@@ -159,6 +187,24 @@ def _assert_trees_close(a, b, rtol=1e-10, atol=1e-12):
                                atol=atol)
 
 
+def test_every_method_of_the_table_has_a_case():
+  missing = [m for m in jbl.METHODS
+             if not any(method_of_case(c) == m for c in METHOD_CASES)]
+  assert not missing, (
+      f"{missing}: in jbl.METHODS without a case in tests/test_common.py; add "
+      "a builder to METHOD_CASES and its answer to CONVERGENCE.")
+  strays = [c for c in METHOD_CASES if method_of_case(c) is None]
+  assert not strays, f"{strays}: cases of no method in jbl.METHODS"
+  assert set(CONVERGENCE) == set(METHOD_CASES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_case_builds_the_method_its_name_says(name):
+  tx, params = _build(name)
+  state = tx.init(params)
+  assert type(state) is jbl.METHODS[method_of_case(name)].state  # pylint: disable=unidiomatic-typecheck
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_matches_eager_and_moves(name):
   tx, params = _build(name)
@@ -182,7 +228,7 @@ def test_vmap_over_hyperparameters_does_not_recompile(name):
   @jax.vmap
   def sweep(hyper, lr):
     traces.append(None)
-    tx = METHOD_CASES[name](f, g, hyper, optax.sgd(lr), optax.sgd(lr))
+    tx = case_builder(name)(f, g, hyper, optax.sgd(lr), optax.sgd(lr))
     out, _, hist = jbl.scan_run(tx, params, num_steps=4, diagnostics=True)
     return out, hist["f"]
 
@@ -195,7 +241,7 @@ def test_vmap_over_hyperparameters_does_not_recompile(name):
   # Each lane equals the corresponding single (unbatched) run.
   @jax.jit
   def single_run(hyper, lr):
-    tx = METHOD_CASES[name](f, g, hyper, optax.sgd(lr), optax.sgd(lr))
+    tx = case_builder(name)(f, g, hyper, optax.sgd(lr), optax.sgd(lr))
     return jbl.scan_run(tx, params, num_steps=4, diagnostics=True)
 
   for i in range(3):
@@ -236,10 +282,10 @@ def test_dtype_is_preserved(name, dtype):
 def test_composes_with_optax_chain(name):
   f, g, params = nested_problem(jnp.float64)
   plain = _compiled_steps(
-      lambda: METHOD_CASES[name](f, g, HYPER, optax.sgd(LR), optax.sgd(LR)),
+      lambda: case_builder(name)(f, g, HYPER, optax.sgd(LR), optax.sgd(LR)),
       params, 3)
   clipped = _compiled_steps(
-      lambda max_norm: METHOD_CASES[name](
+      lambda max_norm: case_builder(name)(
           f, g, HYPER,
           optax.chain(optax.clip_by_global_norm(max_norm), optax.sgd(LR)),
           optax.chain(optax.clip_by_global_norm(max_norm), optax.sgd(LR))),
@@ -272,7 +318,7 @@ def test_nested_and_flax_parameter_trees(name):
         jnp.sum(v ** 2) for v in jax.tree.leaves(x))
 
   params = jbl.BilevelParams(x=x0, y={"head": jnp.zeros(3, jnp.float32)})
-  tx = METHOD_CASES[name](f, g, HYPER, optax.adam(1e-2), optax.sgd(0.1))
+  tx = case_builder(name)(f, g, HYPER, optax.adam(1e-2), optax.sgd(0.1))
   new, state, hist = jbl.run(tx, params, num_steps=5, batch=data,
                              diagnostics=True)
   assert jax.tree.structure(new) == jax.tree.structure(params)
@@ -476,10 +522,10 @@ def test_converges_to_the_closed_form_answer(name):
   case = CONVERGENCE[name]
   f, g, params, coeffs = _convergence_problem(case.coupled)
   answer = _ANSWERS[case.answer](coeffs)
-  if name in ("pbgd_blocc", "pbgd_free_cc"):
+  if jbl.METHODS[method_of_case(name)].constraints:
     y = coeffs.y_gamma(answer, HYPER)
     assert float(_sum_constraint(answer, y)[0]) < -1.0   # inactive
-  tx = METHOD_CASES[name](f, g, HYPER, optax.sgd(0.1),
+  tx = case_builder(name)(f, g, HYPER, optax.sgd(0.1),
                           optax.sgd(case.lower_lr))
   xs = np.asarray(_trajectory(tx, params, case.steps))
   estimate = xs[case.steps // 2:].mean(axis=0) if case.average else xs[-1]

@@ -144,7 +144,7 @@ def test_other_penalty_methods_accept_auto(method):
                               diagnostics=("gamma",))
   assert history["gamma"][0] == 4.0 and history["gamma"][-1] == 32.0
   if method == "f2sa":  # the multiplier follows the continuation
-    assert float(state.inner_state.lagrange_multiplier) == 32.0
+    assert float(state.inner_state.gamma) == 32.0
 
 
 @pytest.mark.parametrize("method", ["pbgd_blocc", "pbgd_free_cc"])

@@ -25,8 +25,8 @@ import jaxbilevel as jbl
 
 def test_f2sa_schedules_are_float64_under_x64_and_equal_the_formulas():
   assert jax.config.jax_enable_x64  # tests/conftest.py
-  b = jbl.f2sa_schedules("benchopt", inner_steps=10, lower_step=0.1,
-                         value_step=0.2, outer_ratio=2.0, gamma=3.0,
+  b = jbl.f2sa_schedules("benchopt", inner_steps=10, lower_step_size=0.1,
+                         value_step_size=0.2, outer_ratio=2.0, gamma=3.0,
                          gamma_delta=0.5, offset=1.0)
   for k in (0, 3, 4, 123):
     values = {"lower": (b.lower(10 * k + 7), 0.1 * (k + 1.0) ** (-5 / 7)),
@@ -37,8 +37,8 @@ def test_f2sa_schedules_are_float64_under_x64_and_equal_the_formulas():
     for name, (got, want) in values.items():
       assert got.dtype == jnp.float64, name
       np.testing.assert_allclose(float(got), want, rtol=4e-16, err_msg=name)
-  p = jbl.f2sa_schedules("paper", inner_steps=10, lower_step=0.1,
-                         value_step=0.2)
+  p = jbl.f2sa_schedules("paper", inner_steps=10, lower_step_size=0.1,
+                         value_step_size=0.2)
   lam = lambda k: 0.2 * (k + 1.0) ** (-4 / 7) / (2 * 0.1 * (k + 1.0) ** (
       -5 / 7))
   np.testing.assert_allclose(p.gamma, lam(0), rtol=4e-16)
@@ -54,7 +54,7 @@ def test_f2sa_schedules_are_float64_under_x64_and_equal_the_formulas():
 
 def test_f2sa_schedules_are_float32_without_x64():
   with jax.enable_x64(False):
-    s = jbl.f2sa_schedules("benchopt", inner_steps=10, lower_step=0.1)
+    s = jbl.f2sa_schedules("benchopt", inner_steps=10, lower_step_size=0.1)
     assert s.lower(47).dtype == jnp.float32
     np.testing.assert_allclose(float(s.lower(47)), 0.1 * 5 ** (-5 / 7),
                                rtol=1e-6)

@@ -64,6 +64,22 @@ def test_readme_benchmark_numbers_come_from_the_results_files():
   cc = svm["results"]["diabetes"]["pbgd_free_cc"]
   quoted.append(f"{cc['test_accuracy_mean']:.4f} ± "
                 f"{cc['test_accuracy_std']:.4f}")
+  torch_side = json.loads((results_dir / "llm_torch.json").read_text())
+  assert torch_side["quick"] is False
+  timing = torch_side["timing"]
+  quoted.append(f"jaxbilevel {timing['jax']['median']:.2f} s per step, "
+                f"PyTorch {timing['torch']['median']:.2f} s, per-round ratio "
+                f"{timing['ratio']['median']:.3f} (quartiles "
+                f"{timing['ratio']['q1']:.3f}–{timing['ratio']['q3']:.3f})")
+  flops = torch_side["flops"]
+  quoted.append(f"the jaxbilevel step runs at "
+                f"{flops['jax_fraction_of_matmul']:.2f} of the rate")
+  quoted.append(f"({flops['jax_flops_per_second'] / 1e9:.0f} of "
+                f"{flops['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s), "
+                f"PyTorch's at {flops['torch_fraction_of_matmul']:.2f}")
+  agreement = torch_side["agreement"]
+  assert max(agreement["dpo_start"]["abs_diff"],
+             agreement["sft_start"]["abs_diff"]) < 2e-5
   for phrase in quoted:
     assert phrase in text, phrase
   # The README's comparisons: lowest DPO loss on DPO/SFT, highest group-0 MSE

@@ -52,21 +52,25 @@ def _shared():
   return dict(upper_optimizer=optax.sgd(0.1), lower_optimizer=optax.sgd(0.1))
 
 
-# The arguments that no paper fixes, besides the shared call; c is positional.
-_EXTRA = {
-    "pbgd_free": dict(gamma=2.0),
-    "alt_pbgd": dict(gamma=2.0),
-    "v_pbgd": dict(gamma=2.0),
-    "pbgd_blocc": dict(c=_c, gamma=2.0, dual_step_size=0.1),
-    "pbgd_free_cc": dict(c=_c, gamma=2.0, dual_step_size=0.1),
-    "f2sa": dict(gamma=10.0),
-    "bome": {},
-    "alright": dict(key=_KEY),
-    "aid": {},
-    "itd": {},
-    "fo_blo": {},
-    "ufo_blo": dict(key=_KEY),
-}
+# A value for each argument that no paper fixes (a method's
+# required_arguments in jbl.METHODS); c is positional. F2SA starts from a
+# larger penalty, which it needs to reach the check's progress in 20 steps.
+_VALUES = {"gamma": 2.0, "c": _c, "dual_step_size": 0.1, "key": _KEY}
+_OVERRIDES = {"f2sa": dict(gamma=10.0)}
+
+
+def _extra(name):
+  required = jbl.METHODS[name].required_arguments
+  unknown = set(required) - set(_VALUES)
+  assert not unknown, (
+      f"{name} requires {sorted(unknown)}: give a value in _VALUES of "
+      "tests/test_vocabulary.py")
+  return {k: _OVERRIDES.get(name, {}).get(k, _VALUES[k]) for k in required}
+
+
+# The arguments that no paper fixes, besides the shared call, for every
+# method of the table.
+_EXTRA = {name: _extra(name) for name in jbl.METHODS}
 _SHARED_NAMES = {"f", "g", "upper_optimizer", "lower_optimizer"}
 
 
@@ -116,7 +120,7 @@ def test_every_method_runs_from_the_shared_call(name):
 
 
 def test_gamma_means_a_penalty_constant_only():
-  for name in ("pbgd_free", "alt_pbgd", "v_pbgd", "pbgd_blocc"):
+  for name in [n for n, m in jbl.METHODS.items() if not m.gamma_free]:
     _, _, hist = jbl.run(_build(name, gamma=7.0), _P0, num_steps=2,
                          diagnostics=True)
     np.testing.assert_array_equal(hist["gamma"], [7.0, 7.0])
@@ -170,7 +174,7 @@ def _f2sa_final(**kwargs):
   tx = jbl.f2sa(_f, _g, inner_steps=2, **_shared(), **kwargs)
   params, state, hist = jbl.run(tx, _P0, num_steps=4, diagnostics=True)
   return (np.asarray([params.x, params.y]), np.asarray(state.y_g),
-          float(state.lagrange_multiplier), hist["gamma"])
+          float(state.gamma), hist["gamma"])
 
 
 def test_f2sa_old_penalty_names_warn_and_give_identical_iterates():
@@ -280,6 +284,29 @@ def test_old_state_fields_warn_and_alias_y_g(name, old):
     value = getattr(state, old)
   np.testing.assert_array_equal(value, state.y_g)
   assert old not in type(state)._fields
+
+
+def test_f2sa_state_gamma_and_schedule_step_sizes_renamed():
+  _, state = _final(_build("f2sa"))
+  with pytest.warns(DeprecationWarning,
+                    match="state field lagrange_multiplier .*use gamma"):
+    value = state.lagrange_multiplier
+  np.testing.assert_array_equal(value, state.gamma)
+  assert "lagrange_multiplier" not in type(state)._fields
+  new = jbl.f2sa_schedules("paper", inner_steps=10, lower_step_size=0.1,
+                           value_step_size=0.2)
+  with pytest.warns(DeprecationWarning) as caught:
+    old = jbl.f2sa_schedules("paper", inner_steps=10, lower_step=0.1,
+                             value_step=0.2)
+  messages = " ".join(str(w.message) for w in caught)
+  for old_name in ("lower_step", "value_step"):
+    assert f"argument {old_name} is deprecated" in messages
+    assert f"use {old_name}_size instead" in messages
+  for k in (0, 9, 10, 55):
+    for field in ("lower", "value", "upper"):
+      assert float(getattr(old, field)(k)) == float(getattr(new, field)(k))
+  assert float(new.value(0)) == pytest.approx(0.2)
+  assert float(new.lower(0)) == pytest.approx(0.1)
 
 
 def test_an_old_name_with_its_new_one_is_an_error():

@@ -1,59 +1,23 @@
-"""AID: approximate implicit differentiation (conjugate gradient or Neumann)."""
+"""AID: approximate implicit differentiation (CG, Neumann or a direct solve).
+
+A preset of :func:`jaxbilevel.hypergradient_descent` with the
+:class:`jaxbilevel.adjoints.Implicit` adjoint.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, Optional, Union
 
-import jax
-import jax.numpy as jnp
 import optax
 
+from jaxbilevel._src import adjoints
 from jaxbilevel._src import base
+from jaxbilevel._src import hypergradient_descent as hd_lib
 from jaxbilevel._src import programs
-from jaxbilevel._src import hypergradient
-from jaxbilevel._src import inner
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("linear_residual", "tol")
-
-
-class AIDState(NamedTuple):
-  """State of :func:`aid`.
-
-  Attributes:
-    count: number of outer steps taken.
-    upper_state: state of the upper optimizer (for ``x``).
-    lower_state: state of the inner optimizer (for ``y``) after the last
-      inner solve; the start of the next one unless ``inner_start`` is a
-      callable.
-    diagnostics: dict of scalars from the last step: ``f`` and ``g`` at
-      :math:`(x_t, y_{t+1})` (the point where the hypergradient is taken),
-      ``upper_grad_norm`` (norm of the hypergradient), ``lower_grad_norm``
-      (norm of :math:`\\nabla_y g` at the start of the inner solve),
-      ``linear_residual``
-      :math:`\\|\\nabla_y f - Hv\\|` and ``tol`` (the CG tolerance of
-      the step: NaN when a traced or scheduled ``tol`` was negative, so that
-      the run reports it by name).
-  """
-
-  count: jax.Array
-  upper_state: optax.OptState
-  lower_state: optax.OptState
-  diagnostics: dict
-
-
-def default_tol(dtype) -> float:
-  """The CG tolerance of :func:`aid` when ``tol=None``, for parameters of ``dtype``.
-
-  1e-10 (float32, float64, bfloat16), or the smallest normal number of
-  ``dtype`` where 1e-10 would underflow to 0 (float16: 6.1e-5).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from jaxbilevel._src import aid
-    >>> aid.default_tol(jnp.float32), round(aid.default_tol(jnp.float16), 9)
-    (1e-10, 6.1035e-05)
-  """
-  return max(1e-10, float(jnp.finfo(dtype).tiny))
+DIAGNOSTICS = hd_lib.IMPLICIT_DIAGNOSTICS
+AIDState = hd_lib.AIDState
+default_tol = adjoints.default_tol
 
 
 @programs.bilevel_method
@@ -74,6 +38,10 @@ def aid(f: base.Objective,
         ) -> optax.GradientTransformationExtraArgs:
   r"""AID: K inner steps on ``g``, then an implicit hypergradient step on ``x``.
 
+  :func:`jaxbilevel.hypergradient_descent` with
+  ``adjoint=jbl.adjoints.Implicit(solver, linear_steps, tol, neumann_step)``
+  (the same iterates, state and diagnostics).
+
   One ``update`` is one outer iteration (see :doc:`/methods`):
 
   .. math::
@@ -81,8 +49,8 @@ def aid(f: base.Objective,
     y &\leftarrow \mathrm{Proj}_\mathcal{Y}(y - \eta_y\nabla_y g(x_t, y))
         \quad (T \text{ steps from } y \text{ or from } y_0(x_t, y)) \\
     H v &= \nabla_y f(x_t, y), \quad H = \nabla^2_{yy} g(x_t, y)
-        \quad (K \text{ CG steps from } v_0 = 0, \text{ or } K
-        \text{ Neumann terms}) \\
+        \quad (K \text{ CG steps from } v_0 = 0, K
+        \text{ Neumann terms, or a dense solve}) \\
     x_{t+1} &\leftarrow \mathrm{Proj}_\mathcal{X}\big(x_t - \eta\,
         [\nabla_x f(x_t, y) - \nabla^2_{xy} g(x_t, y)\, v]\big)
 
@@ -97,18 +65,24 @@ def aid(f: base.Objective,
   implicit one at the inner solution, so it ignores how the start depends on
   ``x``. The hypergradient is :func:`jaxbilevel.hypergradient.implicit_hypergradient`
   at the new ``y`` (a constant: the inner loop is not differentiated).
-  Hessian-vector products are forward-over-reverse; CG stops (a
-  ``lax.while_loop``: no product is spent after convergence) once the
-  residual norm is below ``tol``. The sign convention is
+  Hessian-vector products are forward-over-reverse; CG
+  (``jax.scipy.sparse.linalg.cg``, a ``lax.while_loop``: no product is spent
+  after convergence) stops once the residual norm is below ``tol``;
+  ``solver="direct"`` forms the lower Hessian densely (``jax.jacfwd``) and
+  solves exactly (``jnp.linalg.solve``), for small lower levels. The sign convention is
   :math:`v\approx+H^{-1}\nabla_y f` with :math:`-J_{xy}v` (AmIGO, stocBiO).
   Requires a lower Hessian that is positive definite at the iterates
   (strongly convex lower level); Neumann needs
   ``neumann_step`` :math:`\le 1/L_g`.
 
   Cost per outer iteration: ``inner_steps`` g-gradients (y-block), one
-  f-gradient (both blocks), ``linear_steps`` Hessian-vector products and one
+  f-gradient (both blocks), ``linear_steps`` Hessian-vector products (CG: at
+  most one more, for the residual of its zero start, and one more for
+  ``linear_residual`` when it is recorded; direct: :math:`d_y` of them and a
+  dense :math:`O(d_y^3)` solve) and one
   cross product :math:`J_{xy}v`, plus one forward pass of ``g`` when the
-  diagnostics are recorded. Memory: about four lower-level vectors (CG) or two (Neumann)
+  diagnostics are recorded. Memory: about four lower-level vectors (CG), two
+  (Neumann) or a :math:`d_y\times d_y` matrix (direct)
   besides ``x``, ``y`` and the optimizer states.
 
   Args:
@@ -117,8 +91,9 @@ def aid(f: base.Objective,
     upper_optimizer: optax optimizer for ``x``.
     lower_optimizer: optax optimizer of the inner solve.
     inner_steps: T, inner steps per outer iteration (static int).
-    solver: ``"cg"`` (default) or ``"neumann"``.
-    linear_steps: K, CG iterations or Neumann terms (static int).
+    solver: ``"cg"`` (default), ``"neumann"`` or ``"direct"``.
+    linear_steps: K, CG iterations or Neumann terms (static int; ignored by
+      ``"direct"``).
     tol: CG early-exit tolerance on the residual norm (float, array or
       schedule). Default ``None``: 1e-10, or, for parameters whose dtype
       cannot hold 1e-10 (float16), the smallest normal number of that dtype
@@ -149,64 +124,8 @@ def aid(f: base.Objective,
     R. Grazzi, L. Franceschi, M. Pontil, S. Salzo. *On the Iteration
     Complexity of Hypergradient Computation*, ICML 2020, arXiv:2006.16218.
   """
-  f = base.scalar_objective(f, "f")
-  g = base.scalar_objective(g, "g")
-  inner_steps = base.check_static_int(inner_steps, "inner_steps")
-  linear_steps = base.check_static_int(linear_steps, "linear_steps")
-  if tol is not None:
-    tol = base.check_hyperparameter(tol, "tol", allow_zero=True)
-  hypergradient.check_solver(solver, linear_steps, neumann_step, "aid")
-  inner_start = base.check_start(inner_start, "aid", "inner_start",
-                                 ("previous",))
-  _, proj_x, proj_y = base.level_arguments(
-      upper_optimizer, lower_optimizer, None, proj_x, proj_y)
-
-  def init_fn(params):
-    return AIDState(
-        **base.init_state_fields(params, "aid", DIAGNOSTICS, upper_optimizer,
-                                 lower_optimizer))
-
-  def step_fn(params, state, *, batch=None, diagnostics=False,
-              **extra_args):
-    del extra_args
-    params, dtype = base.begin_step(params, "aid")
-    record = base.recorded_names(diagnostics, DIAGNOSTICS, "aid")
-    x, y = params
-    tol_t = base.resolve_hyperparameter(
-        default_tol(dtype) if tol is None else tol, state.count, dtype,
-        allow_zero=True, name="tol")
-    step_t = None if solver == "cg" else base.resolve_hyperparameter(
-        neumann_step, state.count, dtype, name="neumann_step")
-
-    # T inner steps on g, from the previous y (warm start) or from
-    # inner_start(x, y).
-    if not callable(inner_start):
-      y0, lower_state0 = y, state.lower_state
-    else:
-      y0 = base.inner_start(inner_start, x, y, "aid")
-      lower_state0 = lower_optimizer.init(y0)
-    y_new, lower_state, trace = inner.inner_solve(
-        lambda y_: g(x, y_, batch), y0, lower_state0,
-        optimizer=lower_optimizer, num_steps=inner_steps, proj=proj_y,
-        grad_norm="lower_grad_norm" in record)
-    # Implicit hypergradient at the new y: K HVPs and one cross product.
-    direction, info = hypergradient.implicit_hypergradient(
-        f, g, x, y_new, batch, solver=solver, num_iters=linear_steps,
-        tol=tol_t, neumann_step=step_t, has_aux=True,
-        differentiable=False)  # nothing differentiates through the step
-    x_new, upper_state = inner.projected_step(
-        upper_optimizer, direction, state.upper_state, x, proj_x)
-
-    diag = base.diagnostics(
-        dtype, record, f=info.value,
-        g=lambda: g(x, y_new, batch),  # at the new y: only for the record
-        upper_grad_norm=lambda: base.diagnostic_norm(direction),
-        lower_grad_norm=inner.first_step(trace).grad_norm,
-        linear_residual=info.residual_norm,
-        tol=tol_t)
-    new_state = AIDState(
-        count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, diagnostics=diag)
-    return base.BilevelParams(x_new, y_new), new_state
-
-  return base.bilevel_transformation(init_fn, step_fn, "aid")
+  return hd_lib.build(
+      f, g, adjoint=adjoints.Implicit(solver, linear_steps, tol, neumann_step),
+      upper_optimizer=upper_optimizer, lower_optimizer=lower_optimizer,
+      inner_steps=inner_steps, inner_start=inner_start, key=None,
+      proj_x=proj_x, proj_y=proj_y, method="aid", prefix="")

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxbilevel._src import base
 from jaxbilevel._src import continuation
 from jaxbilevel._src import programs
-from jaxbilevel._src import inner
+from jaxbilevel._src import method_parts
 from jaxbilevel._src import objectives
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("gamma", "g_gap")
@@ -44,6 +43,7 @@ class ALTPBGDState(NamedTuple):
 
 @programs.bilevel_method
 @base.renamed_arguments("alt_pbgd", {"y_gamma_start": "inner_start"})
+@continuation.penalty_method("alt_pbgd")
 def alt_pbgd(f: base.Objective,
              g: base.Objective,
              *,
@@ -131,15 +131,6 @@ def alt_pbgd(f: base.Objective,
   """
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
-  if continuation.is_continuation(gamma):
-    return continuation.penalty_continuation(
-        lambda gamma_: alt_pbgd(
-            f, g, gamma=gamma_, upper_optimizer=upper_optimizer,
-            lower_optimizer=lower_optimizer, value_optimizer=value_optimizer,
-            inner_steps=inner_steps, value_steps=value_steps,
-            inner_start=inner_start, proj_x=proj_x, proj_y=proj_y),
-        continuation.check_settings(gamma, "alt_pbgd"), f=f, g=g,
-        method="alt_pbgd")
   gamma = base.check_hyperparameter(gamma, "gamma")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
   value_steps = base.check_static_int(
@@ -150,7 +141,11 @@ def alt_pbgd(f: base.Objective,
         f"{inner_start!r}.")
   value_optimizer, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
-  lower_objective = objectives.lower_penalized(f, g, has_aux=True)
+  value_tracker = method_parts.ValueTracker(g, value_optimizer, value_steps,
+                                            proj_y)
+  penalized_tracker = method_parts.PenalizedTracker(
+      f, g, lower_optimizer, inner_steps, proj_y, start=inner_start)
+  upper_step = method_parts.ProjectedStep(upper_optimizer, proj_x)
   penalty = objectives.value_gap_penalty(f, g, has_aux=True)
 
   def init_fn(params):
@@ -162,45 +157,18 @@ def alt_pbgd(f: base.Objective,
   def step_fn(params, state, *, batch=None, diagnostics=False,
               **extra_args):
     del extra_args
-    params, dtype = base.begin_step(params, "alt_pbgd",
-                                      y_g=state.y_g)
-    record = base.recorded_names(diagnostics, DIAGNOSTICS, "alt_pbgd")
-    x, y = params
-    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
-                                          name="gamma")
-
-    # K_g steps of the value tracker y_g on g.
-    y_g, value_state, _ = inner.inner_solve(
-        lambda y_: g(x, y_, batch), state.y_g, state.value_state,
-        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y,
-        grad_norm=False)
-    # K_gamma steps of the penalized tracker on f / gamma + g.
-    y_start = y if inner_start == "previous" else y_g
-    y_gamma, lower_state, trace = inner.inner_solve(
-        lambda y_: lower_objective(x, y_, gamma_t, batch), y_start,
-        state.lower_state, optimizer=lower_optimizer, num_steps=inner_steps,
-        proj=proj_y, has_aux=True,
-        grad_norm="lower_grad_norm" in record)
-    # Reduced-penalty gradient: grad_x of f + gamma (g(., y_gamma) - g(., y_g)).
-    (_, pen_aux), direction = jax.value_and_grad(penalty, has_aux=True)(
-        x, y_gamma, y_g, gamma_t, batch)
-    x_new, upper_state = inner.projected_step(
-        upper_optimizer, direction, state.upper_state, x, proj_x)
-
-    first = inner.first_step(trace)
-    if inner_start == "previous":  # the first inner step is at (x_t, y_t)
-      f_t, g_t = first.aux["f"], first.aux["g"]
-    else:  # it starts at y_g: f, g at (x_t, y_t) are for the record only
-      f_t, g_t = lambda: f(x, y, batch), lambda: g(x, y, batch)
-    diag = base.diagnostics(
-        dtype, record, f=f_t, g=g_t,
-        upper_grad_norm=lambda: base.diagnostic_norm(direction),
-        lower_grad_norm=first.grad_norm, gamma=gamma_t,
-        g_gap=pen_aux["g_gap"])
-    new_state = ALTPBGDState(
-        count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, y_g=y_g,
-        diagnostics=diag)
-    return base.BilevelParams(x_new, y_gamma), new_state
+    step = method_parts.begin(params, state, diagnostics, "alt_pbgd",
+                              DIAGNOSTICS)
+    gamma_t = step.hyperparameter(gamma, "gamma")
+    # y_g: K_g steps on g; y_gamma: K_gamma steps on f / gamma + g.
+    y_g = value_tracker.update(step, state, batch)
+    y_gamma = penalized_tracker.update(step, state, gamma_t, batch,
+                                       y_g=y_g.iterate)
+    # d_t: grad_x of f + gamma (g(., y_gamma) - g(., y_g)); x projected step.
+    (_, aux), direction = jax.value_and_grad(penalty, has_aux=True)(
+        step.x, y_gamma.iterate, y_g.iterate, gamma_t, batch)
+    x_next = upper_step.update(step, state, direction)
+    return step.finish(ALTPBGDState, x_next, y_gamma, y_g, gamma=gamma_t,
+                       g_gap=aux["g_gap"])
 
   return base.bilevel_transformation(init_fn, step_fn, "alt_pbgd")

@@ -521,6 +521,11 @@ def _closure_strings(obj, depth: int = 0) -> list:
   tuples of them) a few levels down. Only strings that spell a number are
   reported (see :func:`_numeric_string`), and not inside containers (e.g. the
   labels of ``optax.partition``).
+
+  It reads closures, which nothing else in the library does, and only after
+  optax has already raised: an optax optimizer is a pair of closures, and
+  its hyperparameters are visible nowhere else. No behaviour depends on it;
+  it words the error.
   """
   if depth > 8:
     return []
@@ -790,6 +795,10 @@ def refuse_optax_wrappers(method: str, max_depth: int = 24) -> None:
   global _WRAPPER_CODES
   if _WRAPPER_CODES is None:
     _WRAPPER_CODES = _optax_wrapper_codes()
+  # Why the stack: optax's wrappers pass nothing to the wrapped update that
+  # says they are there (no argument, no state of ours), so no explicit
+  # channel can tell; the look-up only words an error (nothing else depends
+  # on it) and costs a few frames at trace time.
   frame = sys._getframe(1)  # pylint: disable=protected-access
   for _ in range(max_depth):
     if frame is None:
@@ -831,9 +840,15 @@ class BilevelTransformation(optax.GradientTransformationExtraArgs):
   those. It is a static (Python) value.
 
   ``step`` is not a field of the tuple (``init, update = tx`` still
-  unpacks): it lives on the instance. Rebuilding the tuple (``tx._replace``,
-  pytree flattening) drops it, and :func:`jaxbilevel.step` then falls back
-  to ``update``.
+  unpacks): it lives on the instance. ``tx._replace`` drops it, and
+  :func:`jaxbilevel.step` then falls back to ``update``.
+
+  A method built by a public constructor is a **value**: a pytree whose
+  leaves are its floating-point hyperparameters (``gamma``, step sizes) and
+  whose static part is everything else (objectives, optimizers, loop
+  lengths). ``jax.jit`` of a function that takes ``tx`` as an argument
+  therefore compiles once for every ``gamma``, and ``jax.vmap`` maps over a
+  stack of methods. ``tx.arguments`` holds the call that built it.
   """
 
   # A NamedTuple subclass without __slots__ has an instance __dict__, which
@@ -843,6 +858,9 @@ class BilevelTransformation(optax.GradientTransformationExtraArgs):
   def __new__(cls, init, update, step=None):
     tx = super().__new__(cls, init, update)
     tx.step = step
+    # The call that built it (set by the public constructors): what makes a
+    # method a pytree of its hyperparameters (see ``values``).
+    tx.arguments = None
     return tx
 
 
@@ -1156,6 +1174,9 @@ def _caller_stacklevel() -> int:
     _DECORATOR_CODES = frozenset((
         renamed_arguments("", {})(lambda: None).__code__,
         programs.bilevel_method(lambda: None).__code__))
+  # Why the stack: ``warnings.warn`` takes a count of frames, and that count
+  # depends on how many of our decorators wrap the builder; it only chooses
+  # which line a deprecation warning names.
   frame = sys._getframe(2)  # pylint: disable=protected-access
   level = 2
   while frame is not None and frame.f_code in _DECORATOR_CODES:

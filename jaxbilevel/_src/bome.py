@@ -11,7 +11,7 @@ from optax import tree_utils as otu
 
 from jaxbilevel._src import base
 from jaxbilevel._src import programs
-from jaxbilevel._src import inner
+from jaxbilevel._src import method_parts
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("multiplier", "g_gap")
 _PHI_RULES = ("grad_norm", "value")
@@ -171,6 +171,10 @@ def bome(f: base.Objective,
         f"{value_start!r}.")
   value_optimizer, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
+  value_tracker = method_parts.ValueTracker(g, value_optimizer, value_steps,
+                                            proj_y, start=value_start)
+  upper_step = method_parts.ProjectedStep(upper_optimizer, proj_x)
+  lower_step = method_parts.ProjectedStep(lower_optimizer, proj_y, "y")
   # Two reverse passes, as in benchopt: grad f and grad q (both blocks).
   f_grad = jax.value_and_grad(f, argnums=(0, 1))
   gap_grad = jax.value_and_grad(
@@ -185,46 +189,25 @@ def bome(f: base.Objective,
   def step_fn(params, state, *, batch=None, diagnostics=False,
               **extra_args):
     del extra_args
-    params, dtype = base.begin_step(params, "bome",
-                                      y_g=state.y_g)
-    record = base.recorded_names(diagnostics, DIAGNOSTICS, "bome")
-    x, y = params
-    eta_t = base.resolve_hyperparameter(eta, state.count, dtype,
-                                        name="eta")
-    eps_t = base.resolve_hyperparameter(eps, state.count, dtype,
-                                        allow_zero=True, name="eps")
-
-    # T inner steps on g for y_g ~ y_g*(x_k).
-    if value_start == "y":
-      start, value_state = y, value_optimizer.init(y)
-    else:
-      start, value_state = state.y_g, state.value_state
-    y_g, value_state, _ = inner.inner_solve(
-        lambda y_: g(x, y_, batch), start, value_state,
-        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y,
-        grad_norm=False)
-    f_t, grad_f = f_grad(x, y, batch)
-    (gap, g_t), grad_q = gap_grad(x, y, y_g, batch)
+    step = method_parts.begin(params, state, diagnostics, "bome", DIAGNOSTICS)
+    eta_t = step.hyperparameter(eta, "eta")
+    eps_t = step.hyperparameter(eps, "eps", allow_zero=True)
+    # y_g ~ y_g*(x_k): T steps on g.
+    y_g = value_tracker.update(step, state, batch)
+    # grad f and grad q, q = g(x, y) - g(x, y_g), at (x_k, y_k).
+    f_t, grad_f = f_grad(step.x, step.y, batch)
+    (gap, g_t), grad_q = gap_grad(step.x, step.y, y_g.iterate, batch)
+    # lambda_k = max(phi_k - <grad f, grad q>, 0) / (|grad q|^2 + eps).
     q_sq = otu.tree_vdot(grad_q, grad_q)
     phi = eta_t * (q_sq if phi_rule == "grad_norm" else gap)
     lam = jnp.maximum(phi - otu.tree_vdot(grad_f, grad_q), 0.0) / (
         q_sq + eps_t)
+    # (x, y) <- Proj((x, y) - xi d), d = grad f + lambda_k grad q.
     d_x, d_y = otu.tree_add_scale(grad_f, lam, grad_q)
-    x_new, upper_state = inner.projected_step(
-        upper_optimizer, d_x, state.upper_state, x, proj_x)
-    y_new, lower_state = inner.projected_step(
-        lower_optimizer, d_y, state.lower_state, y, proj_y)
-
-    diag = base.diagnostics(
-        dtype, record, f=f_t, g=g_t,
-        upper_grad_norm=lambda: base.diagnostic_norm(d_x),
-        lower_grad_norm=lambda: base.diagnostic_norm(d_y), multiplier=lam,
-        g_gap=gap)
-    new_state = BOMEState(
-        count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, y_g=y_g,
-        diagnostics=diag)
-    return base.BilevelParams(x_new, y_new), new_state
+    x_next = upper_step.update(step, state, d_x)
+    y_next = lower_step.update(step, state, d_y)
+    return step.finish(BOMEState, x_next, y_next, y_g, f=f_t, g=g_t,
+                       multiplier=lam, g_gap=gap)
 
   return base.bilevel_transformation(init_fn, step_fn, "bome")
 

@@ -18,6 +18,8 @@ only a larger :math:`\gamma` lowers that floor, and the lower gap
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 from typing import Callable, NamedTuple, Optional
 
@@ -183,7 +185,7 @@ def penalty_continuation(
     g: lower objective (for the stationarity measure).
     method: the method's name, for messages.
     set_gamma: ``(inner_state, gamma) -> inner_state`` for a method that keeps
-      its penalty in its state (F2SA's multiplier).
+      its penalty in its state (F2SA's ``state.gamma``).
 
   Returns:
     A :class:`BilevelTransformation` over :class:`BilevelParams` with state
@@ -263,3 +265,62 @@ def penalty_continuation(
     return new_params, new_state
 
   return base.bilevel_transformation(init_fn, step_fn, method)
+
+
+def penalty_method(method: str, *, check: Optional[Callable] = None,
+                   fixed: Optional[dict] = None,
+                   set_gamma: Optional[Callable] = None) -> Callable:
+  """Decorator: a penalty method's constructor that also takes ``gamma="auto"``.
+
+  With ``gamma`` a number, an array or a schedule the constructor runs as
+  written. With ``"auto"`` or a :class:`GammaContinuation` it returns
+  :func:`penalty_continuation` around the constructor called with the same
+  arguments and a traced ``gamma``. Put it closest to the function, under
+  ``programs.bilevel_method`` and ``base.renamed_arguments``.
+
+  Args:
+    method: the method's name, for messages.
+    check: ``arguments -> None``, the checks of the other arguments that
+      continuation makes at construction (the constraint ``c``, the
+      arguments continuation replaces); ``arguments`` maps names to the
+      values passed.
+    fixed: arguments continuation sets whatever was passed (F2SA's
+      ``scale_lower=True``).
+    set_gamma: as in :func:`penalty_continuation`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import jaxbilevel as jbl
+    >>> f = lambda x, y, batch: jnp.sum((y - 1.0) ** 2) + jnp.sum(x ** 2)
+    >>> g = lambda x, y, batch: jnp.sum((y - x) ** 2)
+    >>> tx = jbl.pbgd_free(f, g, gamma="auto", upper_optimizer=optax.sgd(0.1),
+    ...                    lower_optimizer=optax.sgd(0.2))
+    >>> state = tx.init(jbl.BilevelParams(jnp.zeros(2), jnp.zeros(2)))
+    >>> type(state).__name__, type(state.inner_state).__name__
+    ('ContinuationState', 'PBGDFreeState')
+  """
+  def decorate(constructor):
+    signature = inspect.signature(constructor)
+
+    @functools.wraps(constructor)
+    def wrapper(*args, **kwargs):
+      if not is_continuation(kwargs.get("gamma")):
+        return constructor(*args, **kwargs)
+      try:
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+      except TypeError as err:  # as the call itself would raise it
+        raise TypeError(f"{constructor.__name__}(): {err}") from None
+      arguments["f"] = base.scalar_objective(arguments["f"], "f")
+      arguments["g"] = base.scalar_objective(arguments["g"], "g")
+      if check is not None:
+        check(arguments)
+      settings = check_settings(arguments["gamma"], method)
+      return penalty_continuation(
+          lambda gamma_: constructor(
+              **{**arguments, **(fixed or {}), "gamma": gamma_}),
+          settings, f=arguments["f"], g=arguments["g"], method=method,
+          set_gamma=set_gamma)
+
+    return wrapper
+
+  return decorate

@@ -13,7 +13,7 @@ import optax
 from jaxbilevel._src import base
 from jaxbilevel._src import continuation
 from jaxbilevel._src import programs
-from jaxbilevel._src import inner
+from jaxbilevel._src import method_parts
 from jaxbilevel._src import objectives
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("gamma", "g_gap")
@@ -33,8 +33,8 @@ class F2SAState(NamedTuple):
       :math:`y^*(x_k)` (report it for "distance to :math:`y^*(x)`" metrics;
       ``params.y`` is the Lagrangian tracker, as in current benchopt);
       formerly ``z`` (a deprecated alias for one release).
-    lagrange_multiplier: the penalty weight :math:`\\lambda_k` (``gamma``),
-      used by the next step.
+    gamma: the penalty weight :math:`\\lambda_k` used by the next step
+      (formerly ``lagrange_multiplier``, a deprecated alias for one release).
     diagnostics: dict of scalars: ``f``, ``g`` at the incoming iterate,
       ``upper_grad_norm``, ``lower_grad_norm``, ``gamma`` (the penalty
       weight :math:`\\lambda_k` of the step) and ``g_gap``
@@ -46,16 +46,37 @@ class F2SAState(NamedTuple):
   lower_state: optax.OptState
   value_state: optax.OptState
   y_g: base.PyTree
-  lagrange_multiplier: jax.Array
+  gamma: jax.Array
   diagnostics: dict
 
   z = base.deprecated_field("z", "y_g")
+  lagrange_multiplier = base.deprecated_field("lagrange_multiplier", "gamma")
+
+
+def _refuse_growth_with_auto(arguments):
+  r"""Refuses ``gamma_increment`` and ``gamma_max`` with ``gamma="auto"``.
+
+  Continuation grows gamma itself, with the lower objective
+  :math:`f+\lambda g` scaled by :math:`1/(1+\lambda)` (``scale_lower``) so
+  that the lower step size stays stable as :math:`\lambda` grows.
+  """
+  increment = arguments.get("gamma_increment", 0.0)
+  if not (isinstance(increment, numbers.Number) and increment == 0) or (
+      arguments.get("gamma_max") is not None):
+    raise base.BilevelValidationError(
+        "f2sa: gamma='auto' grows gamma itself; drop "
+        "gamma_increment and gamma_max (cap it with "
+        "jaxbilevel.GammaContinuation(max=...)).")
 
 
 @programs.bilevel_method
 @base.renamed_arguments("f2sa", {"lambda0": "gamma",
                                  "lambda_increment": "gamma_increment",
                                  "lambda_max": "gamma_max"})
+@continuation.penalty_method(
+    "f2sa", check=_refuse_growth_with_auto, fixed={"scale_lower": True},
+    set_gamma=lambda state, gamma_: state._replace(
+        gamma=gamma_))
 def f2sa(f: base.Objective,
          g: base.Objective,
          *,
@@ -170,24 +191,6 @@ def f2sa(f: base.Objective,
   """
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
-  if continuation.is_continuation(gamma):
-    if not (isinstance(gamma_increment, numbers.Number)
-            and gamma_increment == 0) or gamma_max is not None:
-      raise base.BilevelValidationError(
-          "f2sa: gamma='auto' grows the multiplier itself; drop "
-          "gamma_increment and gamma_max (cap it with "
-          "jaxbilevel.GammaContinuation(max=...)).")
-    # The lower objective f + lambda g is scaled by 1/(1 + lambda), so the
-    # lower step size stays stable as lambda grows.
-    return continuation.penalty_continuation(
-        lambda gamma_: f2sa(
-            f, g, gamma=gamma_, upper_optimizer=upper_optimizer,
-            lower_optimizer=lower_optimizer, value_optimizer=value_optimizer,
-            inner_steps=inner_steps, value_steps=value_steps,
-            scale_lower=True, proj_x=proj_x, proj_y=proj_y),
-        continuation.check_settings(gamma, "f2sa"), f=f, g=g, method="f2sa",
-        set_gamma=lambda state, gamma_: state._replace(
-            lagrange_multiplier=gamma_))
   gamma = base.check_hyperparameter(gamma, "gamma")
   if callable(gamma):
     raise base.BilevelValidationError(
@@ -211,6 +214,15 @@ def f2sa(f: base.Objective,
       inner_steps if value_steps is None else value_steps, "value_steps")
   value_optimizer, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
+  value_tracker = method_parts.ValueTracker(g, value_optimizer, value_steps,
+                                            proj_y)
+  # y tracks argmin_y f + lambda g (the Lagrangian's y-gradient), by default
+  # scaled by 1 / (1 + lambda) with scale_lower.
+  lower_scale = (lambda lam: 1.0 / (1.0 + lam)) if scale_lower else None
+  lagrangian_tracker = method_parts.PenalizedTracker(
+      f, g, lower_optimizer, inner_steps, proj_y,
+      objective=_lower_lagrangian(f, g, lower_scale), grad_scale=lower_scale)
+  upper_step = method_parts.ProjectedStep(upper_optimizer, proj_x)
   lagrangian = objectives.value_gap_penalty(f, g, has_aux=True)
 
   def init_fn(params):
@@ -219,69 +231,54 @@ def f2sa(f: base.Objective,
                                     value_optimizer)
     return F2SAState(
         **fields,
-        lagrange_multiplier=_initial_multiplier(
+        gamma=_initial_gamma(
             gamma, gamma_max, base.params_dtype(params)))
 
   def step_fn(params, state, *, batch=None, diagnostics=False,
               **extra_args):
     del extra_args
-    params, dtype = base.begin_step(params, "f2sa", y_g=state.y_g)
-    record = base.recorded_names(diagnostics, DIAGNOSTICS, "f2sa")
-    x, y = params
-    lam = jnp.asarray(state.lagrange_multiplier, dtype)
-
-    # T steps of y_g on g (tracks y*(x_k)).
-    y_g, value_state, _ = inner.inner_solve(
-        lambda y_: g(x, y_, batch), state.y_g, state.value_state,
-        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y,
-        grad_norm=False)
-    # T steps of y on f + lambda g (the y-gradient of the Lagrangian).
-    scale = 1.0 / (1.0 + lam) if scale_lower else None
-
-    def lower_objective(y_):
-      # f + lambda g: the Lagrangian's y-gradient without evaluating the
-      # constant g(x, y_g) at every step (it would serve no gradient).
-      fv, gv = f(x, y_, batch), g(x, y_, batch)
-      value = fv + jnp.asarray(lam, jnp.result_type(fv)) * gv
-      if scale is not None:
-        # Only then: even a factor of one costs a multiply per variable in
-        # every inner step (XLA does not fold it into the gradient).
-        value = scale * value
-      return value, {"f": fv, "g": gv}
-
-    y_new, lower_state, trace = inner.inner_solve(
-        lower_objective, y, state.lower_state, optimizer=lower_optimizer,
-        num_steps=inner_steps, proj=proj_y, has_aux=True,
-        grad_norm="lower_grad_norm" in record)
-    # x direction: grad_x f(x, y) + lambda (grad_x g(x, y) - grad_x g(x, y_g)).
+    step = method_parts.begin(params, state, diagnostics, "f2sa", DIAGNOSTICS)
+    lam = jnp.asarray(state.gamma, step.dtype)
+    # z = y_g: T_z steps on g; y: T steps on f + lambda g (warm starts).
+    y_g = value_tracker.update(step, state, batch)
+    y = lagrangian_tracker.update(step, state, lam, batch)
+    # x: grad_x f(x, y) + lambda (grad_x g(x, y) - grad_x g(x, y_g)).
     (_, aux), direction = jax.value_and_grad(lagrangian, has_aux=True)(
-        x, y_new, y_g, lam, batch)
-    x_new, upper_state = inner.projected_step(
-        upper_optimizer, direction, state.upper_state, x, proj_x)
-
-    lam_next = lam + base.resolve_hyperparameter(
-        gamma_increment, state.count, dtype, allow_zero=True,
-        name="gamma_increment")
+        step.x, y.iterate, y_g.iterate, lam, batch)
+    x_next = upper_step.update(step, state, direction)
+    # lambda_{k+1} = min(lambda_k + delta_k, lambda_max).
+    lam_next = lam + step.hyperparameter(gamma_increment, "gamma_increment",
+                                         allow_zero=True)
     if gamma_max is not None:
-      lam_next = jnp.minimum(lam_next, base.resolve_hyperparameter(
-          gamma_max, state.count, dtype, name="gamma_max"))
-    first = inner.first_step(trace)
-    diag = base.diagnostics(
-        dtype, record, f=first.aux["f"], g=first.aux["g"],
-        upper_grad_norm=lambda: base.diagnostic_norm(direction),
-        lower_grad_norm=(first.grad_norm if scale is None else
-                         first.grad_norm / scale), gamma=lam,
-        g_gap=aux["g_gap"])
-    new_state = F2SAState(
-        count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, y_g=y_g,
-        lagrange_multiplier=lam_next, diagnostics=diag)
-    return base.BilevelParams(x_new, y_new), new_state
+      lam_next = jnp.minimum(lam_next,
+                             step.hyperparameter(gamma_max, "gamma_max"))
+    penalty = method_parts.Part(lam_next, {"gamma": lam_next}, {})
+    return step.finish(F2SAState, x_next, y, y_g, penalty, gamma=lam,
+                       g_gap=aux["g_gap"])
 
   return base.bilevel_transformation(init_fn, step_fn, "f2sa")
 
 
-def _initial_multiplier(gamma, gamma_max, dtype):
+def _lower_lagrangian(f, g, scale):
+  """``(x, y, lam, batch) -> (value, {"f", "g"})`` with value ``f + lam g``.
+
+  The Lagrangian's y-gradient without evaluating the constant
+  :math:`g(x, y_g)` at every step (it would serve no gradient); multiplied by
+  ``scale(lam)`` when ``scale`` is given (only then: even a factor of one
+  costs a multiply per variable in every inner step, as XLA does not fold it
+  into the gradient).
+  """
+  def objective(x, y, lam, batch):
+    fv, gv = f(x, y, batch), g(x, y, batch)
+    value = fv + jnp.asarray(lam, jnp.result_type(fv)) * gv
+    if scale is not None:
+      value = scale(lam) * value
+    return value, {"f": fv, "g": gv}
+
+  return objective
+
+
+def _initial_gamma(gamma, gamma_max, dtype):
   """``gamma``, or NaN when a traced ``gamma_max`` is below it.
 
   Concrete values are checked when :func:`f2sa` is built; traced ones (a
@@ -339,10 +336,11 @@ class F2SASchedules(NamedTuple):
 
 @base.renamed_arguments("f2sa_schedules", {
     "lambda0": "gamma", "lambda_delta": "gamma_delta",
-    "lambda_exponent": "gamma_exponent"})
+    "lambda_exponent": "gamma_exponent", "lower_step": "lower_step_size",
+    "value_step": "value_step_size"})
 def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
-                   lower_step: float = 0.01,
-                   value_step: Optional[float] = None,
+                   lower_step_size: float = 0.01,
+                   value_step_size: Optional[float] = None,
                    outer_ratio: float = 1.0,
                    gamma: float = 1.0,
                    gamma_delta: float = 0.1,
@@ -353,6 +351,10 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
 
   With :math:`(a_y, a_z, a_x)` = ``exponents`` and :math:`k` the outer step
   (``offset`` :math:`k_0`):
+
+  :math:`s_y` is ``lower_step_size`` and :math:`s_z` is ``value_step_size``
+  (the base step sizes of the lower and value trackers; ``value_step_size``
+  defaults to ``lower_step_size``).
 
   * ``"benchopt"`` (default exponents :math:`(5/7, 4/7, 4/7)`, λ exponent
     1/7): :math:`\alpha_k=s_y(k+k_0)^{-a_y}`, :math:`\gamma_k=s_z(k+k_0)^{-a_z}`,
@@ -370,8 +372,8 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
   :math:`\lambda_k` is the penalty weight that :func:`f2sa` calls ``gamma``
   (the ``gamma*`` arguments and fields here); :math:`\gamma_k` is the
   paper's step size of :math:`y_g`. Old names (``lambda0``, ``lambda_delta``,
-  ``lambda_exponent``; fields ``lambda0``, ``lambda_increment``) work for one
-  release with a ``DeprecationWarning``.
+  ``lambda_exponent``, ``lower_step``, ``value_step``; fields ``lambda0``,
+  ``lambda_increment``) work for one release with a ``DeprecationWarning``.
 
   Both readings are (unverified) against the paper (see :func:`f2sa`). The
   inner schedules are evaluated at ``count // inner_steps`` because an inner
@@ -389,8 +391,8 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
 
   Examples:
     >>> from jaxbilevel import f2sa_schedules
-    >>> s = f2sa_schedules("paper", inner_steps=10, lower_step=0.1,
-    ...                    value_step=0.2)
+    >>> s = f2sa_schedules("paper", inner_steps=10, lower_step_size=0.1,
+    ...                    value_step_size=0.2)
     >>> round(float(s.gamma), 6)            # lambda_0 = gamma_0 / (2 alpha_0)
     1.0
     >>> round(float(s.lower(9)), 6), round(float(s.lower(10)), 6)
@@ -400,7 +402,8 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
     raise base.BilevelValidationError(
         f"f2sa_schedules: preset must be one of {_PRESETS}, got {preset!r}.")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
-  value_step = lower_step if value_step is None else value_step
+  if value_step_size is None:
+    value_step_size = lower_step_size
   if exponents is None:
     exponents = (5 / 7, 4 / 7, 4 / 7) if preset == "benchopt" else (
         5 / 7, 4 / 7, 5 / 7)
@@ -417,8 +420,8 @@ def f2sa_schedules(preset: str = "benchopt", *, inner_steps: int,
     return lambda count: schedule(jnp.asarray(count) // inner_steps)
 
   # alpha_k (y steps) and the paper's gamma_k (y_g steps, not the penalty).
-  alpha, z_step = decay(lower_step, a_y), decay(value_step, a_z)
-  upper = decay(lower_step / outer_ratio, a_x)
+  alpha, z_step = decay(lower_step_size, a_y), decay(value_step_size, a_z)
+  upper = decay(lower_step_size / outer_ratio, a_x)
   if preset == "benchopt":
     power = 1 / 7 if gamma_exponent is None else gamma_exponent
     increment = decay(gamma_delta, power)

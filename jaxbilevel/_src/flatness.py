@@ -295,9 +295,12 @@ def record_trackers(params: base.BilevelParams, state) -> dict:
   """
   state = getattr(state, "inner_state", state)  # gamma="auto"
   if not hasattr(state, "y_g"):
+    from jaxbilevel._src import registry  # pylint: disable=g-import-not-at-top
+    trackers = ", ".join(m.name for m in registry.METHODS.values()
+                         if m.value_tracker)
     raise base.BilevelValidationError(
-        "record_trackers needs a method whose state tracks y_g (alt_pbgd, "
-        f"pbgd_blocc); got a state of type {type(state).__name__}.")
+        "record_trackers needs a method whose state tracks y_g (a value "
+        f"tracker: {trackers}); got a state of type {type(state).__name__}.")
   return {"x": params.x, "y_g": state.y_g, "y_gamma": params.y}
 
 

@@ -1,139 +1,26 @@
-"""FO-BLO (first-order MAML) and UFO-BLO (its unbiased randomized correction)."""
+"""FO-BLO (first-order MAML) and UFO-BLO (its unbiased randomized correction).
+
+Presets of :func:`jaxbilevel.hypergradient_descent` with the
+:class:`jaxbilevel.adjoints.FirstOrder` adjoint, without and with a
+correction.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, Optional, Union
 
 import jax
-import jax.numpy as jnp
 import optax
 
+from jaxbilevel._src import adjoints
 from jaxbilevel._src import base
+from jaxbilevel._src import hypergradient_descent as hd_lib
 from jaxbilevel._src import programs
-from jaxbilevel._src import hypergradient
-from jaxbilevel._src import inner
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS
-UFO_DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("correction_norm",
-                                             "correction_draw")
-_ESTIMATORS = ("bernoulli", "telescope")
-
-
-class FOBLOState(NamedTuple):
-  """State of :func:`fo_blo`.
-
-  Attributes:
-    count: number of outer steps taken.
-    upper_state: state of the optimizer of ``x``.
-    diagnostics: dict of scalars: ``f`` and ``g`` at :math:`(x_t, y_r)`,
-      ``upper_grad_norm`` (norm of the meta-gradient estimate),
-      and ``lower_grad_norm`` (:math:`\\|\\nabla_y g(x_t, y_r)\\|`).
-  """
-
-  count: jax.Array
-  upper_state: optax.OptState
-  diagnostics: dict
-
-
-class UFOBLOState(NamedTuple):
-  """State of :func:`ufo_blo`.
-
-  Attributes:
-    count: number of outer steps taken.
-    upper_state: state of the optimizer of ``x``.
-    key: the PRNG key of the next draw (split at every step).
-    diagnostics: as :class:`FOBLOState`, plus ``correction_norm`` (norm of
-      the added correction) and ``correction_draw`` (the Bernoulli draw
-      :math:`\\xi`, or the sampled truncation length K).
-  """
-
-  count: jax.Array
-  upper_state: optax.OptState
-  key: jax.Array
-  diagnostics: dict
-
-
-def _start(init, params, method):
-  """The start of the inner problem ``y0``: ``x`` (MAML), ``y`` or ``init(x, y)``."""
-  if callable(init):
-    return lambda x, y: base.inner_start(init, x, y, method)
-  if init == "previous":
-    return lambda x, y: y
-  base.check_same_structure(
-      params.x, params.y, "params.x", "params.y",
-      f"{method} (default inner_start='x': the inner problem starts at "
-      "y0 = x, as in MAML; pass inner_start='previous' to warm-start from "
-      "the previous y, or inner_start=lambda x, y: ...)")
-  return lambda x, y: jax.tree.map(lambda a, b: a.astype(b.dtype), x, y)
-
-
-def _meta_gradient_fn(f, g, lower_optimizer, inner_steps, proj_y):
-  """``(x, y, batch, truncate, jacobian) -> ((f, y_r), d/dx f(x, y_r(x)))``."""
-  def objective(x, y, batch, init, truncate, truncated_jacobian):
-    y_r, _ = hypergradient.unrolled_solve(
-        g, x, init(x, y), batch, optimizer=lower_optimizer,
-        num_steps=inner_steps, proj=proj_y, truncate=truncate,
-        truncated_jacobian=truncated_jacobian)
-    return f(x, y_r, batch), y_r
-
-  return jax.value_and_grad(objective, has_aux=True)
-
-
-def _blo(f, g, *, upper_optimizer, lower_optimizer, inner_steps, init,
-         proj_x, proj_y, method, correction: Optional[Callable],
-         key=None):
-  """The shared FO-BLO / UFO-BLO transformation (``correction`` adds UFO's term)."""
-  f = base.scalar_objective(f, "f")
-  g = base.scalar_objective(g, "g")
-  inner_steps = base.check_static_int(inner_steps, "inner_steps")
-  init = base.check_start(init, method, "inner_start", ("x", "previous"))
-  _, proj_x, proj_y = base.level_arguments(
-      upper_optimizer, lower_optimizer, None, proj_x, proj_y)
-  meta_gradient = _meta_gradient_fn(f, g, lower_optimizer, inner_steps,
-                                    proj_y)
-  keys = DIAGNOSTICS if correction is None else UFO_DIAGNOSTICS
-
-  def init_fn(params):
-    fields = base.init_state_fields(params, method, keys, upper_optimizer)
-    if correction is None:
-      return FOBLOState(**fields)
-    return UFOBLOState(key=key, **fields)
-
-  def step_fn(params, state, *, batch=None, diagnostics=False,
-              **extra_args):
-    del extra_args
-    params, dtype = base.begin_step(params, method)
-    record = base.recorded_names(diagnostics, keys, method)
-    x, y = params
-    start = _start(init, params, method)
-
-    # FO-BLO: r inner steps recorded by nothing, d y_r / d y0 := I.
-    (f_t, y_r), direction = meta_gradient(x, y, batch, start, 0, "identity")
-    extra = {}
-    if correction is not None:
-      key, draw_key = jax.random.split(state.key)
-      delta, draw = correction(
-          lambda trunc: meta_gradient(x, y, batch, start, trunc,
-                                      "identity")[1],
-          direction, draw_key, state.count, dtype)
-      direction = jax.tree.map(jnp.add, direction, delta)
-      extra = dict(correction_norm=lambda: base.diagnostic_norm(delta),
-                   correction_draw=draw)
-    x_new, upper_state = inner.projected_step(
-        upper_optimizer, direction, state.upper_state, x, proj_x)
-
-    g_t, g_grad_norm = base.recorded_lower_value(g, x, y_r, batch)
-    diag = base.diagnostics(
-        dtype, record, f=f_t, g=g_t,
-        upper_grad_norm=lambda: base.diagnostic_norm(direction),
-        lower_grad_norm=g_grad_norm, **extra)
-    fields = dict(count=optax.safe_increment(state.count),
-                  upper_state=upper_state, diagnostics=diag)
-    new_state = (FOBLOState(**fields) if correction is None
-                 else UFOBLOState(key=key, **fields))
-    return base.BilevelParams(x_new, y_r), new_state
-
-  return base.bilevel_transformation(init_fn, step_fn, method)
+DIAGNOSTICS = hd_lib.FIRST_ORDER_DIAGNOSTICS
+UFO_DIAGNOSTICS = hd_lib.CORRECTED_DIAGNOSTICS
+FOBLOState = hd_lib.FOBLOState
+UFOBLOState = hd_lib.UFOBLOState
 
 
 @programs.bilevel_method
@@ -149,6 +36,10 @@ def fo_blo(f: base.Objective,
            proj_y: Optional[base.Projection] = None,
            ) -> optax.GradientTransformationExtraArgs:
   r"""FO-BLO: first-order (FO-MAML) meta-gradient through r inner steps.
+
+  :func:`jaxbilevel.hypergradient_descent` with
+  ``adjoint=jbl.adjoints.FirstOrder()`` (the same iterates, state and
+  diagnostics).
 
   The lower level is an r-step optimizer started at
   :math:`\varphi_0=\mathrm{init}(x)` (see :doc:`/methods`):
@@ -214,10 +105,11 @@ def fo_blo(f: base.Objective,
     *UFO-BLO: Unbiased First-Order Bilevel Optimization*, arXiv:2006.03631;
     C. Finn, P. Abbeel, S. Levine. *Model-Agnostic Meta-Learning*, ICML 2017.
   """
-  return _blo(f, g, upper_optimizer=upper_optimizer,
-              lower_optimizer=lower_optimizer, inner_steps=inner_steps,
-              init=inner_start, proj_x=proj_x, proj_y=proj_y, method="fo_blo",
-              correction=None)
+  return hd_lib.build(
+      f, g, adjoint=adjoints.FirstOrder(), upper_optimizer=upper_optimizer,
+      lower_optimizer=lower_optimizer, inner_steps=inner_steps,
+      inner_start=inner_start, key=None, proj_x=proj_x, proj_y=proj_y,
+      method="fo_blo", prefix="")
 
 
 @programs.bilevel_method
@@ -237,6 +129,10 @@ def ufo_blo(f: base.Objective,
             proj_y: Optional[base.Projection] = None,
             ) -> optax.GradientTransformationExtraArgs:
   r"""UFO-BLO: FO-BLO plus a randomized correction that makes it unbiased.
+
+  :func:`jaxbilevel.hypergradient_descent` with ``adjoint=jbl.adjoints.
+  FirstOrder(correction=estimator, correction_probability=...)`` and ``key``
+  (the same iterates, state and diagnostics).
 
   With :math:`g_{FO}` the FO-BLO estimate and :math:`g_{BLO}` the exact
   meta-gradient :math:`\frac{d}{dx}f(x,\varphi_r(x))` (reverse mode through
@@ -316,41 +212,12 @@ def ufo_blo(f: base.Objective,
     V. Likhosherstov, X. Song, K. Choromanski, J. Davis, A. Weller.
     *UFO-BLO: Unbiased First-Order Bilevel Optimization*, arXiv:2006.03631.
   """
-  inner_steps = base.check_static_int(inner_steps, "inner_steps")
-  if estimator not in _ESTIMATORS:
+  if estimator not in adjoints.CORRECTIONS:
     raise base.BilevelValidationError(
-        f"ufo_blo: estimator must be one of {_ESTIMATORS}, got "
+        f"ufo_blo: estimator must be one of {adjoints.CORRECTIONS}, got "
         f"{estimator!r}.")
-  if key is None:
-    raise base.BilevelValidationError(
-        "ufo_blo: key must be a jax.random key (e.g. jax.random.PRNGKey(0)).")
-  q = (1.0 / inner_steps if correction_probability is None
-       else correction_probability)
-  q = base.check_hyperparameter(q, "correction_probability")
-  if not callable(q) and base._is_concrete(q) and float(q) > 1.0:  # pylint: disable=protected-access
-    raise base.BilevelValidationError(
-        f"ufo_blo: correction_probability must be in (0, 1], got "
-        f"{float(q)}.")
-
-  def bernoulli(grad_at, g_fo, draw_key, count, dtype):
-    q_t = base.resolve_hyperparameter(q, count, dtype,
-                                      name="correction_probability")
-    q_t = jnp.where(q_t <= 1, q_t, jnp.nan)
-    xi = jax.random.bernoulli(draw_key, q_t)
-    exact = jax.lax.cond(xi, lambda: grad_at(inner_steps), lambda: g_fo)
-    delta = jax.tree.map(lambda e, a: (e - a) / q_t.astype(a.dtype), exact,
-                         g_fo)
-    return delta, xi
-
-  def telescope(grad_at, g_fo, draw_key, count, dtype):
-    del g_fo, count
-    k = jax.random.randint(draw_key, (), 1, inner_steps + 1)
-    g_k, g_km1 = grad_at(k), grad_at(k - 1)
-    delta = jax.tree.map(lambda a, b: inner_steps * (a - b), g_k, g_km1)
-    return delta, k.astype(dtype)
-
-  return _blo(f, g, upper_optimizer=upper_optimizer,
-              lower_optimizer=lower_optimizer, inner_steps=inner_steps,
-              init=inner_start, proj_x=proj_x, proj_y=proj_y, method="ufo_blo",
-              correction=bernoulli if estimator == "bernoulli" else telescope,
-              key=key)
+  return hd_lib.build(
+      f, g, adjoint=adjoints.FirstOrder(estimator, correction_probability),
+      upper_optimizer=upper_optimizer, lower_optimizer=lower_optimizer,
+      inner_steps=inner_steps, inner_start=inner_start, key=key,
+      proj_x=proj_x, proj_y=proj_y, method="ufo_blo", prefix="")

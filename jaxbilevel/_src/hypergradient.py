@@ -11,6 +11,7 @@ implicit differentiation used to play):
 * linear solvers for :math:`Hv=b` as ``lax.scan`` loops of static length:
   :func:`conjugate_gradient` (early exit by masking, or a ``lax.while_loop``
   that stops at the tolerance when not differentiated) and :func:`neumann`;
+  and a dense one for small lower levels, :func:`direct_solve`;
 * :func:`implicit_hypergradient`: the implicit hypergradient at a given
   lower solution,
   :math:`\nabla_x f(x,y) - J_{xy}H^{-1}\nabla_y f(x,y)`;
@@ -40,7 +41,9 @@ import math
 from typing import Callable, NamedTuple, Optional, Union
 
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
+from jax.scipy.sparse import linalg as sparse_linalg
 import optax
 from optax import tree_utils as otu
 
@@ -48,7 +51,7 @@ from jaxbilevel._src import base
 from jaxbilevel._src import inner
 from jaxbilevel._src import tree as tree_lib
 
-_SOLVERS = ("cg", "neumann")
+_SOLVERS = ("cg", "neumann", "direct")
 _TRUNCATED_JACOBIANS = ("zero", "identity")
 
 
@@ -246,6 +249,65 @@ def neumann(matvec: Callable, b, *, num_terms: int,
   return LinearSolveResult(otu.tree_scale(step, total), otu.tree_norm(term))
 
 
+def direct_solve(matvec: Callable, b) -> LinearSolveResult:
+  r"""Solves :math:`Hv=b` exactly by forming :math:`H` densely.
+
+  :math:`H` is the Jacobian of the linear map ``matvec`` (``jax.jacfwd``
+  over the flattened ``b``: :math:`d` matrix-vector products, batched), and
+  the system is solved by ``jnp.linalg.solve`` (LU, :math:`O(d^3)`). For
+  small lower levels only: the memory is :math:`O(d^2)`. Differentiable in
+  forward and reverse mode.
+
+  Args:
+    matvec: ``v -> H v`` on pytrees shaped like ``b`` (linear).
+    b: right-hand side (any pytree of floating arrays).
+
+  Returns:
+    A :class:`LinearSolveResult` (the residual :math:`\|b-Hv\|` from the
+    dense :math:`H`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbilevel import hypergradient
+    >>> h = jnp.array([[4.0, 1.0], [1.0, 3.0]])
+    >>> res = hypergradient.direct_solve(lambda v: h @ v, jnp.array([1.0, 2.0]))
+    >>> [round(float(v), 6) for v in res.solution]   # (1/11, 7/11)
+    [0.090909, 0.636364]
+  """
+  flat_b, unravel = ravel_pytree(b)
+  flat_matvec = lambda v: ravel_pytree(matvec(unravel(v)))[0]
+  h = jax.jacfwd(flat_matvec)(jnp.zeros_like(flat_b))
+  v = jnp.linalg.solve(h, flat_b)
+  return LinearSolveResult(unravel(v), jnp.linalg.norm(flat_b - h @ v))
+
+
+def _stopping_conjugate_gradient(matvec, b, num_iters, tol
+                                 ) -> LinearSolveResult:
+  r"""CG that stops at ``tol``: ``jax.scipy.sparse.linalg.cg``, for the methods.
+
+  The same iterates as :func:`conjugate_gradient` with
+  ``differentiable=False`` (the stored golden iterates of the methods pin
+  them to 1e-12), from the maintained solver. It spends one product more, on
+  the residual of its zero start, and returns no residual, so the residual
+  here is the true one, :math:`\|b-Hv\|` (one product more, which ``jit``
+  drops when nothing reads it). :func:`conjugate_gradient` stays hand-written
+  for the reverse-differentiated solves: jax's CG is a ``lax.while_loop``
+  whose derivative (``lax.custom_linear_solve``) is that of the exact solve,
+  not of the K iterations that :func:`implicit_solution` and
+  ``implicit_hypergradient(differentiable=True)`` differentiate, and its own
+  ``differentiable=False`` loop reports the recursive residual that the
+  scan reports.
+  """
+  tol = _scalar_like(tol, b)
+  v, _ = sparse_linalg.cg(matvec, b, tol=0.0, atol=tol, maxiter=num_iters)
+  residual = otu.tree_norm(otu.tree_sub(b, matvec(v)))
+  # A NaN tolerance stops jax's CG at once with v = 0: a NaN result lets the
+  # run report it (as conjugate_gradient does).
+  invalid = jnp.isnan(tol)
+  v = jax.tree.map(lambda t: jnp.where(invalid, jnp.nan, t), v)
+  return LinearSolveResult(v, jnp.where(invalid, jnp.nan, residual))
+
+
 class _SolveConfig(NamedTuple):
   solver: str
   num_iters: int
@@ -272,10 +334,13 @@ def _solve_lower_hessian(g, x, y, b, batch, config: _SolveConfig, tol,
   """Solves ``grad^2_yy g(x, y) v = b`` with the configured solver."""
   matvec = lambda v: hvp(lambda x_, y_, b_: g(x_, y_, b_, *consts), x, y, v,
                          batch)
-  if config.solver == "cg":
-    return conjugate_gradient(matvec, b, num_iters=config.num_iters, tol=tol,
-                              differentiable=differentiable)
-  return neumann(matvec, b, num_terms=config.num_iters, step=neumann_step)
+  if config.solver == "direct":
+    return direct_solve(matvec, b)
+  if config.solver == "neumann":
+    return neumann(matvec, b, num_terms=config.num_iters, step=neumann_step)
+  if differentiable:
+    return conjugate_gradient(matvec, b, num_iters=config.num_iters, tol=tol)
+  return _stopping_conjugate_gradient(matvec, b, config.num_iters, tol)
 
 
 # ---------------------------------------------------------------------------
@@ -311,8 +376,9 @@ def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
 
   with :math:`H=\nabla^2_{yy}g(x,y)` applied by forward-over-reverse
   Hessian-vector products and the system solved by ``num_iters`` steps of
-  conjugate gradient (``solver="cg"``) or of the Neumann series
-  (``solver="neumann"``, step ``neumann_step``). ``y`` should be (close to)
+  conjugate gradient (``solver="cg"``), of the Neumann series
+  (``solver="neumann"``, step ``neumann_step``) or exactly with the dense
+  Hessian (``solver="direct"``, :func:`direct_solve`: small lower levels). ``y`` should be (close to)
   :math:`y^*(x)`; it is treated as a constant (``lax.stop_gradient``).
 
   Everything is an explicit argument and every loop is a ``lax.scan`` of
@@ -322,8 +388,9 @@ def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
   docstring for the closure contract.
 
   Cost: one f-gradient (both blocks), ``num_iters`` Hessian-vector products
-  and one cross product :math:`J_{xy}v`. Memory: about four copies of ``y``
-  (CG) or two (Neumann).
+  and one cross product :math:`J_{xy}v` (``"direct"``: :math:`d_y` products
+  and a dense :math:`O(d_y^3)` solve). Memory: about four copies of ``y``
+  (CG), two (Neumann) or :math:`d_y^2` numbers (direct).
 
   Args:
     f: upper objective ``f(x, y, batch) -> scalar``.
@@ -332,14 +399,17 @@ def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
     x: upper variables.
     y: lower solution.
     batch: passed to ``f`` and ``g``.
-    solver: ``"cg"`` or ``"neumann"``.
-    num_iters: CG iterations or Neumann terms (static int).
+    solver: ``"cg"``, ``"neumann"`` or ``"direct"``.
+    num_iters: CG iterations or Neumann terms (static int; ignored by
+      ``"direct"``).
     tol: CG early-exit tolerance on the residual norm (absolute).
     neumann_step: :math:`\eta_N\le1/L_g` (required for ``"neumann"``).
     has_aux: also return an :class:`ImplicitInfo`.
-    differentiable: False lets CG stop at ``tol`` in a ``lax.while_loop``
-      (fewer Hessian-vector products, same result) when the hypergradient
-      is not reverse-differentiated with respect to ``x`` or ``batch``.
+    differentiable: False lets CG stop at ``tol``
+      (``jax.scipy.sparse.linalg.cg``, a ``lax.while_loop``: fewer
+      Hessian-vector products once it converges, the same iterates) when the
+      hypergradient is not reverse-differentiated with respect to ``x`` or
+      ``batch``; ``info.residual_norm`` is then the true residual.
 
   Returns:
     The hypergradient (structure of ``x``), or ``(hypergradient, info)``.
@@ -437,7 +507,7 @@ def implicit_solution(g: base.Objective, x, y, batch=None, *,
     x: upper variables (the quantity differentiated).
     y: a lower solution (e.g. the output of an inner solver).
     batch: passed to ``g``; floating leaves receive cotangents.
-    solver: ``"cg"`` or ``"neumann"`` for the adjoint system.
+    solver: ``"cg"``, ``"neumann"`` or ``"direct"`` for the adjoint system.
     num_iters: CG iterations or Neumann terms (static int).
     tol: CG tolerance.
     neumann_step: Neumann step (required for ``"neumann"``).

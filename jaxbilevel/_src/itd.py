@@ -1,41 +1,22 @@
-"""ITD: iterative (unrolled, reverse-mode) differentiation through the inner solve."""
+"""ITD: iterative (unrolled, reverse-mode) differentiation through the inner solve.
+
+A preset of :func:`jaxbilevel.hypergradient_descent` with the
+:class:`jaxbilevel.adjoints.Unrolled` adjoint.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, Optional, Union
 
-import jax
 import optax
 
+from jaxbilevel._src import adjoints
 from jaxbilevel._src import base
+from jaxbilevel._src import hypergradient_descent as hd_lib
 from jaxbilevel._src import programs
-from jaxbilevel._src import hypergradient
-from jaxbilevel._src import inner
 
-DIAGNOSTICS = base.COMMON_DIAGNOSTICS
-
-
-class ITDState(NamedTuple):
-  """State of :func:`itd`.
-
-  Attributes:
-    count: number of outer steps taken.
-    upper_state: state of the upper optimizer (for ``x``).
-    lower_state: state of the inner optimizer after the last unroll (the
-      starting state of the next one when warm-started).
-    y_init: the fixed starting point of the unroll (used when
-      ``inner_start="initial"``).
-    diagnostics: dict of scalars from the last step: ``f`` and ``g`` at
-      :math:`(x_t, y_T)`, ``upper_grad_norm`` (norm of the hypergradient),
-      ``lower_grad_norm`` (:math:`\\|\\nabla_y g(x_t, y_T)\\|`, the inner
-      accuracy).
-  """
-
-  count: jax.Array
-  upper_state: optax.OptState
-  lower_state: optax.OptState
-  y_init: base.PyTree
-  diagnostics: dict
+DIAGNOSTICS = hd_lib.UNROLLED_DIAGNOSTICS
+ITDState = hd_lib.ITDState
 
 
 @programs.bilevel_method
@@ -56,6 +37,10 @@ def itd(f: base.Objective,
         proj_y: Optional[base.Projection] = None,
         ) -> optax.GradientTransformationExtraArgs:
   r"""ITD: reverse-mode differentiation through T unrolled inner steps.
+
+  :func:`jaxbilevel.hypergradient_descent` with
+  ``adjoint=jbl.adjoints.Unrolled(truncate, checkpoint)`` (the same iterates,
+  state and diagnostics).
 
   One ``update`` is one outer iteration (see :doc:`/methods`):
 
@@ -134,62 +119,8 @@ def itd(f: base.Objective,
     Gradient-Based Hyperparameter Optimization*, ICML 2017; R. Grazzi et al.,
     *On the Iteration Complexity of Hypergradient Computation*, ICML 2020.
   """
-  f = base.scalar_objective(f, "f")
-  g = base.scalar_objective(g, "g")
-  inner_steps = base.check_static_int(inner_steps, "inner_steps")
-  inner_start = base.check_start(inner_start, "itd", "inner_start",
-                                 ("previous", "initial"))
-  if truncate is not None:
-    truncate = base.check_static_int(truncate, "truncate", minimum=0)
-    if truncate > inner_steps:
-      raise base.BilevelValidationError(
-          f"itd: truncate={truncate} exceeds inner_steps={inner_steps}.")
-  _, proj_x, proj_y = base.level_arguments(
-      upper_optimizer, lower_optimizer, None, proj_x, proj_y)
-
-  def init_fn(params):
-    return ITDState(
-        **base.init_state_fields(params, "itd", DIAGNOSTICS, upper_optimizer,
-                                 lower_optimizer),
-        y_init=params.y)
-
-  def step_fn(params, state, *, batch=None, diagnostics=False,
-              **extra_args):
-    del extra_args
-    params, dtype = base.begin_step(params, "itd",
-                                      y_init=state.y_init)
-    record = base.recorded_names(diagnostics, DIAGNOSTICS, "itd")
-    x, y = params
-    if inner_start == "previous":
-      start = lambda x_: (y, state.lower_state)
-    elif inner_start == "initial":
-      start = lambda x_: (state.y_init, lower_optimizer.init(state.y_init))
-    else:
-      def start(x_):
-        y0 = base.inner_start(inner_start, x_, y, "itd")
-        return y0, lower_optimizer.init(y0)
-
-    def upper_of_unroll(x_):
-      y0, lower_state0 = start(x_)
-      y_t, lower_state = hypergradient.unrolled_solve(
-          g, x_, y0, batch, optimizer=lower_optimizer, num_steps=inner_steps,
-          opt_state=lower_state0, proj=proj_y, truncate=truncate,
-          checkpoint=checkpoint)
-      return f(x_, y_t, batch), (y_t, lower_state)
-
-    (f_t, (y_new, lower_state)), direction = jax.value_and_grad(
-        upper_of_unroll, has_aux=True)(x)
-    x_new, upper_state = inner.projected_step(
-        upper_optimizer, direction, state.upper_state, x, proj_x)
-
-    g_t, g_grad_norm = base.recorded_lower_value(g, x, y_new, batch)
-    diag = base.diagnostics(
-        dtype, record, f=f_t, g=g_t,
-        upper_grad_norm=lambda: base.diagnostic_norm(direction),
-        lower_grad_norm=g_grad_norm)
-    new_state = ITDState(
-        count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, y_init=state.y_init, diagnostics=diag)
-    return base.BilevelParams(x_new, y_new), new_state
-
-  return base.bilevel_transformation(init_fn, step_fn, "itd")
+  return hd_lib.build(
+      f, g, adjoint=adjoints.Unrolled(truncate, checkpoint),
+      upper_optimizer=upper_optimizer, lower_optimizer=lower_optimizer,
+      inner_steps=inner_steps, inner_start=inner_start, key=None,
+      proj_x=proj_x, proj_y=proj_y, method="itd", prefix="")

@@ -22,8 +22,7 @@ from jaxbilevel._src import base
 from jaxbilevel._src import continuation
 from jaxbilevel._src import programs
 from jaxbilevel._src import constrained
-from jaxbilevel._src import inner
-from jaxbilevel._src import objectives
+from jaxbilevel._src import method_parts
 
 FREE_CC_DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("gamma",
                                                 "constraint_violation")
@@ -81,33 +80,13 @@ class PBGDFreeCCState(NamedTuple):
   diagnostics: dict
 
 
-class _PenalizedSaddle(NamedTuple):
-  """The F-subproblem shared by both methods (validated once)."""
-
-  lower: callable  # objectives.lower_penalized(f, g, has_aux=True)
-  c: constrained.Constraint
-  settings: constrained.SaddleSettings
-  proj_y: base.Projection
-
-  def solve(self, x, y, mu, opt_state, gamma, count, dtype, batch,
-            record):
-    """``(y_F, mu_F, opt_state, trace)`` warm-started from ``(y, mu)``."""
-    return self.settings.solve(
-        lambda y_: self.lower(x, y_, gamma, batch),
-        lambda y_: self.c(x, y_, batch), y, mu, opt_state, count, dtype,
-        self.proj_y, has_aux=True, grad_norm="lower_grad_norm" in record)
-
-
-def _saddle_diagnostics(dtype, record, trace, direction, gamma, **extra):
-  first = constrained.first_primal_step(trace)
-  return base.diagnostics(
-      dtype, record, f=first.aux["f"], g=first.aux["g"],
-      upper_grad_norm=lambda: base.diagnostic_norm(direction),
-      lower_grad_norm=first.grad_norm, gamma=gamma,
-      constraint_violation=trace.violation[-1], **extra)
+def _check_constraint(arguments):
+  """Checks the constraint ``c`` at construction under ``gamma="auto"``."""
+  constrained.check_constraint(arguments["c"])
 
 
 @programs.bilevel_method
+@continuation.penalty_method("pbgd_blocc", check=_check_constraint)
 def pbgd_blocc(f: base.Objective,
                g: base.Objective,
                c: constrained.Constraint,
@@ -219,20 +198,6 @@ def pbgd_blocc(f: base.Objective,
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
   c = constrained.check_constraint(c)
-  if continuation.is_continuation(gamma):
-    return continuation.penalty_continuation(
-        lambda gamma_: pbgd_blocc(
-            f, g, c, gamma=gamma_, upper_optimizer=upper_optimizer,
-            lower_optimizer=lower_optimizer, dual_step_size=dual_step_size,
-            dual_steps=dual_steps, primal_steps=primal_steps,
-            value_optimizer=value_optimizer,
-            value_dual_step_size=value_dual_step_size,
-            value_dual_steps=value_dual_steps,
-            value_primal_steps=value_primal_steps,
-            multiplier_floor=multiplier_floor,
-            num_constraints=num_constraints, proj_x=proj_x, proj_y=proj_y),
-        continuation.check_settings(gamma, "pbgd_blocc"), f=f, g=g,
-        method="pbgd_blocc")
   gamma = base.check_hyperparameter(gamma, "gamma")
   value_optimizer, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
@@ -245,8 +210,9 @@ def pbgd_blocc(f: base.Objective,
       dual_steps if value_dual_steps is None else value_dual_steps,
       primal_steps if value_primal_steps is None else value_primal_steps,
       multiplier_floor, prefix="value_")
-  saddle = _PenalizedSaddle(
-      objectives.lower_penalized(f, g, has_aux=True), c, settings, proj_y)
+  value_saddle = method_parts.ValueSaddle(g, c, value_settings, proj_y)
+  penalized_saddle = method_parts.PenalizedSaddle(f, g, c, settings, proj_y)
+  upper_step = method_parts.ProjectedStep(upper_optimizer, proj_x)
   penalty = constrained.coupled_value_gap_penalty(f, g, c, has_aux=True)
 
   def init_fn(params):
@@ -261,41 +227,26 @@ def pbgd_blocc(f: base.Objective,
   def step_fn(params, state, *, batch=None, diagnostics=False,
               **extra_args):
     del extra_args
-    params, dtype = base.begin_step(params, "pbgd_blocc",
-                                      y_g=state.y_g)
-    record = base.recorded_names(diagnostics, BLOCC_DIAGNOSTICS,
-                                 "pbgd_blocc")
-    x, y = params
-    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
-                                          name="gamma")
-
+    step = method_parts.begin(params, state, diagnostics, "pbgd_blocc",
+                              BLOCC_DIAGNOSTICS)
+    gamma_t = step.hyperparameter(gamma, "gamma")
     # (y_g, mu_g): saddle point of g + mu^T c.
-    y_g, mu_g, value_state, _ = value_settings.solve(
-        lambda y_: g(x, y_, batch), lambda y_: c(x, y_, batch), state.y_g,
-        state.mu_g, state.value_state, state.count, dtype, proj_y,
-        grad_norm=False)
+    y_g = value_saddle.update(step, state, batch)
     # (y_F, mu_F): saddle point of f / gamma + g + mu^T c.
-    y_f, mu_f, lower_state, trace = saddle.solve(
-        x, y, state.mu_F, state.lower_state, gamma_t, state.count, dtype,
-        batch, record)
-    # Multiplier-aware reduced-penalty gradient: grad_x of the coupled value-gap penalty.
-    (_, pen_aux), direction = jax.value_and_grad(penalty, has_aux=True)(
-        x, y_f, mu_f, y_g, mu_g, gamma_t, batch)
-    x_new, upper_state = inner.projected_step(
-        upper_optimizer, direction, state.upper_state, x, proj_x)
-
-    diag = _saddle_diagnostics(dtype, record, trace, direction, gamma_t,
-                               g_gap=pen_aux["g_gap"])
-    new_state = PBGDBLOCCState(
-        count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, y_g=y_g,
-        mu_g=mu_g, mu_F=mu_f, diagnostics=diag)
-    return base.BilevelParams(x_new, y_f), new_state
+    y_f = penalized_saddle.update(step, state, gamma_t, batch)
+    # d_t: grad_x of the coupled value-gap penalty (multiplier-aware).
+    (_, aux), direction = jax.value_and_grad(penalty, has_aux=True)(
+        step.x, y_f.iterate, y_f.fields["mu_F"], y_g.iterate,
+        y_g.fields["mu_g"], gamma_t, batch)
+    x_next = upper_step.update(step, state, direction)
+    return step.finish(PBGDBLOCCState, x_next, y_f, y_g, gamma=gamma_t,
+                       g_gap=aux["g_gap"])
 
   return base.bilevel_transformation(init_fn, step_fn, "pbgd_blocc")
 
 
 @programs.bilevel_method
+@continuation.penalty_method("pbgd_free_cc", check=_check_constraint)
 def pbgd_free_cc(f: base.Objective,
                  g: base.Objective,
                  c: constrained.Constraint,
@@ -403,17 +354,6 @@ def pbgd_free_cc(f: base.Objective,
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
   c = constrained.check_constraint(c)
-  if continuation.is_continuation(gamma):
-    return continuation.penalty_continuation(
-        lambda gamma_: pbgd_free_cc(
-            f, g, c, gamma=gamma_, upper_optimizer=upper_optimizer,
-            lower_optimizer=lower_optimizer, dual_step_size=dual_step_size,
-            dual_steps=dual_steps, primal_steps=primal_steps,
-            multiplier_term=multiplier_term,
-            multiplier_floor=multiplier_floor,
-            num_constraints=num_constraints, proj_x=proj_x, proj_y=proj_y),
-        continuation.check_settings(gamma, "pbgd_free_cc"), f=f, g=g,
-        method="pbgd_free_cc")
   gamma = base.check_hyperparameter(gamma, "gamma")
   if not isinstance(multiplier_term, bool):
     raise base.BilevelValidationError(
@@ -424,8 +364,8 @@ def pbgd_free_cc(f: base.Objective,
       multiplier_floor)
   _, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, None, proj_x, proj_y)
-  saddle = _PenalizedSaddle(
-      objectives.lower_penalized(f, g, has_aux=True), c, settings, proj_y)
+  penalized_saddle = method_parts.PenalizedSaddle(f, g, c, settings, proj_y)
+  upper_step = method_parts.ProjectedStep(upper_optimizer, proj_x)
 
   def upper_objective(x, y_f, mu_f, gamma_t, batch):
     value = f(x, y_f, batch)
@@ -445,32 +385,22 @@ def pbgd_free_cc(f: base.Objective,
   def step_fn(params, state, *, batch=None, diagnostics=False,
               **extra_args):
     del extra_args
-    params, dtype = base.begin_step(params, "pbgd_free_cc")
-    record = base.recorded_names(diagnostics, FREE_CC_DIAGNOSTICS,
-                                 "pbgd_free_cc")
-    x, y = params
-    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
-                                          name="gamma")
-    if not base.depends_on(
-        lambda x_: upper_objective(x_, y, state.mu_F, gamma_t, batch), x):
+    step = method_parts.begin(params, state, diagnostics, "pbgd_free_cc",
+                              FREE_CC_DIAGNOSTICS)
+    gamma_t = step.hyperparameter(gamma, "gamma")
+    if not base.depends_on(lambda x_: upper_objective(
+        x_, step.y, state.mu_F, gamma_t, batch), step.x):
       raise base.BilevelValidationError(
           "pbgd_free_cc: the upper direction does not depend on x (f ignores "
           "x), so x would never move. PBGD-Free-CC drops the value-function "
           "correction, which is then the whole hypergradient: use "
           "jaxbilevel.pbgd_blocc.")
-
-    y_f, mu_f, lower_state, trace = saddle.solve(
-        x, y, state.mu_F, state.lower_state, gamma_t, state.count, dtype,
-        batch, record)
-    direction = jax.grad(upper_objective)(x, y_f, mu_f, gamma_t, batch)
-    x_new, upper_state = inner.projected_step(
-        upper_optimizer, direction, state.upper_state, x, proj_x)
-
-    new_state = PBGDFreeCCState(
-        count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, mu_F=mu_f,
-        diagnostics=_saddle_diagnostics(dtype, record, trace, direction,
-                                        gamma_t))
-    return base.BilevelParams(x_new, y_f), new_state
+    # (y_F, mu_F): saddle point of f / gamma + g + mu^T c (no (y_g, mu_g)).
+    y_f = penalized_saddle.update(step, state, gamma_t, batch)
+    # x <- Proj(x - eta grad_x f(x, y_F)).
+    direction = jax.grad(upper_objective)(
+        step.x, y_f.iterate, y_f.fields["mu_F"], gamma_t, batch)
+    x_next = upper_step.update(step, state, direction)
+    return step.finish(PBGDFreeCCState, x_next, y_f, gamma=gamma_t)
 
   return base.bilevel_transformation(init_fn, step_fn, "pbgd_free_cc")

@@ -10,8 +10,7 @@ import optax
 from jaxbilevel._src import base
 from jaxbilevel._src import continuation
 from jaxbilevel._src import programs
-from jaxbilevel._src import inner
-from jaxbilevel._src import objectives
+from jaxbilevel._src import method_parts
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("gamma",)
 
@@ -51,6 +50,7 @@ def upper_direction(f, x, y, batch, method: str):
 
 
 @programs.bilevel_method
+@continuation.penalty_method("pbgd_free")
 def pbgd_free(f: base.Objective,
               g: base.Objective,
               *,
@@ -135,19 +135,13 @@ def pbgd_free(f: base.Objective,
   """
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
-  if continuation.is_continuation(gamma):
-    return continuation.penalty_continuation(
-        lambda gamma_: pbgd_free(
-            f, g, gamma=gamma_, upper_optimizer=upper_optimizer,
-            lower_optimizer=lower_optimizer, inner_steps=inner_steps,
-            proj_x=proj_x, proj_y=proj_y),
-        continuation.check_settings(gamma, "pbgd_free"), f=f, g=g,
-        method="pbgd_free")
   gamma = base.check_hyperparameter(gamma, "gamma")
   inner_steps = base.check_static_int(inner_steps, "inner_steps")
   _, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, None, proj_x, proj_y)
-  lower_objective = objectives.lower_penalized(f, g, has_aux=True)
+  penalized_tracker = method_parts.PenalizedTracker(
+      f, g, lower_optimizer, inner_steps, proj_y)
+  upper_step = method_parts.ProjectedStep(upper_optimizer, proj_x)
 
   def init_fn(params):
     return PBGDFreeState(
@@ -157,30 +151,15 @@ def pbgd_free(f: base.Objective,
   def step_fn(params, state, *, batch=None, diagnostics=False,
               **extra_args):
     del extra_args
-    params, dtype = base.begin_step(params, "pbgd_free")
-    record = base.recorded_names(diagnostics, DIAGNOSTICS, "pbgd_free")
-    x, y = params
-    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
-                                          name="gamma")
-
+    step = method_parts.begin(params, state, diagnostics, "pbgd_free",
+                              DIAGNOSTICS)
+    gamma_t = step.hyperparameter(gamma, "gamma")
     # K lower steps on f / gamma + g, warm-started from the previous y.
-    y_new, lower_state, trace = inner.inner_solve(
-        lambda y_: lower_objective(x, y_, gamma_t, batch), y,
-        state.lower_state, optimizer=lower_optimizer, num_steps=inner_steps,
-        proj=proj_y, has_aux=True, grad_norm="lower_grad_norm" in record)
+    y_gamma = penalized_tracker.update(step, state, gamma_t, batch)
     # One upper step on grad_x f at the new y (the gamma-term is dropped).
-    direction = upper_direction(f, x, y_new, batch, "pbgd_free")
-    x_new, upper_state = inner.projected_step(
-        upper_optimizer, direction, state.upper_state, x, proj_x)
-
-    at_iterate = inner.first_step(trace)
-    diag = base.diagnostics(
-        dtype, record, f=at_iterate.aux["f"], g=at_iterate.aux["g"],
-        upper_grad_norm=lambda: base.diagnostic_norm(direction),
-        lower_grad_norm=at_iterate.grad_norm, gamma=gamma_t)
-    new_state = PBGDFreeState(
-        count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, diagnostics=diag)
-    return base.BilevelParams(x_new, y_new), new_state
+    direction = upper_direction(f, step.x, y_gamma.iterate, batch,
+                                "pbgd_free")
+    x_next = upper_step.update(step, state, direction)
+    return step.finish(PBGDFreeState, x_next, y_gamma, gamma=gamma_t)
 
   return base.bilevel_transformation(init_fn, step_fn, "pbgd_free")

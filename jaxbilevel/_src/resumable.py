@@ -159,10 +159,10 @@ def _hyperparameters(tx) -> Optional[dict]:
   structure). None for a transformation that no method built directly
   (e.g. an optax wrapper around one).
   """
-  recipe = getattr(getattr(tx, "update", None), programs._RECIPE, None)
-  if recipe is None:
+  arguments = getattr(tx, "arguments", None)
+  if arguments is None:
     return None
-  constructor, args, kwargs = recipe
+  constructor, args, kwargs = arguments
   try:
     bound = inspect.signature(constructor).bind(*args, **kwargs)
     bound.apply_defaults()

@@ -41,9 +41,9 @@ def scan_run(tx: optax.GradientTransformationExtraArgs,
   """Runs ``num_steps`` outer iterations as one ``lax.scan`` (pure, traceable).
 
   Unlike :func:`run`, this function has no host-side logic, so it can be
-  called inside ``jax.jit`` and ``jax.vmap``: build the transformation inside
-  the traced function to sweep hyperparameters without recompiling (see the
-  example).
+  called inside ``jax.jit`` and ``jax.vmap``: pass the method as an argument
+  of the traced function (it is a pytree of its hyperparameters) or build it
+  inside, to sweep hyperparameters without recompiling (see the example).
 
   With ``on_nonfinite="stop"`` or ``"skip"`` every step chooses between the
   new and the previous iterate (one ``lax.cond``; a select per leaf under
@@ -162,12 +162,15 @@ def run(tx: optax.GradientTransformationExtraArgs,
   non-finite one (the steps are deterministic, so the replay reaches the
   same iterates).
 
-  Compiled programs are shared: a newly built transformation of the same
-  method, objectives and optimizers reuses the program of an earlier run, its
-  floating-point hyperparameters (``gamma``, ...) being arguments of the
-  program, so a Python loop over hyperparameter values compiles once. At most
-  16 compiled programs are kept (the least recently used is dropped first),
-  so memory stays flat over many runs.
+  Compiled programs are shared: a method is a pytree whose leaves are its
+  floating-point hyperparameters (``gamma``, ...; see
+  :class:`BilevelTransformation`), passed to the program as arguments, so a
+  newly built method with the same objectives and optimizer objects reuses
+  the program of an earlier run and a Python loop over hyperparameter values
+  compiles once. An optax optimizer is a closure, compared by identity; build
+  it with :func:`as_value` to make its learning rate a leaf too. At most 16
+  compiled programs are kept (the least recently used is dropped first), so
+  memory stays flat over many runs.
 
   Args:
     tx: a bilevel transformation (e.g. :func:`pbgd_free`).
@@ -253,7 +256,7 @@ def run(tx: optax.GradientTransformationExtraArgs,
     state = programs.init_state(tx, params)
   if state is not None:
     loop_lib.find_diagnostics(state)  # fails clearly for a non-bilevel transformation
-  elif programs.program_of(tx) not in programs.PROGRAMS:
+  elif tx not in programs.PROGRAMS:
     # A one-chunk run initialises the state in its program; the first run of
     # a program checks the state's structure without computing it.
     loop_lib.find_diagnostics(jax.eval_shape(tx.init, params))

@@ -11,7 +11,7 @@ import optax
 from jaxbilevel._src import base
 from jaxbilevel._src import continuation
 from jaxbilevel._src import programs
-from jaxbilevel._src import inner
+from jaxbilevel._src import method_parts
 from jaxbilevel._src import objectives
 
 DIAGNOSTICS = base.COMMON_DIAGNOSTICS + ("gamma", "g_gap")
@@ -44,6 +44,7 @@ class VPBGDState(NamedTuple):
 
 
 @programs.bilevel_method
+@continuation.penalty_method("v_pbgd")
 def v_pbgd(f: base.Objective,
            g: base.Objective,
            *,
@@ -122,19 +123,14 @@ def v_pbgd(f: base.Objective,
   """
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
-  if continuation.is_continuation(gamma):
-    return continuation.penalty_continuation(
-        lambda gamma_: v_pbgd(
-            f, g, gamma=gamma_, upper_optimizer=upper_optimizer,
-            lower_optimizer=lower_optimizer, value_optimizer=value_optimizer,
-            value_steps=value_steps, normalize=normalize, proj_x=proj_x,
-            proj_y=proj_y),
-        continuation.check_settings(gamma, "v_pbgd"), f=f, g=g,
-        method="v_pbgd")
   gamma = base.check_hyperparameter(gamma, "gamma", allow_zero=True)
   value_steps = base.check_static_int(value_steps, "value_steps")
   value_optimizer, proj_x, proj_y = base.level_arguments(
       upper_optimizer, lower_optimizer, value_optimizer, proj_x, proj_y)
+  value_tracker = method_parts.ValueTracker(g, value_optimizer, value_steps,
+                                            proj_y)
+  upper_step = method_parts.ProjectedStep(upper_optimizer, proj_x)
+  lower_step = method_parts.ProjectedStep(lower_optimizer, proj_y, "y")
   penalty = objectives.value_gap_penalty(f, g, has_aux=True)
 
   def init_fn(params):
@@ -145,39 +141,23 @@ def v_pbgd(f: base.Objective,
   def step_fn(params, state, *, batch=None, diagnostics=False,
               **extra_args):
     del extra_args
-    params, dtype = base.begin_step(params, "v_pbgd",
-                                      y_g=state.y_g)
-    record = base.recorded_names(diagnostics, DIAGNOSTICS, "v_pbgd")
-    x, y = params
-    gamma_t = base.resolve_hyperparameter(gamma, state.count, dtype,
-                                          allow_zero=True, name="gamma")
-
-    # T steps of the value tracker y_g on g (warm start, never reset).
-    y_g, value_state, _ = inner.inner_solve(
-        lambda y_: g(x, y_, batch), state.y_g, state.value_state,
-        optimizer=value_optimizer, num_steps=value_steps, proj=proj_y,
-        grad_norm=False)
-    # Joint gradient of f + gamma (g(x, y) - g(x, y_g)) at (x_k, y_k).
+    step = method_parts.begin(params, state, diagnostics, "v_pbgd",
+                              DIAGNOSTICS)
+    gamma_t = step.hyperparameter(gamma, "gamma", allow_zero=True)
+    # y_g: T steps on g (warm start, never reset).
+    y_g = value_tracker.update(step, state, batch)
+    # (G_x, G_y): the joint gradient of f + gamma (g(x, y) - g(x, y_g)).
     (_, aux), (grad_x, grad_y) = jax.value_and_grad(
-        penalty, argnums=(0, 1), has_aux=True)(x, y, y_g, gamma_t, batch)
+        penalty, argnums=(0, 1), has_aux=True)(
+            step.x, step.y, y_g.iterate, gamma_t, batch)
     if normalize:
       scale = jnp.minimum(1.0 / gamma_t, 1.0)
-      grad_x = jax.tree.map(lambda v: v * scale.astype(v.dtype), grad_x)
-      grad_y = jax.tree.map(lambda v: v * scale.astype(v.dtype), grad_y)
-    x_new, upper_state = inner.projected_step(
-        upper_optimizer, grad_x, state.upper_state, x, proj_x)
-    y_new, lower_state = inner.projected_step(
-        lower_optimizer, grad_y, state.lower_state, y, proj_y)
-
-    diag = base.diagnostics(
-        dtype, record, f=aux["f"], g=aux["g"],
-        upper_grad_norm=lambda: base.diagnostic_norm(grad_x),
-        lower_grad_norm=lambda: base.diagnostic_norm(grad_y), gamma=gamma_t,
-        g_gap=aux["g_gap"])
-    new_state = VPBGDState(
-        count=optax.safe_increment(state.count), upper_state=upper_state,
-        lower_state=lower_state, value_state=value_state, y_g=y_g,
-        diagnostics=diag)
-    return base.BilevelParams(x_new, y_new), new_state
+      grad_x, grad_y = jax.tree.map(lambda v: v * scale.astype(v.dtype),
+                                    (grad_x, grad_y))
+    # (x, y) <- Proj((x, y) - alpha (G_x, G_y)), both from (x_k, y_k).
+    x_next = upper_step.update(step, state, grad_x)
+    y_next = lower_step.update(step, state, grad_y)
+    return step.finish(VPBGDState, x_next, y_next, y_g, f=aux["f"],
+                       g=aux["g"], gamma=gamma_t, g_gap=aux["g_gap"])
 
   return base.bilevel_transformation(init_fn, step_fn, "v_pbgd")

@@ -48,7 +48,6 @@ import numpy as np
 from jaxbilevel._src import base
 from jaxbilevel._src.llm import adapters as adapters_lib
 from jaxbilevel._src.llm import loading
-from jaxbilevel._src.llm import model as model_lib
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
