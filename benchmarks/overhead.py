@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -692,7 +693,8 @@ def markdown(result):
       "step that `jbl.run` repeats against the hand-written step; every "
       "inner loop body counted once, the same loops in both). Written by "
       "`benchmarks/overhead.py`"
-      + (" --quick." if result["quick"] else "."),
+      + (" --quick." if result["quick"] else ".")
+      + (f" Command: `{result['command']}`." if "command" in result else ""),
       "", "Targets: `jbl.run` ≤ 1.05× the hand-written time and FLOPs; a "
       "user's own `lax.scan` of `tx.update` (and `jax.jit(jbl.scan_run)`) "
       "≤ 1.05× on the MLP and ≤ 1.10× on the quadratics; "
@@ -865,6 +867,9 @@ def main(argv=None):
                       help="only rewrite the .md next to this results file")
   parser.add_argument("--only", default=None,
                       help="comma-separated problem names (for a partial run)")
+  parser.add_argument("--name", default=None,
+                      help="base name of the results files (default: "
+                      "overhead, or overhead_quick with --quick)")
   parser.add_argument("--out", default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results"))
   args = parser.parse_args(argv)
@@ -890,6 +895,8 @@ def main(argv=None):
     problems = {k: v for k, v in problems.items()
                 if k in args.only.split(",")}
   result = dict(benchmark="overhead", quick=args.quick, machine=machine(),
+                command=" ".join(["python", "benchmarks/overhead.py"] + list(
+                    sys.argv[1:] if argv is None else argv)),
                 settings=dict(gamma=GAMMA, inner_steps=INNER,
                               linear_steps=LINEAR),
                 problems={})
@@ -902,7 +909,7 @@ def main(argv=None):
   table = markdown(result)
   print(table)
   os.makedirs(args.out, exist_ok=True)
-  name = "overhead_quick" if args.quick else "overhead"
+  name = args.name or ("overhead_quick" if args.quick else "overhead")
   with open(os.path.join(args.out, name + ".json"), "w") as fh:
     json.dump(result, fh, indent=2)
   with open(os.path.join(args.out, name + ".md"), "w") as fh:

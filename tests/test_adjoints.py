@@ -229,9 +229,9 @@ def test_cg_direct_and_neumann_agree_on_a_well_conditioned_quadratic():
     np.testing.assert_allclose(params.x, x_opt, atol=1e-8, err_msg=str(adjoint))
 
 
-def test_the_cg_of_the_methods_is_jax_scipy_cg_with_the_same_iterates():
-  # The non-differentiated CG of the methods (jax.scipy.sparse.linalg.cg)
-  # and the hand-written one (conjugate_gradient) take the same iterates.
+def test_the_stopping_cg_of_the_methods_takes_the_scan_cg_iterates():
+  # The non-differentiated CG of the methods (a lax.while_loop that stops
+  # at tol) and the differentiable scan take the same iterates.
   rng = np.random.default_rng(1)
   q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
   h = jnp.asarray(q @ np.diag(np.linspace(1.0, 5.0, 8)) @ q.T)

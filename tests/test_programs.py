@@ -205,3 +205,27 @@ def test_tree_map_over_a_method_rebuilds_it_with_the_new_values():
   assert isinstance(placeholder, jbl.BilevelTransformation)
   with pytest.raises(jbl.BilevelValidationError, match="gamma"):
     placeholder.init(p0)
+
+
+def test_a_typed_prng_key_argument_is_a_leaf_and_runs():
+  # A typed key (jax.random.key) is an array leaf NumPy cannot convert.
+  f, g, p0 = _quadratic(2)
+  sgd = optax.sgd(0.05)
+  txs = [jbl.ufo_blo(f, g, upper_optimizer=sgd, lower_optimizer=sgd,
+                     key=jax.random.key(seed), inner_steps=2,
+                     inner_start="previous")
+         for seed in (0, 1)]
+  assert jax.tree.structure(txs[0]) == jax.tree.structure(txs[1])
+  programs.PROGRAMS.clear()
+  finals = [jbl.run(tx, p0, num_steps=20)[0] for tx in txs]
+  assert _compiled_programs() == [1]
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(finals))
+
+
+def test_as_value_of_the_same_factory_is_the_same_wrapper():
+  # The wrapper is the static part of its optimizers: built twice, the
+  # structures match, so a loop that calls jbl.as_value each time does not
+  # recompile.
+  assert jbl.as_value(optax.adam) is jbl.as_value(optax.adam)
+  assert jax.tree.structure(jbl.as_value(optax.adam)(0.1)) == (
+      jax.tree.structure(jbl.as_value(optax.adam)(0.3)))

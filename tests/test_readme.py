@@ -64,6 +64,11 @@ def test_readme_benchmark_numbers_come_from_the_results_files():
   cc = svm["results"]["diabetes"]["pbgd_free_cc"]
   quoted.append(f"{cc['test_accuracy_mean']:.4f} ± "
                 f"{cc['test_accuracy_std']:.4f}")
+  scan_rows = json.loads((results_dir / "overhead_scan_run.json").read_text(
+      ))["problems"]["quadratic d=1e4"]["rows"]
+  ratios = [row["scan_run_ratio"] for row in scan_rows]
+  quoted.append(f"takes {min(ratios):.2f}–{max(ratios):.2f}× on the d = 10⁴ "
+                "quadratic")
   torch_side = json.loads((results_dir / "llm_torch.json").read_text())
   assert torch_side["quick"] is False
   timing = torch_side["timing"]

@@ -710,3 +710,60 @@ def test_an_unchecked_run_finds_a_nan_on_either_side_of_the_leaf_limit(
   with pytest.warns(RuntimeWarning, match="at step 2"):
     jbl.sweep(make, p0, {"lr": jnp.array([0.05, 0.1])}, num_steps=5,
               batches={"poison": poison})
+
+
+def _nan_at_step(k, num_steps=12):
+  """A quadratic whose batch at step ``k`` is NaN, with PBGD-Free on it."""
+  f = lambda x, y, b: b["s"] * jnp.sum((y - 1.0) ** 2) + jnp.sum(x ** 2)
+  g = lambda x, y, b: jnp.sum((y - x) ** 2)
+  scale = np.ones(num_steps, np.float32)
+  if k is not None:
+    scale[k] = np.nan
+  sgd = optax.sgd(0.1)
+  tx = jbl.pbgd_free(f, g, gamma=5.0, upper_optimizer=sgd,
+                     lower_optimizer=sgd)
+  p0 = jbl.BilevelParams(jnp.ones(2), jnp.zeros(2))
+  return tx, p0, {"s": jnp.asarray(scale)}
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_scan_run_guard_replays_only_when_a_step_is_not_finite(mode):
+  # scan_run runs unguarded and replays with the per-step guard only when
+  # the result is not finite: the same results as jbl.run's guard, under
+  # jit and vmap, and the finite case is the unguarded loop.
+  tx, p0, batches = _nan_at_step(5)
+  got, state, hist = jax.jit(lambda b: jbl.scan_run(
+      tx, p0, num_steps=12, batches=b, on_nonfinite=mode,
+      diagnostics=("f",)))(batches)
+  with pytest.warns(RuntimeWarning):
+    want, _, want_hist = jbl.run(tx, p0, num_steps=12, batches=batches,
+                                 on_nonfinite=mode, diagnostics=("f",))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  # (run's history ends at the stop; scan_run's has every step.)
+  rows = len(want_hist["finite"])
+  np.testing.assert_array_equal(hist["finite"][:rows], want_hist["finite"])
+  np.testing.assert_array_equal(hist["step"], np.arange(12))
+  assert not hist["finite"][5] and hist["finite"][4]
+  if mode == "stop":
+    before, _, _ = jbl.scan_run(tx, p0, num_steps=5, batches=batches)
+    jax.tree.map(np.testing.assert_array_equal, got, before)
+  # Finite: the same as the unguarded loop, with every flag true.
+  clean_tx, _, clean = _nan_at_step(None)
+  fast, _, _ = jbl.scan_run(clean_tx, p0, num_steps=12, batches=clean,
+                            on_nonfinite="ignore")
+  guarded, fstate, fhist = jbl.scan_run(clean_tx, p0, num_steps=12,
+                                        batches=clean, on_nonfinite=mode,
+                                        diagnostics=("f",))
+  jax.tree.map(np.testing.assert_array_equal, fast, guarded)
+  assert bool(np.all(fhist["finite"])) and int(fstate.count) == 12
+  assert float(fstate.diagnostics["f"]) == float(fhist["f"][-1])
+  # Under vmap, one point with a NaN step and one without: each gets its
+  # own result.
+  both = jax.tree.map(lambda a, b: jnp.stack([a, b]), batches, clean)
+  mapped, _, mhist = jax.jit(jax.vmap(lambda b: jbl.scan_run(
+      tx, p0, num_steps=12, batches=b, on_nonfinite=mode)))(both)
+  jax.tree.map(lambda m, w: np.testing.assert_array_equal(m[0], w),
+               mapped, want)
+  jax.tree.map(lambda m, w: np.testing.assert_array_equal(m[1], w),
+               mapped, fast)
+  assert not mhist["finite"][0, 5] and bool(np.all(mhist["finite"][1]))

@@ -65,8 +65,8 @@ class Implicit(NamedTuple):
 
   Attributes:
     solver: how :math:`Hv=\nabla_y f` is solved: ``"cg"`` (default:
-      conjugate gradient with Hessian-vector products,
-      ``jax.scipy.sparse.linalg.cg``, stopping at ``tol``), ``"neumann"``
+      conjugate gradient with Hessian-vector products, stopping at
+      ``tol``), ``"neumann"``
       (the truncated Neumann series, step ``neumann_step``) or ``"direct"``
       (the dense Hessian, formed by ``jax.jacfwd`` with :math:`d_y`
       Hessian-vector products, and ``jnp.linalg.solve``: exact, for small

@@ -65,9 +65,9 @@ def aid(f: base.Objective,
   implicit one at the inner solution, so it ignores how the start depends on
   ``x``. The hypergradient is :func:`jaxbilevel.hypergradient.implicit_hypergradient`
   at the new ``y`` (a constant: the inner loop is not differentiated).
-  Hessian-vector products are forward-over-reverse; CG
-  (``jax.scipy.sparse.linalg.cg``, a ``lax.while_loop``: no product is spent
-  after convergence) stops once the residual norm is below ``tol``;
+  Hessian-vector products are forward-over-reverse; CG (a
+  ``lax.while_loop``: no product is spent after convergence) stops once the
+  residual norm is below ``tol``;
   ``solver="direct"`` forms the lower Hessian densely (``jax.jacfwd``) and
   solves exactly (``jnp.linalg.solve``), for small lower levels. The sign convention is
   :math:`v\approx+H^{-1}\nabla_y f` with :math:`-J_{xy}v` (AmIGO, stocBiO).

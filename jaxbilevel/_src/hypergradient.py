@@ -43,7 +43,6 @@ from typing import Callable, NamedTuple, Optional, Union
 import jax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
-from jax.scipy.sparse import linalg as sparse_linalg
 import optax
 from optax import tree_utils as otu
 
@@ -281,33 +280,6 @@ def direct_solve(matvec: Callable, b) -> LinearSolveResult:
   return LinearSolveResult(unravel(v), jnp.linalg.norm(flat_b - h @ v))
 
 
-def _stopping_conjugate_gradient(matvec, b, num_iters, tol
-                                 ) -> LinearSolveResult:
-  r"""CG that stops at ``tol``: ``jax.scipy.sparse.linalg.cg``, for the methods.
-
-  The same iterates as :func:`conjugate_gradient` with
-  ``differentiable=False`` (the stored golden iterates of the methods pin
-  them to 1e-12), from the maintained solver. It spends one product more, on
-  the residual of its zero start, and returns no residual, so the residual
-  here is the true one, :math:`\|b-Hv\|` (one product more, which ``jit``
-  drops when nothing reads it). :func:`conjugate_gradient` stays hand-written
-  for the reverse-differentiated solves: jax's CG is a ``lax.while_loop``
-  whose derivative (``lax.custom_linear_solve``) is that of the exact solve,
-  not of the K iterations that :func:`implicit_solution` and
-  ``implicit_hypergradient(differentiable=True)`` differentiate, and its own
-  ``differentiable=False`` loop reports the recursive residual that the
-  scan reports.
-  """
-  tol = _scalar_like(tol, b)
-  v, _ = sparse_linalg.cg(matvec, b, tol=0.0, atol=tol, maxiter=num_iters)
-  residual = otu.tree_norm(otu.tree_sub(b, matvec(v)))
-  # A NaN tolerance stops jax's CG at once with v = 0: a NaN result lets the
-  # run report it (as conjugate_gradient does).
-  invalid = jnp.isnan(tol)
-  v = jax.tree.map(lambda t: jnp.where(invalid, jnp.nan, t), v)
-  return LinearSolveResult(v, jnp.where(invalid, jnp.nan, residual))
-
-
 class _SolveConfig(NamedTuple):
   solver: str
   num_iters: int
@@ -338,9 +310,14 @@ def _solve_lower_hessian(g, x, y, b, batch, config: _SolveConfig, tol,
     return direct_solve(matvec, b)
   if config.solver == "neumann":
     return neumann(matvec, b, num_terms=config.num_iters, step=neumann_step)
-  if differentiable:
-    return conjugate_gradient(matvec, b, num_iters=config.num_iters, tol=tol)
-  return _stopping_conjugate_gradient(matvec, b, config.num_iters, tol)
+  # The hand-written CG, not jax.scipy.sparse.linalg.cg: jax's spends one
+  # Hessian-vector product more per solve (the residual of its zero start)
+  # and returns no residual (the recorded linear_residual would cost one
+  # more), 4% more FLOPs per AID step on benchmarks/overhead.py's quadratic;
+  # and its derivative is that of the exact solve, not of the K iterations
+  # that implicit_solution differentiates.
+  return conjugate_gradient(matvec, b, num_iters=config.num_iters, tol=tol,
+                            differentiable=differentiable)
 
 
 # ---------------------------------------------------------------------------
@@ -405,11 +382,9 @@ def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
     tol: CG early-exit tolerance on the residual norm (absolute).
     neumann_step: :math:`\eta_N\le1/L_g` (required for ``"neumann"``).
     has_aux: also return an :class:`ImplicitInfo`.
-    differentiable: False lets CG stop at ``tol``
-      (``jax.scipy.sparse.linalg.cg``, a ``lax.while_loop``: fewer
-      Hessian-vector products once it converges, the same iterates) when the
-      hypergradient is not reverse-differentiated with respect to ``x`` or
-      ``batch``; ``info.residual_norm`` is then the true residual.
+    differentiable: False lets CG stop at ``tol`` in a ``lax.while_loop``
+      (fewer Hessian-vector products, same result) when the hypergradient
+      is not reverse-differentiated with respect to ``x`` or ``batch``.
 
   Returns:
     The hypergradient (structure of ``x``), or ``(hypergradient, info)``.

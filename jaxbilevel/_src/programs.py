@@ -19,6 +19,7 @@ import sys
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxbilevel._src import base
@@ -59,8 +60,9 @@ def check_hyperparameters_fit(tx, dtype, where: str) -> None:
   if not isinstance(tx, base.BilevelTransformation):
     return
   for path, leaf in jax.tree_util.tree_leaves_with_path(tx):
-    if isinstance(leaf, jax.core.Tracer) or np.ndim(leaf) != 0 or not (
-        np.issubdtype(np.asarray(leaf).dtype, np.floating)):
+    # (jnp: a typed PRNG key is a leaf whose dtype NumPy cannot read.)
+    if isinstance(leaf, jax.core.Tracer) or jnp.ndim(leaf) != 0 or not (
+        jnp.issubdtype(jnp.result_type(leaf), jnp.floating)):
       continue
     name = jax.tree_util.keystr(path).lstrip(".")
     message = base.dtype_range_error(leaf, name, dtype,

@@ -11,6 +11,7 @@ argument.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -25,6 +26,7 @@ from jaxbilevel._src import loop as loop_lib
 from jaxbilevel._src import nonfinite as nonfinite_lib
 from jaxbilevel._src import options as options_lib
 from jaxbilevel._src import programs
+from jaxbilevel._src import tree as tree_lib
 
 
 def scan_run(tx: optax.GradientTransformationExtraArgs,
@@ -45,12 +47,15 @@ def scan_run(tx: optax.GradientTransformationExtraArgs,
   of the traced function (it is a pytree of its hyperparameters) or build it
   inside, to sweep hyperparameters without recompiling (see the example).
 
-  With ``on_nonfinite="stop"`` or ``"skip"`` every step chooses between the
-  new and the previous iterate (one ``lax.cond``; a select per leaf under
-  ``vmap``), which costs compile time that grows with the number of leaves;
-  :func:`run` and :func:`jaxbilevel.sweep` avoid it: they run each chunk of
-  steps unguarded, check after the chunk that everything is finite, and
-  replay only a failing chunk with the per-step guard.
+  With ``on_nonfinite="stop"`` or ``"skip"`` the steps run unguarded, as
+  :func:`run` runs a chunk: the loop costs what the algorithm costs, and one
+  check after it (of the recorded diagnostics and the final params and
+  state, to which a NaN or an infinity propagates) decides whether the steps
+  are run again from the start with a guard at every step (a choice between
+  the new and the previous iterate). The replay is compiled too (about twice
+  the compile time of the plain loop) but runs only when needed: it is a
+  ``lax.while_loop`` of zero or one iteration, so under ``jax.vmap`` it runs
+  only if some point needs it.
   ``"ignore"`` compiles the plain loop.
 
   Args:
@@ -106,10 +111,47 @@ def scan_run(tx: optax.GradientTransformationExtraArgs,
       "scan_run", num_steps=num_steps, batch=batch, batches=batches,
       record=record, record_every=record_every, diagnostics=diagnostics,
       on_nonfinite=on_nonfinite, modes=("stop", "skip", "ignore"))
-  return scan_steps(
-      tx, params, num_steps=options.num_steps, state=state, batch=batch,
-      batches=batches, record=record, record_every=options.record_every,
-      diagnostics=options.diagnostics, mode=on_nonfinite)
+  run_in = functools.partial(
+      scan_steps, tx, params, num_steps=options.num_steps, state=state,
+      batch=batch, batches=batches, record=record,
+      record_every=options.record_every, diagnostics=options.diagnostics)
+  if on_nonfinite == "ignore":
+    return run_in(mode="ignore")
+  return _replayed_if_not_finite(run_in, mode=on_nonfinite,
+                                 length=options.num_steps)
+
+
+def _replayed_if_not_finite(run_in, *, mode, length):
+  """The steps unguarded, run again with the per-step guard only if needed.
+
+  As :func:`run` does per chunk: the unguarded loop (``"fast"``) costs what
+  the algorithm costs; after it, one check of the recorded rows and the
+  final params and state (a NaN or an infinity propagates to them) decides
+  whether the run is replayed from the start with the guard of ``mode``
+  (``"stop"`` or ``"skip"``; the steps are deterministic, so the replay
+  reaches the same iterates up to the first non-finite step). The replay is
+  a ``lax.while_loop`` of zero or one iteration, not a ``lax.cond``: under
+  ``jax.vmap`` a ``cond`` on a batched flag runs both branches for every
+  point, where the loop runs only while some point needs it.
+  """
+  params, state, history = run_in(mode="fast")
+  state = loop_lib.with_last_diagnostics(state, history)
+  names = loop_lib.find_diagnostics(state)
+  finite = tree_lib.tree_all_finite((
+      {k: v for k, v in history.items() if k in names}, params,
+      loop_lib.with_diagnostics(state, {})))
+  true = jnp.ones((length,), bool)
+  fast = (params, state, dict(
+      history, step=jnp.arange(length, dtype=jnp.int32), finite=true,
+      updates_finite=true, state_finite=true))
+
+  def replay(carry):
+    del carry
+    return True, run_in(mode=mode)
+
+  _, (params, state, history) = jax.lax.while_loop(
+      lambda carry: ~carry[0], replay, (finite, fast))
+  return params, state, history
 
 
 def scan_steps(tx, params, *, num_steps, state, batch, batches, record,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -288,6 +289,11 @@ def as_value(factory: Callable[..., optax.GradientTransformation]
     [-0.5, -0.5]
   """
 
+  try:
+    return _AS_VALUE[factory]
+  except (KeyError, TypeError):  # new, or not weakly referable
+    pass
+
   @functools.wraps(factory)
   def build(*args, **kwargs):
     opt = optax.with_extra_args_support(factory(*args, **kwargs))
@@ -295,7 +301,17 @@ def as_value(factory: Callable[..., optax.GradientTransformation]
     tx.arguments = MethodArguments(build, args, kwargs)
     return tx
 
+  try:
+    # One wrapper per factory: the wrapper is the static part of the
+    # optimizers it builds, so jbl.as_value(optax.adam) called again must
+    # give the same one.
+    _AS_VALUE[factory] = build
+  except TypeError:
+    pass
   return build
+
+
+_AS_VALUE = weakref.WeakKeyDictionary()
 
 
 def structure(tx):
