@@ -159,7 +159,7 @@ def _flatten_with_keys(tx):
   flat = getattr(tx, "_flat", None)
   if flat is not None:
     # Unflattened from a structure: the same positions are leaves, whatever
-    # values JAX put there (it unflattens with placeholder objects too).
+    # values JAX put there (it unflattens with stand-in objects too).
     structure, children = flat
     return list(zip(structure.keys, children)), structure
   arguments = getattr(tx, "arguments", None)
