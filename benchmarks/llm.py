@@ -57,6 +57,7 @@ References:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -78,7 +79,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE = os.path.join(os.path.dirname(HERE), "tests", "data",
                       "hh_rlhf_sample.jsonl.gz")
 METHODS = ("pbgd_free", "alt_pbgd", "v_pbgd", "bome", "f2sa", "alright")
-DEFAULT_METHODS = ("pbgd_free", "alt_pbgd", "alright")
+DEFAULT_METHODS = METHODS
 LABELS = {name: jbl.METHODS[name].label for name in METHODS}
 
 
@@ -104,8 +105,11 @@ def parse_args(argv=None):
                  help=f"one or several of {', '.join(METHODS)} (comma or "
                  f"space separated); default: {' '.join(DEFAULT_METHODS)}")
   p.add_argument("--budget-seconds", type=float, default=None,
-                 help="wall time per method per stage (default 90; 1 with "
-                 "--quick)")
+                 help="stage-1 training time per method, as steps x median "
+                 "step time (default 240; 1 with --quick)")
+  p.add_argument("--refit-seconds", type=float, default=None,
+                 help="stage-2 (head re-fit) time, the same steps for every "
+                 "method (default: half of --budget-seconds)")
   p.add_argument("--mesh", default="1",
                  help="'1' (one device) or axes like 'data=2' or "
                  "'data=2,fsdp=4'")
@@ -116,15 +120,22 @@ def parse_args(argv=None):
   p.add_argument("--out", default=None, help="output directory")
   p.add_argument("--max-len", type=int, default=None,
                  help="tokens per sequence (default 64; 32 with --quick)")
-  p.add_argument("--pairs", type=int, default=2,
-                 help="preference pairs per step (DPO batch)")
+  p.add_argument("--pairs", type=int, default=None,
+                 help="preference pairs per step (DPO batch; default 4, 2 "
+                 "with --quick)")
   p.add_argument("--sft-batch", type=int, default=None,
                  help="SFT sequences per step (default: --pairs)")
   p.add_argument("--eval-pairs", type=int, default=None,
                  help="held-out pairs (and SFT dialogues) for evaluation "
-                 "(default 16; 8 with --quick)")
-  p.add_argument("--evals", type=int, default=2,
-                 help="evaluations per method and stage (curve points)")
+                 "(default 256; 8 with --quick)")
+  p.add_argument("--eval-batch", type=int, default=None,
+                 help="pairs per evaluation forward pass (default 8; 4 "
+                 "with --quick)")
+  p.add_argument("--curve-pairs", type=int, default=64,
+                 help="held-out pairs (the first ones) evaluated at the "
+                 "curve points during stage 1")
+  p.add_argument("--evals", type=int, default=4,
+                 help="curve points per method in stage 1")
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--alpha", type=float, default=32.0)
   p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
@@ -137,10 +148,18 @@ def parse_args(argv=None):
                  "moves every one of the V head columns by about lr per "
                  "step, also those of tokens absent from the batch, so the "
                  "step is kept small")
+  p.add_argument("--warmup-steps", type=int, default=None,
+                 help="upper steps of linear learning-rate warm-up of the "
+                 "adapters (default 5; 2 with --quick)")
   p.add_argument("--inner-steps", type=int, default=3,
                  help="inner steps of ALT-PBGD, V-PBGD, BOME, F2SA")
-  p.add_argument("--floor-rounds", type=int, default=None,
-                 help="A B rounds of the floor ratio (default 5; 3 quick)")
+  p.add_argument("--rounds", "--floor-rounds", dest="rounds", type=int,
+                 default=None,
+                 help="timing rounds, every step once per round (default "
+                 "7; 3 with --quick)")
+  p.add_argument("--timing-only", action="store_true",
+                 help="stop after the timing rounds (no training): the "
+                 "speed table only, e.g. to compare --dtype bfloat16")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   names = []
@@ -152,13 +171,21 @@ def parse_args(argv=None):
   args.method = list(dict.fromkeys(names))
   quick = args.quick
   if args.budget_seconds is None:
-    args.budget_seconds = 1.0 if quick else 90.0
-  if args.budget_seconds <= 0:
-    p.error(f"--budget-seconds must be > 0, got {args.budget_seconds}.")
+    args.budget_seconds = 1.0 if quick else 240.0
+  if args.refit_seconds is None:
+    args.refit_seconds = args.budget_seconds / 2
+  for name in ("budget_seconds", "refit_seconds"):
+    if getattr(args, name) <= 0:
+      p.error(f"--{name.replace('_', '-')} must be > 0, got "
+              f"{getattr(args, name)}.")
   args.max_len = args.max_len or (32 if quick else 64)
+  args.pairs = args.pairs or (2 if quick else 4)
   args.sft_batch = args.sft_batch or args.pairs
-  args.eval_pairs = args.eval_pairs or (8 if quick else 16)
-  args.floor_rounds = args.floor_rounds or (3 if quick else 5)
+  args.eval_pairs = args.eval_pairs or (8 if quick else 256)
+  args.eval_batch = args.eval_batch or (4 if quick else 8)
+  args.warmup_steps = (2 if quick else 5) if args.warmup_steps is None \
+      else args.warmup_steps
+  args.rounds = args.rounds or (3 if quick else 7)
   if args.dpo_data is None and not quick:
     # The data folder of the README ($JAXBILEVEL_DATA), if it holds the file
     # (directly or in its hh-rlhf/ subfolder).
@@ -328,12 +355,17 @@ class Batches:
     return self.place(out, stacked=True)
 
 
-def make_methods(names, f, g, args):
-  def adam(lr):
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adam(lr, b1=0.9, b2=0.95))
+def adam(lr, warmup_steps=0):
+  """Clip to global norm 1 + Adam(b1 0.9, b2 0.95), lr warmed up linearly."""
+  if warmup_steps and warmup_steps > 1:
+    lr = optax.linear_schedule(lr / warmup_steps, lr, warmup_steps - 1)
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adam(lr, b1=0.9, b2=0.95))
 
-  ux, ly = (lambda: adam(args.lr_x)), (lambda: adam(args.lr_y))
+
+def make_methods(names, f, g, args):
+  ux = lambda: adam(args.lr_x, args.warmup_steps)  # pylint: disable=unnecessary-lambda-assignment
+  ly = lambda: adam(args.lr_y)  # pylint: disable=unnecessary-lambda-assignment
   k, gamma = args.inner_steps, args.gamma
   build = {
       "pbgd_free": (lambda: jbl.pbgd_free(
@@ -359,18 +391,39 @@ def make_methods(names, f, g, args):
   }
   return {n: build[n] for n in names}
 
-
 # ---------------------------------------------------------------------------
 # Measurement helpers.
 # ---------------------------------------------------------------------------
 
 
-def rss_bytes():
+def quartiles(values):
+  """Median and quartiles of a list of numbers (one value: all three)."""
+  values = [float(v) for v in values]
+  if len(values) == 1:
+    return dict(q1=values[0], median=values[0], q3=values[0])
+  q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+  return dict(q1=q1, median=q2, q3=q3)
+
+
+def flops_of(compiled):
+  """XLA's FLOP count of a compiled program (its cost analysis)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per device
+    cost = cost[0]
+  return float(cost.get("flops", float("nan")))
+
+
+def memory_of(compiled):
+  """Argument, output and temporary bytes of a compiled program."""
   try:
-    import psutil  # pylint: disable=g-import-not-at-top
-    return int(psutil.Process().memory_info().rss)
-  except ImportError:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, AttributeError):  # backends without it
     return None
+  if m is None:
+    return None
+  return dict(argument_bytes=int(m.argument_size_in_bytes),
+              output_bytes=int(m.output_size_in_bytes),
+              temp_bytes=int(m.temp_size_in_bytes))
 
 
 def peak_rss_bytes():
@@ -379,35 +432,26 @@ def peak_rss_bytes():
   return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def device_peak_bytes():
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use")
-
-
 class Bar:
   """tqdm.auto when installed, else a one-line text bar on stderr."""
 
-  def __init__(self, total, desc):
+  def __init__(self, total, desc, unit="step"):
     try:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-      self.bar = tqdm(total=round(total, 1), desc=desc, unit="s",
-                      bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s "
-                      "{postfix}", file=sys.stderr)
+      self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
     except ImportError:
       self.bar = None
-    self.total, self.desc, self.done = total, desc, 0.0
+    self.total, self.desc, self.done = total, desc, 0
 
-  def update(self, seconds, **shown):
-    self.done = min(self.done + seconds, self.total)
-    text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+  def update(self, n):
+    self.done = min(self.done + n, self.total)
     if self.bar is not None:
-      self.bar.n = round(self.done, 1)
-      self.bar.set_postfix_str(text, refresh=True)
+      self.bar.update(n)
     else:
       width = 30
       fill = int(width * self.done / self.total)
       sys.stderr.write(f"\r{self.desc} [{'#' * fill}{'.' * (width - fill)}] "
-                       f"{self.done:.0f}/{self.total:.0f} s {text}")
+                       f"{self.done}/{self.total}")
       sys.stderr.flush()
 
   def close(self):
@@ -417,64 +461,80 @@ class Bar:
       sys.stderr.write("\n")
 
 
-def budget_loop(run_chunk, carry, batches, *, budget, chunk, evaluate,
-                evals, desc, initial):
-  """Runs ``run_chunk`` until ``budget`` seconds of training are spent.
+def time_contenders(contenders, rounds, matmul):
+  """Times one step of each contender, interleaved A B C ... per round.
 
-  A warm-up chunk from the start ``carry`` compiles the step and is
-  discarded; its wall time minus the median chunk time is the compile time.
-  Evaluations (excluded from the budget) happen about every
-  ``budget / evals`` seconds and at the end; ``initial`` holds the metrics
-  at the start ``carry``.
+  ``contenders`` maps a name to ``(step, carry)``: ``step(*carry, batch)``
+  returns the next carry (each contender continues from its own previous
+  step, so donated buffers are never reused). ``matmul()`` is timed in the
+  same rounds, for the FLOP rate. Returns the per-round seconds.
   """
-  start = time.perf_counter()
-  jax.block_until_ready(run_chunk(carry, batches.stacked(0, chunk), 0)[0])
-  warmup = time.perf_counter() - start
-  metrics = {k: v for k, v in initial.items() if k not in ("time", "step")}
-  curve = [dict(time=0.0, step=0, **metrics)]
-  bar = Bar(budget, desc)
-  spent, step, chunk_times, rss, rows = 0.0, 0, [], [], []
-  next_eval = budget / evals
-  stopped = None
-  while spent < budget:
-    stacked = batches.stacked(step, chunk)
-    begin = time.perf_counter()
-    carry_new, info = run_chunk(carry, stacked, step)
-    jax.block_until_ready(carry_new)
-    seconds = time.perf_counter() - begin
-    chunk_times.append(seconds)
-    spent += seconds
-    step += chunk
-    rss.append(rss_bytes())
-    rows.append(info)
-    if info.get("stopped"):
-      stopped = f"non-finite value in chunk ending at step {step}"
-      break
-    carry = carry_new
-    bar.update(seconds, **{k: v for k, v in info.items()
-                           if k in ("f", "g") and v is not None})
-    if spent >= next_eval or spent >= budget:
-      curve.append(dict(time=spent, step=step, **evaluate(carry)))
-      next_eval += budget / evals
-  bar.close()
-  median_chunk = statistics.median(chunk_times)
-  return carry, dict(
-      steps=step, seconds=spent, chunk=chunk, chunks=len(chunk_times),
-      seconds_per_step=median_chunk / chunk,
-      compile_seconds=max(warmup - median_chunk, 0.0), curve=curve,
-      peak_rss_bytes=max((r for r in rss if r), default=None),
-      stopped=stopped, train=rows)
-
-
-def interleaved_medians(fa, fb, rounds):
-  """Median times of ``fa()`` and ``fb()`` called A B A B ... (warm)."""
-  ta, tb = [], []
-  for _ in range(rounds):
-    for fn, out in ((fa, ta), (fb, tb)):
+  times = {name: [] for name in contenders}
+  times["matmul"] = []
+  carries = {name: carry for name, (_, carry) in contenders.items()}
+  for r in range(rounds):
+    for name, (step, _) in contenders.items():
       start = time.perf_counter()
-      jax.block_until_ready(fn())
-      out.append(time.perf_counter() - start)
-  return statistics.median(ta), statistics.median(tb), ta, tb
+      carries[name] = jax.block_until_ready(step(*carries[name]))
+      times[name].append(time.perf_counter() - start)
+    start = time.perf_counter()
+    jax.block_until_ready(matmul())
+    times["matmul"].append(time.perf_counter() - start)
+    print(f"timing round {r + 1}/{rounds}: " + ", ".join(
+        f"{n} {t[-1]:.2f} s" for n, t in times.items()), file=sys.stderr)
+  return times
+
+
+def mean_se(values):
+  """Mean and standard error of the mean over independent items."""
+  values = np.asarray(values, np.float64)
+  n = values.size
+  se = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+  return float(values.mean()), se
+
+
+def ratio_se(sums, counts):
+  """Token-weighted mean sum(s)/sum(n) over sequences and its standard error.
+
+  The standard error is the delta-method one of a ratio of means over
+  independent sequences.
+  """
+  sums, counts = (np.asarray(v, np.float64) for v in (sums, counts))
+  mean = sums.sum() / counts.sum()
+  n = sums.size
+  resid = sums - mean * counts
+  se = (math.sqrt(n / (n - 1) * np.sum(resid ** 2)) / counts.sum()
+        if n > 1 else float("nan"))
+  return float(mean), float(se)
+
+
+def summarize(per_item, beta):
+  """Eval metrics with standard errors from per-pair / per-sequence parts."""
+  margin = beta * (np.asarray(per_item["chosen"])
+                   - np.asarray(per_item["rejected"]))
+  dpo = np.logaddexp(0.0, -margin)
+  # A tie counts 1/2 (llm.preference_accuracy).
+  acc = (margin > 0) + 0.5 * (margin == 0)
+  out = {}
+  for key, values in (("dpo", dpo), ("accuracy", acc), ("margin", margin),
+                      ("chosen_reward", beta * np.asarray(per_item["chosen"])),
+                      ("rejected_reward",
+                       beta * np.asarray(per_item["rejected"]))):
+    out[key], out[key + "_se"] = mean_se(values)
+  out["sft"], out["sft_se"] = ratio_se(per_item["sft_sum"],
+                                       per_item["sft_count"])
+  out["pairs"] = int(margin.size)
+  out["sft_sequences"] = int(np.asarray(per_item["sft_sum"]).size)
+  return out
+
+
+def paired_difference(a, b, beta):
+  """Mean per-pair DPO-loss difference a - b on the same pairs, with SE."""
+  def losses(p):
+    m = beta * (np.asarray(p["chosen"]) - np.asarray(p["rejected"]))
+    return np.logaddexp(0.0, -m)
+  mean, se = mean_se(losses(a) - losses(b))
+  return dict(mean=mean, se=se)
 
 
 # ---------------------------------------------------------------------------
@@ -495,199 +555,234 @@ def main(argv=None):
   del model
   n_x = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params0.x))
   n_y = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params0.y))
-
   place, params0, frozen = placement(mesh, params0, frozen)
 
-  def model_fn(x, y, ids, mask):
-    return apply_fn(x, y, ids, mask, frozen=frozen)
+  # The frozen weights travel as an argument (the ``frozen`` entry of the
+  # batch every step shares), not as constants compiled into the program:
+  # constants are copied into every executable and folded at compile time.
+  def model_fn_of(batch):
+    return functools.partial(apply_fn, frozen=batch["frozen"])
 
-  f = llm.make_dpo_loss(model_fn, beta=args.beta)
-  g = llm.make_sft_loss(model_fn)
+  def f(x, y, batch):
+    return llm.make_dpo_loss(model_fn_of(batch), beta=args.beta)(x, y, batch)
+
+  def g(x, y, batch):
+    return llm.make_sft_loss(model_fn_of(batch))(x, y, batch)
+
+  shared = {"frozen": frozen}
   x_ref = llm.zero_adapters(params0.x)
 
   @jax.jit
-  def reference(dpo):
-    return llm.dpo_logprobs(model_fn, x_ref, params0.y, dpo, key=None)
+  def reference(dpo, frozen):
+    return llm.dpo_logprobs(functools.partial(apply_fn, frozen=frozen),
+                            x_ref, params0.y, dpo, key=None)
 
   @jax.jit
-  def eval_parts(x, y, dpo, sft):
+  def eval_parts(x, y, dpo, sft, frozen):
+    model_fn = functools.partial(apply_fn, frozen=frozen)
     pi_c, pi_r = llm.dpo_logprobs(model_fn, x, y, dpo, key=None)
     ids = sft["input_ids"]
     ce = optax.losses.softmax_cross_entropy_with_integer_labels(
         model_fn(x, y, ids, sft["attention_mask"])[:, :-1], ids[:, 1:])
     mask = sft["loss_mask"][:, 1:].astype(ce.dtype)
-    return pi_c, pi_r, jnp.sum(ce * mask), jnp.sum(mask)
+    return pi_c, pi_r, jnp.sum(ce * mask, axis=1), jnp.sum(mask, axis=1)
 
-  # Eval sets in micro-batches of the training shapes' size.
-  eval_mb = max(args.pairs, 1)
-  n_eval = (counts["dpo_eval"] // eval_mb) * eval_mb
+  # -- evaluation: every held-out pair and SFT dialogue, in micro-batches;
+  # the reference log-probabilities once.
+  eval_mb = args.eval_batch
+  n_eval = (min(counts["dpo_eval"], counts["sft_eval"]) // eval_mb) * eval_mb
   dpo_eval = {k: v[:n_eval] for k, v in sets["dpo_eval"].items()}
   sft_eval = {k: v[:n_eval] for k, v in sets["sft_eval"].items()}
-  ref_c, ref_r = [], []
-  for i in range(0, n_eval, eval_mb):
-    c, r = reference({k: v[i:i + eval_mb] for k, v in dpo_eval.items()})
-    ref_c.append(np.asarray(c))
-    ref_r.append(np.asarray(r))
-  ref_c, ref_r = np.concatenate(ref_c), np.concatenate(ref_r)
+  t0 = time.perf_counter()
+  ref = [reference(place({k: v[i:i + eval_mb] for k, v in dpo_eval.items()}),
+                   frozen) for i in range(0, n_eval, eval_mb)]
+  ref_c = np.concatenate([np.asarray(c) for c, _ in ref])
+  ref_r = np.concatenate([np.asarray(r) for _, r in ref])
+  eval_reference_seconds = time.perf_counter() - t0
+  n_curve = min(n_eval, max(eval_mb, (args.curve_pairs // eval_mb) * eval_mb))
+  eval_seconds = [0.0]
 
-  def evaluate(xy):
+  def evaluate(xy, n=n_eval):
+    """Per-pair parts on the first ``n`` eval pairs (and SFT dialogues)."""
     x, y = xy
     start = time.perf_counter()
-    pc, pr, ce_sum, count = [], [], 0.0, 0.0
-    for i in range(0, n_eval, eval_mb):
-      a, b, s, n = eval_parts(
-          x, y, place({k: v[i:i + eval_mb] for k, v in dpo_eval.items()}),
-          place({k: v[i:i + eval_mb] for k, v in sft_eval.items()}))
-      pc.append(np.asarray(a))
-      pr.append(np.asarray(b))
-      ce_sum += float(s)
-      count += float(n)
-    chosen = args.beta * (np.concatenate(pc) - ref_c)
-    rejected = args.beta * (np.concatenate(pr) - ref_r)
-    margin = chosen - rejected
-    evaluate.seconds += time.perf_counter() - start
-    return dict(dpo=float(np.mean(np.logaddexp(0.0, -margin))),
-                sft=ce_sum / max(count, 1.0),
-                # A tie counts 1/2 (llm.preference_accuracy).
-                accuracy=float(np.mean((margin > 0) + 0.5 * (margin == 0))),
-                margin=float(np.mean(margin)),
-                chosen_reward=float(np.mean(chosen)),
-                rejected_reward=float(np.mean(rejected)))
+    parts = [eval_parts(
+        x, y, place({k: v[i:i + eval_mb] for k, v in dpo_eval.items()}),
+        place({k: v[i:i + eval_mb] for k, v in sft_eval.items()}), frozen)
+             for i in range(0, n, eval_mb)]
+    parts = [np.concatenate([np.asarray(p[j]) for p in parts])
+             for j in range(4)]
+    eval_seconds[0] += time.perf_counter() - start
+    return dict(chosen=(parts[0] - ref_c[:n]).tolist(),
+                rejected=(parts[1] - ref_r[:n]).tolist(),
+                sft_sum=parts[2].tolist(), sft_count=parts[3].tolist())
 
-  evaluate.seconds = 0.0
-  batches = Batches(sets, args, reference, place)
+  start_items = evaluate((params0.x, params0.y))
+  start_metrics = summarize(start_items, args.beta)
+  start_curve = summarize({k: v[:n_curve] for k, v in start_items.items()},
+                          args.beta)
+  batches = Batches(sets, args, lambda dpo: reference(dpo, frozen), place)
   sft_batches = Batches(sets, args, None, place)
-  start_metrics = evaluate((params0.x, params0.y))
   tokens_per_step = args.max_len * (2 * args.pairs + args.sft_batch)
-  budget = args.budget_seconds
 
-  # Floor: one fused optax step on grad(f + g) over both levels.
-  floor_opt = optax.chain(optax.clip_by_global_norm(1.0),
-                          optax.adam(args.lr_x, b1=0.9, b2=0.95))
+  # -- the contenders' single steps, compiled ahead of time.
+  floor_opt = adam(args.lr_x, args.warmup_steps)
+  refit_opt = adam(args.lr_y)
 
-  @jax.jit
   def floor_step(params, opt_state, batch):
+    """The floor: one fused optax step on grad(f + g) over both levels."""
     grads = jax.grad(lambda p: f(p.x, p.y, batch) + g(p.x, p.y, batch))(
         params)
     updates, opt_state = floor_opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  def method_step_fn(tx):
-    @jax.jit
+  def refit_step(y, opt_state, batch):
+    """Stage 2: one Adam step on grad_y of the SFT loss, x frozen."""
+    grad = jax.grad(g, argnums=1)(batch["x"], y, batch)
+    updates, opt_state = refit_opt.update(grad, opt_state, y)
+    return optax.apply_updates(y, updates), opt_state
+
+  @jax.jit
+  def refit_run(x, y, opt_state, stacked, frozen):
+    """Stage 2 in one program: ``refit_step`` over the stacked batches."""
+    def body(carry, batch):
+      return refit_step(*carry, dict(batch, x=x, frozen=frozen)), None
+    return jax.lax.scan(body, (y, opt_state), stacked)[0]
+
+  def method_step(tx):
     def step(params, state, batch):
       return jbl.step(tx, params, state, batch=batch)
     return step
 
-  # Stage 2: Adam on grad_y g with x frozen, from the stage-1 head.
-  s2_opt = optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adam(args.lr_y, b1=0.9, b2=0.95))
-
-  @jax.jit
-  def s2_chunk(x, y, opt_state, stacked):
-    def body(carry, batch):
-      y, s = carry
-      loss, grad = jax.value_and_grad(g, argnums=1)(x, y, batch)
-      u, s = s2_opt.update(grad, s, y)
-      return (optax.apply_updates(y, u), s), loss
-    (y, opt_state), loss = jax.lax.scan(body, (y, opt_state), stacked)
-    return y, opt_state, loss
-
-  one_batch = place(jax.tree.map(lambda v: v[0], batches.stacked(0, 1)),
-                    stacked=False)
   methods = make_methods(args.method, f, g, args)
+  batch0 = dict(place(jax.tree.map(lambda v: v[0], batches.stacked(0, 1)),
+                      stacked=False), **shared)
+  refit_batch0 = dict(place(sft_batches.step(0)), x=params0.x, **shared)
+  plain = {}
+  for name, (make_tx, _) in methods.items():
+    tx = make_tx()
+    plain[name] = (method_step(tx), tx.init, batch0)
+  plain["floor"] = (floor_step, floor_opt.init, batch0)
+  plain["refit"] = (refit_step, refit_opt.init, refit_batch0)
+  compiled, contenders = {}, {}
+  for name, (step, init, batch) in plain.items():
+    start_params = params0.y if name == "refit" else params0
+    copy = jax.tree.map(jnp.copy, start_params)
+    # Leaf by leaf copies: a fresh state may hold the same buffer twice
+    # (a tracker started at y), which cannot be donated twice.
+    state = jax.tree.map(jnp.copy, init(copy))
+    c0 = time.perf_counter()
+    # Donated (params, state): each contender's step writes its new iterate
+    # in place, and the timing chains each contender's steps.
+    exe = jax.jit(step, donate_argnums=(0, 1)).lower(copy, state,
+                                                     batch).compile()
+    seconds = time.perf_counter() - c0
+    compiled[name] = dict(compile_seconds=seconds, flops=flops_of(exe),
+                          memory=memory_of(exe))
+    contenders[name] = (lambda p, s, exe=exe, batch=batch: exe(p, s, batch),
+                        (copy, state))
+    print(f"compiled {name} in {seconds:.1f} s, "
+          f"{compiled[name]['flops'] / 1e9:.1f} GFLOP", file=sys.stderr)
+  # The machine's matmul rate, measured in the same rounds: a float32 matmul
+  # of the step's largest product, (tokens x hidden) @ (hidden x vocab).
+  hidden = config.hidden_size
+  mm_shape = (tokens_per_step, hidden, config.vocab_size)
+  mm_a = jnp.ones(mm_shape[:2], jnp.float32)
+  mm_b = jnp.ones(mm_shape[1:], jnp.float32) / hidden
+  mm = jax.jit(jnp.matmul).lower(mm_a, mm_b).compile()
+  mm_flops = 2.0 * math.prod(mm_shape)
+  times = time_contenders(contenders, args.rounds, lambda: mm(mm_a, mm_b))
+  del contenders
+  mm_rate = mm_flops / quartiles(times["matmul"])["median"]
+  timing = {}
+  for name in plain:
+    q = quartiles(times[name])
+    ratios = [a / b for a, b in zip(times[name], times["floor"])]
+    timing[name] = dict(
+        seconds=times[name], step=q, floor_ratio=quartiles(ratios),
+        flops_per_second=compiled[name]["flops"] / q["median"],
+        fraction_of_matmul=compiled[name]["flops"] / q["median"] / mm_rate,
+        **compiled[name])
+
+  # -- training under equal wall-time budgets. Each method gets the number
+  # of steps its median isolated step time fits into the budget, so that a
+  # busy machine during training cannot change who gets how much.
+  refit_steps = max(1, round(args.refit_seconds
+                             / timing["refit"]["step"]["median"]))
+  sft_stacked = None
   results = {}
   for name, (make_tx, description) in methods.items():
     label = LABELS[name]
+    if args.timing_only:
+      results[name] = dict(label=label, hyperparameters=description,
+                           timing=timing[name])
+      continue
     tx = make_tx()
-    rss_before = rss_bytes()
+    per_step = timing[name]["step"]["median"]
+    steps = max(1, round(args.budget_seconds / per_step))
+    chunk = max(1, round(steps / args.evals))
+    steps = chunk * max(1, round(steps / chunk))
+    params, state = params0, tx.init(params0)
+    curve = [dict(step=0, time=0.0, **start_curve)]
+    chunk_seconds, stopped = [], None
+    bar = Bar(steps, f"{label} stage 1")
+    for start in range(0, steps, chunk):
+      c0 = time.perf_counter()
+      new_params, new_state, hist = jbl.run(
+          tx, params, state=state, num_steps=chunk,
+          batches=batches.stacked(start, chunk), batch=shared,
+          chunk_size=chunk, progress=False, on_nonfinite="stop")
+      jax.block_until_ready(new_params)
+      chunk_seconds.append(time.perf_counter() - c0)
+      bar.update(chunk)
+      if not bool(np.all(hist["finite"])):
+        stopped = f"non-finite value in the chunk ending at step {start + chunk}"
+        break
+      params, state = new_params, new_state
+      point = summarize({k: v[:n_curve] for k, v in evaluate(
+          (params.x, params.y), n_curve).items()}, args.beta)
+      curve.append(dict(step=start + chunk, time=(start + chunk) * per_step,
+                        **point))
+    bar.close()
+    stage1_items = evaluate((params.x, params.y))
 
-    # -- floor ratio: A (method step) B (floor step), interleaved.
-    step_a = method_step_fn(tx)
-    state_a = tx.init(params0)
-    floor_state = floor_opt.init(params0)
+    # Stage 2: re-fit the head on SFT alone, x frozen, the same number of
+    # steps for every method.
+    if sft_stacked is None:
+      sft_stacked = sft_batches.stacked(0, refit_steps)
+    x1 = params.x
     c0 = time.perf_counter()
-    jax.block_until_ready(step_a(params0, state_a, one_batch))
-    compile_a = time.perf_counter() - c0
-    c0 = time.perf_counter()
-    jax.block_until_ready(floor_step(params0, floor_state, one_batch))
-    compile_b = time.perf_counter() - c0
-    med_a, med_b, ta, tb = interleaved_medians(
-        lambda: step_a(params0, state_a, one_batch),
-        lambda: floor_step(params0, floor_state, one_batch),
-        args.floor_rounds)
-
-    # -- stage 1: the bilevel method for the budget.
-    def stage1_chunk(carry, stacked, start, tx=tx):
-      params, state = carry
-      with_state = state if state is not None else tx.init(params)
-      params, state, hist = jbl.run(
-          tx, params, state=with_state, num_steps=chunk, batches=stacked,
-          chunk_size=chunk, progress=False, on_nonfinite="stop",
-          diagnostics=True)
-      finite = bool(np.all(hist["finite"]))
-      return (params, state), dict(
-          f=float(hist["f"][-1]) if "f" in hist else None,
-          g=float(hist["g"][-1]) if "g" in hist else None,
-          stopped=not finite)
-
-    # Chunks of ~1/(4 evals) of the budget, at least one step.
-    chunk = max(1, int(budget / (4 * args.evals) / max(med_a, 1e-6)))
-    chunk = min(chunk, 50)
-    (p1, _), s1 = budget_loop(
-        lambda carry, stacked, t: stage1_chunk(carry, stacked, t),
-        (params0, None), batches, budget=budget, chunk=chunk,
-        evaluate=lambda carry: evaluate((carry[0].x, carry[0].y)),
-        evals=args.evals, desc=f"{label} stage 1", initial=start_metrics)
-
-    # -- stage 2: re-fit y on SFT with x frozen, same budget.
-    x1 = p1.x
-
-    def stage2_chunk(carry, stacked, start):
-      y, s = carry
-      y, s, loss = s2_chunk(x1, y, s, stacked)
-      loss = np.asarray(loss)
-      return (y, s), dict(g=float(loss[-1]),
-                          stopped=not bool(np.all(np.isfinite(loss))))
-
-    # A stage-2 step costs about a third of the floor step (one SFT
-    # forward, the head's backward only).
-    chunk2 = max(1, int(budget / (4 * args.evals) / max(med_b / 3, 1e-6)))
-    chunk2 = min(chunk2, 50)
-    _, s2 = budget_loop(
-        stage2_chunk, (p1.y, s2_opt.init(p1.y)), sft_batches, budget=budget,
-        chunk=chunk2, evaluate=lambda carry: evaluate((x1, carry[0])),
-        evals=args.evals, desc=f"{label} stage 2",
-        initial=s1["curve"][-1] if not s1["stopped"] else
-        evaluate((x1, p1.y)))
-    final1, final2 = s1["curve"][-1], s2["curve"][-1]
+    y2, _ = jax.block_until_ready(refit_run(
+        x1, params.y, refit_opt.init(params.y), sft_stacked, frozen))
+    refit_wall = time.perf_counter() - c0
+    stage2_items = evaluate((x1, y2))
     results[name] = dict(
         label=label, hyperparameters=description,
-        stage1={k: final1[k] for k in ("dpo", "sft", "accuracy", "margin",
-                                       "chosen_reward", "rejected_reward")},
-        stage2={k: final2[k] for k in ("dpo", "sft", "accuracy", "margin",
-                                       "chosen_reward", "rejected_reward")},
-        stage1_run={k: v for k, v in s1.items() if k != "train"},
-        stage2_run={k: v for k, v in s2.items() if k != "train"},
-        stage1_train_f=[r.get("f") for r in s1["train"]],
-        stage1_train_g=[r.get("g") for r in s1["train"]],
-        floor=dict(method_seconds_per_step=med_a,
-                   floor_seconds_per_step=med_b, ratio=med_a / med_b,
-                   rounds=args.floor_rounds, method_times=ta,
-                   floor_times=tb, compile_method_seconds=compile_a,
-                   compile_floor_seconds=compile_b),
-        tokens_per_second=dict(
-            stage1_isolated_step=tokens_per_step / med_a,
-            stage1_in_run=tokens_per_step / s1["seconds_per_step"],
-            stage2_in_run=args.max_len * args.sft_batch
-            / s2["seconds_per_step"],
-            floor=tokens_per_step / med_b),
-        memory=dict(rss_before_bytes=rss_before,
-                    peak_rss_during_bytes=max(
-                        [v for v in (s1["peak_rss_bytes"],
-                                     s2["peak_rss_bytes"]) if v] or [0])
-                    or None,
-                    process_peak_rss_bytes=peak_rss_bytes(),
-                    device_peak_bytes=device_peak_bytes()))
+        stage1=summarize(stage1_items, args.beta),
+        stage2=summarize(stage2_items, args.beta),
+        stage1_items=stage1_items, stage2_items=stage2_items,
+        stage1_run=dict(steps=steps if stopped is None else start,
+                        chunk=chunk, budget_seconds=steps * per_step,
+                        chunk_wall_seconds=chunk_seconds, stopped=stopped,
+                        curve=curve),
+        stage2_run=dict(steps=refit_steps, wall_seconds=refit_wall,
+                        budget_seconds=refit_steps
+                        * timing["refit"]["step"]["median"]),
+        timing=timing[name])
+    print(f"{label}: S1 DPO {results[name]['stage1']['dpo']:.4f}, "
+          f"S2 DPO {results[name]['stage2']['dpo']:.4f}", file=sys.stderr)
+
+  first = next(iter(results))
+  for name, row in results.items():
+    if args.timing_only:
+      break
+    row["paired_vs_" + first] = dict(
+        stage1_dpo=paired_difference(row["stage1_items"],
+                                     results[first]["stage1_items"],
+                                     args.beta),
+        stage2_dpo=paired_difference(row["stage2_items"],
+                                     results[first]["stage2_items"],
+                                     args.beta))
 
   result = dict(
       benchmark="llm", quick=args.quick,
@@ -708,22 +803,31 @@ def main(argv=None):
       data=dict(dpo_data=os.path.basename(args.dpo_data), **counts,
                 max_len=args.max_len, pairs_per_step=args.pairs,
                 sft_per_step=args.sft_batch, eval_pairs_used=n_eval,
-                tokens_per_step=tokens_per_step),
+                curve_pairs=n_curve, tokens_per_step=tokens_per_step),
       protocol=dict(
-          budget_seconds=budget, beta=args.beta, gamma=args.gamma,
-          lr_x=args.lr_x, lr_y=args.lr_y, inner_steps=args.inner_steps,
-          optimizer="clip 1.0 + Adam(b1 0.9, b2 0.95) on each level",
+          budget_seconds=args.budget_seconds,
+          refit_seconds=args.refit_seconds, refit_steps=refit_steps,
+          beta=args.beta, gamma=args.gamma, lr_x=args.lr_x, lr_y=args.lr_y,
+          warmup_steps=args.warmup_steps, inner_steps=args.inner_steps,
+          rounds=args.rounds,
+          optimizer="clip 1.0 + Adam(b1 0.9, b2 0.95) on each level; lr_x "
+          f"warmed up linearly over {args.warmup_steps} upper steps",
           stage2="Adam(lr_y) on grad_y SFT, x frozen, from the stage-1 head",
-          excluded=dict(evaluation_seconds=evaluate.seconds,
-                        reference_logprob_seconds=batches.reference_seconds)),
-      start=start_metrics, methods=results,
+          excluded=dict(evaluation_seconds=eval_seconds[0],
+                        eval_reference_seconds=eval_reference_seconds,
+                        train_reference_seconds=batches.reference_seconds)),
+      timing=dict(matmul_shape=list(mm_shape), matmul_flops=mm_flops,
+                  matmul_seconds=times["matmul"],
+                  matmul=quartiles(times["matmul"]),
+                  matmul_flops_per_second=mm_rate,
+                  floor=timing["floor"], refit=timing["refit"]),
+      start=start_metrics, start_items=start_items, methods=results,
+      process_peak_rss_bytes=peak_rss_bytes(),
       total_seconds=time.perf_counter() - t_start)
   if args.out:
     write_outputs(result, args.out)
   print(markdown(result))
   return result
-
-
 def command_line(argv):
   """The command as run, data files named by their base name only."""
   words, hide = ["python", "benchmarks/llm.py"], False
@@ -765,19 +869,55 @@ def placement(mesh, params, frozen):
 
   return place, params, frozen
 
-
 # ---------------------------------------------------------------------------
 # Outputs.
 # ---------------------------------------------------------------------------
 
 
 def _mib(v):
-  return "n/a" if not v else f"{v / 2 ** 20:.0f}"
+  return "n/a" if v is None else f"{v / 2 ** 20:.0f}"
+
+
+def _pm(row, key, digits=4):
+  return f"{row[key]:.{digits}f} ± {row[key + '_se']:.{digits}f}"
+
+
+def _q(q, fmt=".2f"):
+  return f"{q['median']:{fmt}} [{q['q1']:{fmt}}, {q['q3']:{fmt}}]"
+
+
+def _table2(rows, first):
+  """The Table-2-shaped rows: held-out losses with errors, paired diffs."""
+  lines = [
+      "## Table 2 shape: held-out losses after stage 1 and stage 2", "",
+      f"Paired = the mean over the same held-out pairs of (this method's DPO "
+      f"loss − {rows[first]['label']}'s), ± its standard error: negative "
+      f"means better than {rows[first]['label']}.", "",
+      "| method | steps | S1 DPO | S1 SFT | S2 DPO | S2 SFT | S2 pref. acc. "
+      f"| S2 reward margin | S2 DPO paired vs {rows[first]['label']} |",
+      "|---|---|---|---|---|---|---|---|---|"]
+  for name, r in rows.items():
+    a, b = r["stage1"], r["stage2"]
+    diff = r["paired_vs_" + first]["stage2_dpo"]
+    paired = ("—" if name == first else
+              f"{diff['mean']:+.4f} ± {diff['se']:.4f}")
+    lines.append(
+        f"| {r['label']} | {r['stage1_run']['steps']} | {_pm(a, 'dpo')} | "
+        f"{_pm(a, 'sft')} | {_pm(b, 'dpo')} | {_pm(b, 'sft')} | "
+        f"{_pm(b, 'accuracy', 3)} | {_pm(b, 'margin')} | {paired} |")
+  best_dpo = min(rows, key=lambda n: rows[n]["stage2"]["dpo"])
+  best_sft = min(rows, key=lambda n: rows[n]["stage2"]["sft"])
+  lines += [
+      "", f"Lowest S2 DPO: {rows[best_dpo]['label']}; lowest S2 SFT: "
+      f"{rows[best_sft]['label']}.", ""]
+  return lines
 
 
 def markdown(result):
   m, d, p = result["model"], result["data"], result["protocol"]
-  s = result["start"]
+  s, t = result["start"], result["timing"]
+  rows = result["methods"]
+  first = next(iter(rows))
   lines = [
       "# Bilevel LLM fine-tuning: DPO (upper, LoRA) / SFT (lower, head)", "",
       f"Model: {m['source']}; {m['parameters'] / 1e6:.1f}M parameters, "
@@ -793,55 +933,71 @@ def markdown(result):
       f"{d['sft_source']}: train {d['sft_train']} / eval {d['sft_eval']}. "
       f"{d['max_len']} tokens per sequence; per step {d['pairs_per_step']} "
       f"pairs + {d['sft_per_step']} SFT sequences = {d['tokens_per_step']} "
-      f"tokens. Eval on {d['eval_pairs_used']} held-out pairs and as many "
-      "SFT dialogues.", "",
-      f"Protocol (state machine per method): compile (warm-up chunk, "
-      f"discarded) -> stage 1: the method for **{p['budget_seconds']:g} s** "
-      f"of training wall time (chunks of jbl.run resuming the state; eval "
-      f"between chunks, excluded) -> stage 2: {p['stage2']}, "
-      f"**{p['budget_seconds']:g} s** -> eval. beta = {p['beta']:g}, gamma "
-      f"= {p['gamma']:g}, lr_x = {p['lr_x']:g}, lr_y = {p['lr_y']:g}, "
+      f"tokens. Evaluation on **{d['eval_pairs_used']} held-out pairs** and "
+      f"as many held-out SFT dialogues; ± is one standard error over them. "
+      f"Curves use the first {d['curve_pairs']} of them.", "",
+      f"Protocol: every method gets the same training time, "
+      f"**{p['budget_seconds']:g} s** of stage 1, counted as its number of "
+      "steps times its median step time measured in the timing rounds "
+      "below (so a busy machine during training cannot change who gets how "
+      f"much); then stage 2, {p['stage2']}, {p['refit_steps']} steps "
+      f"(**{p['refit_seconds']:g} s**) for every method, so that f is "
+      f"measured at the re-fitted lower solution. beta = {p['beta']:g}, "
+      f"gamma = {p['gamma']:g}, lr_x = {p['lr_x']:g}, lr_y = {p['lr_y']:g}, "
       f"{p['optimizer']}. Excluded from the budgets: evaluation "
       f"{p['excluded']['evaluation_seconds']:.0f} s, reference "
-      f"log-probabilities {p['excluded']['reference_logprob_seconds']:.0f} s,"
-      " compilation (below).", "",
-      f"At the start (base model, adapters off): DPO {s['dpo']:.4f} (log 2 "
-      f"= 0.6931), SFT {s['sft']:.4f}.", "",
-      "## Table 2 shape: eval losses after stage 1 and stage 2", "",
-      "| method | S1 DPO | S1 SFT | S2 DPO | S2 SFT | S2 pref. acc. | "
-      "S2 reward margin | S1 pref. acc. | S1 reward margin | steps S1 / S2 |",
-      "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in result["methods"].values():
-    a, b = r["stage1"], r["stage2"]
-    lines.append(
-        f"| {r['label']} | {a['dpo']:.4f} | {a['sft']:.4f} | {b['dpo']:.4f} "
-        f"| {b['sft']:.4f} | {b['accuracy']:.3f} | {b['margin']:+.4f} | "
-        f"{a['accuracy']:.3f} | {a['margin']:+.4f} | "
-        f"{r['stage1_run']['steps']} / {r['stage2_run']['steps']} |")
+      f"log-probabilities {p['excluded']['train_reference_seconds']:.0f} s "
+      f"(training batches) + {p['excluded']['eval_reference_seconds']:.0f} s "
+      "(eval pairs), computed once and shared; compilation (below).", "",
+      f"At the start (base model, adapters off): DPO {_pm(s, 'dpo')} (log 2 "
+      f"= 0.6931), SFT {_pm(s, 'sft')}, preference accuracy "
+      f"{_pm(s, 'accuracy', 3)} (ties count 1/2).", "",
+  ]
+  if "stage1" in rows[first]:
+    lines += _table2(rows, first)
+  else:  # --timing-only: the protocol above did not run
+    lines = lines[:6] + ["Timing only (`--timing-only`): no training, no "
+                         "evaluation; the speed table below.", ""]
   lines += [
-      "", "## Speed and memory", "",
-      "Floor ratio = median time of one outer step / median time of one "
-      "fused optax step on grad(f + g) over (x, y), same model and batch, "
-      "jitted single steps interleaved A B A B, compile excluded. Tokens/s = "
-      "tokens of one step's batch (DPO chosen + rejected + SFT, padding "
-      "included) / time per step.", "",
-      "| method | hyperparameters | s / outer step | floor s / step | floor "
-      "ratio | s / step in run | tokens/s | compile S1 / S2 (s) | peak RSS "
-      "(MiB) |",
-      "|---|---|---|---|---|---|---|---|---|"]
-  for r in result["methods"].values():
-    fl = r["floor"]
+      "## Speed: one step, FLOPs and the machine's rate", "",
+      f"{p['rounds']} rounds; in each, one step of every contender in turn "
+      "(jitted, ahead-of-time compiled, parameters and state donated, each "
+      "continuing from its own previous step on the same batch), then a "
+      f"float32 matmul {' x '.join(map(str, t['matmul_shape']))} (the "
+      "step's largest product); medians [quartiles]. Floor = one fused "
+      "optax step on grad(f + g) over (x, y); floor ratio per round = the "
+      "step's time / the floor's in the same round. FLOPs: XLA's cost "
+      "analysis of the compiled step. Matmul rate: "
+      f"{t['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s "
+      f"({_q(t['matmul'], '.3g')} s). Memory: XLA's memory analysis of the "
+      "compiled step (arguments include the frozen weights); per-process "
+      "peaks in [llm_memory.md](../llm_memory.md).", "",
+      "| step | hyperparameters | s / step | floor ratio | GFLOP / step | "
+      "GFLOP/s | of matmul rate | tokens/s | compile (s) | temp MiB | "
+      "argument MiB |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
+  extra = {"floor": ("Floor", "Adam(lr_x) on both levels"),
+           "refit": ("Stage-2 head step", "Adam(lr_y) on grad_y SFT")}
+  entries = [(r["label"], r["hyperparameters"], r["timing"])
+             for r in rows.values()]
+  entries += [(*extra[k], t[k]) for k in ("floor", "refit")]
+  for label, hyper, tm in entries:
+    mem = tm.get("memory") or {}
+    # The stage-2 step reads the SFT sequences only.
+    tokens = (d["max_len"] * d["sft_per_step"] if tm is t["refit"] else
+              d["tokens_per_step"])
     lines.append(
-        f"| {r['label']} | {r['hyperparameters']} | "
-        f"{fl['method_seconds_per_step']:.3f} | "
-        f"{fl['floor_seconds_per_step']:.3f} | **{fl['ratio']:.2f}** | "
-        f"{r['stage1_run']['seconds_per_step']:.3f} | "
-        f"{r['tokens_per_second']['stage1_isolated_step']:.0f} | "
-        f"{r['stage1_run']['compile_seconds']:.1f} / "
-        f"{r['stage2_run']['compile_seconds']:.1f} | "
-        f"{_mib(r['memory']['peak_rss_during_bytes'])} |")
-  lines += ["", f"Total wall time of the command: "
-            f"{result['total_seconds']:.0f} s. Command: `{result['command']}`"]
+        f"| {label} | {hyper} | {_q(tm['step'], '.3g')} | "
+        f"**{_q(tm['floor_ratio'])}** | {tm['flops'] / 1e9:.1f} | "
+        f"{tm['flops_per_second'] / 1e9:.1f} | "
+        f"{tm['fraction_of_matmul']:.2f} | "
+        f"{tokens / tm['step']['median']:.0f} | "
+        f"{tm['compile_seconds']:.1f} | {_mib(mem.get('temp_bytes'))} | "
+        f"{_mib(mem.get('argument_bytes'))} |")
+  lines += ["", f"Process peak RSS: {_mib(result['process_peak_rss_bytes'])}"
+            f" MiB. Total wall time of the command: "
+            f"{result['total_seconds']:.0f} s. Command: "
+            f"`{result['command']}`"]
   return "\n".join(lines) + "\n"
 
 
@@ -849,25 +1005,24 @@ def plot(result, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  budget = result["protocol"]["budget_seconds"]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for r in result["methods"].values():
-    c1, c2 = r["stage1_run"]["curve"], r["stage2_run"]["curve"]
-    # Stage 2 starts where stage 1 stopped (its last chunk may overrun the
-    # budget a little).
-    t = ([p["time"] for p in c1]
-         + [c1[-1]["time"] + p["time"] for p in c2[1:]])
-    c2 = c2[1:]
+    curve = r["stage1_run"]["curve"]
     for ax, key in zip(axes, ("dpo", "sft")):
-      ax.plot(t, [p[key] for p in c1] + [p[key] for p in c2], marker="o",
-              ms=3, label=r["label"])
-  for ax, name in zip(axes, ("eval DPO loss (upper)", "eval SFT loss (lower)")):
-    ax.axvline(budget, color="gray", ls="--", lw=1)
-    ax.set(xlabel="training wall time (s); stage 2 after the dashed line",
-           ylabel=name)
+      mean = np.array([c[key] for c in curve])
+      se = np.array([c[key + "_se"] for c in curve])
+      t = [c["time"] for c in curve]
+      ax.plot(t, mean, marker="o", ms=3, label=r["label"])
+      ax.fill_between(t, mean - se, mean + se, alpha=0.15)
+  n = result["data"]["curve_pairs"]
+  for ax, name in zip(axes, ("held-out DPO loss (upper)",
+                             "held-out SFT loss (lower)")):
+    ax.set(xlabel="stage-1 training time (s): steps x median step time",
+           ylabel=f"{name}, {n} items, ± 1 s.e.")
     ax.legend()
+  axes[0].axhline(math.log(2.0), color="gray", ls="--", lw=1)
   fig.suptitle(result["model"]["source"].split(" loaded")[0]
-               + f": {result['protocol']['budget_seconds']:g} s per stage")
+               + f": {result['protocol']['budget_seconds']:g} s per method")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -879,7 +1034,8 @@ def write_outputs(result, out):
     json.dump(result, fh, indent=1)
   with open(os.path.join(out, "llm.md"), "w") as fh:
     fh.write(markdown(result))
-  plot(result, os.path.join(out, "llm_curves.png"))
+  if all("stage1_run" in r for r in result["methods"].values()):
+    plot(result, os.path.join(out, "llm_curves.png"))
 
 
 if __name__ == "__main__":

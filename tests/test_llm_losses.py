@@ -320,6 +320,8 @@ def test_preference_eval_accuracy_margin_and_standard_errors():
       score.std(ddof=1) / math.sqrt(5), abs=1e-12)
   assert out["loss"] == pytest.approx(np.logaddexp(0, -margin).mean(),
                                       abs=1e-9)
+  assert out["loss_se"] == pytest.approx(
+      np.logaddexp(0, -margin).std(ddof=1) / math.sqrt(5), abs=1e-9)
   assert 0 < out["accuracy"] < 1 and out["margin_se"] > 0
   # The same with the reference log-probabilities carried by the pairs.
   with_ref = losses.add_reference_logprobs(

@@ -36,6 +36,9 @@ START_RATIO = 10.0
 START_RANGE = (1.0, 100.0)
 """The default start is clipped to this range."""
 
+MAX_RATIO = 100.0
+"""The default cap is ``MAX_RATIO`` times the start (V-PBGD: 10)."""
+
 
 class GammaContinuation(NamedTuple):
   r"""Settings of the penalty continuation (``gamma=GammaContinuation(...)``).
@@ -54,7 +57,12 @@ class GammaContinuation(NamedTuple):
     factor: :math:`\gamma \leftarrow \text{factor}\cdot\gamma` at each
       increase (> 1).
     max: the largest :math:`\gamma`; ``None`` (default): ``100 * start``
-      (the error :math:`O(1/\gamma)` then falls a hundredfold).
+      (the error :math:`O(1/\gamma)` then falls a hundredfold), and
+      ``10 * start`` for :func:`~jaxbilevel.v_pbgd`, whose joint x-direction
+      :math:`\gamma[\nabla_x g(x,y)-\nabla_x g(x,\omega)]` multiplies the
+      single-loop trackers' lag by :math:`\gamma` while its signal stays
+      :math:`O(1)`: past about ten times the start, a larger :math:`\gamma`
+      costs more in that noise than it gains in bias.
     patience: steps without a relative decrease of ``tol`` of the lower
       stationarity before :math:`\gamma` grows.
     tol: the relative decrease that counts as progress.
@@ -174,6 +182,7 @@ def penalty_continuation(
     build: Callable[[jax.Array], optax.GradientTransformationExtraArgs],
     settings: GammaContinuation, *, f, g, method: str,
     set_gamma: Optional[Callable] = None,
+    max_ratio: float = MAX_RATIO,
 ) -> base.BilevelTransformation:
   r"""A penalty method whose :math:`\gamma` grows by continuation.
 
@@ -186,6 +195,8 @@ def penalty_continuation(
     method: the method's name, for messages.
     set_gamma: ``(inner_state, gamma) -> inner_state`` for a method that keeps
       its penalty in its state (F2SA's ``state.gamma``).
+    max_ratio: the cap is ``max_ratio * start`` when ``settings.max`` is
+      ``None``.
 
   Returns:
     A :class:`BilevelTransformation` over :class:`BilevelParams` with state
@@ -203,7 +214,7 @@ def penalty_continuation(
       cap = jnp.zeros((), dtype)  # set with the start
     else:
       gamma = jnp.asarray(settings.start, dtype)
-      cap = jnp.asarray(100.0 * gamma if settings.max is None else
+      cap = jnp.asarray(max_ratio * gamma if settings.max is None else
                         settings.max, dtype)
     return ContinuationState(
         inner_state=inner_state, gamma=gamma, gamma_max=cap,
@@ -218,7 +229,7 @@ def penalty_continuation(
     if settings.start is None:
       def first(_):
         start = scale_start(f, g, params.x, params.y, batch, dtype)
-        return start, jnp.asarray(100.0 * start if settings.max is None else
+        return start, jnp.asarray(max_ratio * start if settings.max is None else
                                   jnp.maximum(settings.max, start), dtype)
       gamma, cap = jax.lax.cond(state.started, lambda _: (gamma, cap), first,
                                 None)
@@ -269,7 +280,8 @@ def penalty_continuation(
 
 def penalty_method(method: str, *, check: Optional[Callable] = None,
                    fixed: Optional[dict] = None,
-                   set_gamma: Optional[Callable] = None) -> Callable:
+                   set_gamma: Optional[Callable] = None,
+                   max_ratio: float = MAX_RATIO) -> Callable:
   """Decorator: a penalty method's constructor that also takes ``gamma="auto"``.
 
   With ``gamma`` a number, an array or a schedule the constructor runs as
@@ -287,6 +299,7 @@ def penalty_method(method: str, *, check: Optional[Callable] = None,
     fixed: arguments continuation sets whatever was passed (F2SA's
       ``scale_lower=True``).
     set_gamma: as in :func:`penalty_continuation`.
+    max_ratio: as in :func:`penalty_continuation`.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -319,7 +332,7 @@ def penalty_method(method: str, *, check: Optional[Callable] = None,
           lambda gamma_: constructor(
               **{**arguments, **(fixed or {}), "gamma": gamma_}),
           settings, f=arguments["f"], g=arguments["g"], method=method,
-          set_gamma=set_gamma)
+          set_gamma=set_gamma, max_ratio=max_ratio)
 
     return wrapper
 

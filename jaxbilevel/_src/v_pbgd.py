@@ -44,7 +44,8 @@ class VPBGDState(NamedTuple):
 
 
 @programs.bilevel_method
-@continuation.penalty_method("v_pbgd")
+# The cap of gamma="auto" is 10 x its start, not 100 x (GammaContinuation.max).
+@continuation.penalty_method("v_pbgd", max_ratio=10.0)
 def v_pbgd(f: base.Objective,
            g: base.Objective,
            *,

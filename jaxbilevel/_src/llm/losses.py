@@ -387,7 +387,8 @@ def preference_eval(apply_fn: ApplyFn, x: Any, y: Any, pairs: Batch, *,
 
   Returns:
     A dict of floats: ``accuracy``, ``accuracy_se``, ``margin`` (mean reward
-    margin), ``margin_se``, ``loss`` (mean DPO loss) and ``n`` (pairs).
+    margin), ``margin_se``, ``loss`` (mean DPO loss), ``loss_se`` and ``n``
+    (pairs).
 
   Examples:
     >>> import jax.numpy as jnp, numpy as np
@@ -442,4 +443,4 @@ def preference_eval(apply_fn: ApplyFn, x: Any, y: Any, pairs: Batch, *,
 
   return {"accuracy": float(np.mean(score)), "accuracy_se": se(score),
           "margin": float(np.mean(margin)), "margin_se": se(margin),
-          "loss": float(np.mean(loss)), "n": n}
+          "loss": float(np.mean(loss)), "loss_se": se(loss), "n": n}
