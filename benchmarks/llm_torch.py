@@ -69,7 +69,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -158,9 +157,7 @@ def _bench_args(args):
       sft_batch=args.sft)
 
 
-def quartiles(values):
-  q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-  return dict(q1=q1, median=q2, q3=q3)
+quartiles = bench.quartiles  # one value: all three equal
 
 
 # ---------------------------------------------------------------------------
@@ -416,18 +413,9 @@ def moment_agreement(jax_mu, torch_mu, jax_params, torch_params, lr,
 # ---------------------------------------------------------------------------
 
 
-def _flops(compiled) -> float:
-  """XLA's FLOP count of a compiled program (its cost analysis)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per device
-    cost = cost[0]
-  return float(cost["flops"])
-
-
 def _flop_rates(step_flops, mm_shape, mm_flops, mm_seconds, jq, tq):
   """The step's FLOP rate against the matmul's, both measured per round."""
-  mq = (quartiles(mm_seconds) if len(mm_seconds) > 1 else
-        dict(q1=mm_seconds[0], median=mm_seconds[0], q3=mm_seconds[0]))
+  mq = quartiles(mm_seconds)
   matmul_rate = mm_flops / mq["median"]
   return dict(
       step_flops=step_flops, matmul_shape=list(mm_shape),
@@ -467,7 +455,7 @@ def main(argv=None):
   jax_step = jax.jit(jax_step, donate_argnums=(0, 1) if args.donate else ()
                      ).lower(params0, state0, batch).compile()
   jax_compile = time.perf_counter() - c0
-  step_flops = _flops(jax_step)
+  step_flops = bench.flops_of(jax_step)
   # The machine's matmul rate, measured beside the step: a float32 matmul of
   # the step's largest product, the head (tokens x hidden) @ (hidden x vocab).
   tokens_per_step = args.seq_len * (2 * args.pairs + args.sft)
@@ -541,11 +529,9 @@ def main(argv=None):
     del tmodel
 
   ratios = [a / b for a, b in zip(ta, tbt)]
-  spread = (quartiles(ratios) if len(ratios) > 1
-            else dict(q1=ratios[0], median=ratios[0], q3=ratios[0]))
-  jq = quartiles(ta) if len(ta) > 1 else dict(q1=ta[0], median=ta[0], q3=ta[0])
-  tq = (quartiles(tbt) if len(tbt) > 1
-        else dict(q1=tbt[0], median=tbt[0], q3=tbt[0]))
+  spread = quartiles(ratios)
+  jq = quartiles(ta)
+  tq = quartiles(tbt)
   n_x = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params0.x))
   n_y = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params0.y))
   tokens = args.seq_len * (2 * args.pairs + args.sft)
