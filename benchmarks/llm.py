@@ -415,9 +415,12 @@ def flops_of(compiled):
 
 def memory_of(compiled):
   """Argument, output and temporary bytes of a compiled program."""
+  # Not a stub: XLA's memory analysis is optional per backend (and absent from
+  # some jax versions), so a backend without it gives None, written "n/a" in
+  # the table; CPU and GPU have it.
   try:
     m = compiled.memory_analysis()
-  except (NotImplementedError, AttributeError):  # backends without it
+  except (NotImplementedError, AttributeError):
     return None
   if m is None:
     return None

@@ -51,9 +51,11 @@ def tree_bytes(tree):
 def compiled_memory(compiled):
   """Peak bytes of a compiled program from XLA's memory analysis."""
   out = {}
+  # Not a stub: XLA's memory analysis is optional per backend; without it the
+  # result is {} and the tables print no memory column.
   try:
     m = compiled.memory_analysis()
-  except (NotImplementedError, RuntimeError):  # not on every backend
+  except (NotImplementedError, RuntimeError):
     m = None
   if m is not None:
     out = dict(argument=int(m.argument_size_in_bytes),
