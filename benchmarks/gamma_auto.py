@@ -12,6 +12,10 @@ run ``S`` outer steps with ``gamma="auto"`` (default
   of ``x`` in [-14, 6];
 * logistic weight decay on scikit-learn's breast-cancer data (standardised,
   even/odd split), ``y*(x)`` by 30 Newton steps; the same grid;
+* the same data and split with a flax.nnx MLP (30-32-1, tanh) as ``y``, the
+  weight decay on all its weights; ``y*(x)`` is the lower solution L-BFGS
+  reaches from the initial weights (500 iterations), against a grid of 65
+  values of ``x`` in [-14, 2] and 41 around the best of them;
 * the closed-form quadratic families ``jbl.problems.random_quadratic`` (seeds
   0, 1) and ``quadratic_a8``: the best is ``F(x*)`` at the exact solution.
 
@@ -26,8 +30,11 @@ Also: the ``jbl.gamma_check`` verdict at gamma = 10 and at the auto end point,
 and ``jbl.choose_method``'s pick on the flat and non-flat problems of
 ``jbl.problems``.
 
-Usage: ``python benchmarks/gamma_auto.py [--quick] [--out benchmarks/results]``
-(``--quick``: fewer steps and rounds; writes ``gamma_auto_quick.{json,md}``).
+Usage: ``python benchmarks/gamma_auto.py [--quick] [--out benchmarks/results]
+[--only NAME ...]`` (``--quick``: fewer steps and rounds; writes
+``gamma_auto_quick.{json,md}``; ``--only``: re-runs those problems and
+replaces their entries in the existing results file, recording the command
+per problem).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 
@@ -115,6 +123,8 @@ def _logistic(x_tr, y_tr, x_va, y_va):
 
 def weight_decay_problem(name):
   """f, g, params0, F, F_best, lower smoothness of a weight-decay problem."""
+  if name == "mlp_breast_cancer":
+    return _mlp_breast_cancer()
   if name == "ridge_toy":
     prob = jbl.problems.ridge()
     data = {k: np.asarray(v) for k, v in prob.info["data"].items()}
@@ -144,6 +154,84 @@ def weight_decay_problem(name):
               best_from=f"grid of {GRID.size} values of x in [-14, 6]")
 
 
+def _mlp_breast_cancer():
+  """A flax.nnx MLP (30-32-1, tanh) on breast cancer, weight decay e^x on all weights.
+
+  ``y*(x)`` is not unique for a network: it is the lower solution that
+  L-BFGS (``optax.lbfgs``, 500 iterations, vmapped over the grid) reaches
+  from the initial weights, the point every run starts from.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  raw = datasets.load_breast_cancer()
+  x_tr, t_tr, x_va, t_va = (jnp.asarray(v, jnp.float64) for v in
+                            _standardised_split(raw.data, raw.target))
+
+  class MLP(nnx.Module):
+
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(30, 32, rngs=rngs, param_dtype=jnp.float64)
+      self.out = nnx.Linear(32, 1, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, inputs):
+      return self.out(jnp.tanh(self.hidden(inputs)))[:, 0]
+
+  graphdef, weights = nnx.split(MLP(nnx.Rngs(0)))
+
+  def loss(w, inputs, labels):
+    logits = nnx.merge(graphdef, w)(inputs)
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
+
+  def g(x, w, batch=None):
+    del batch
+    return loss(w, x_tr, t_tr) + 0.5 * jnp.exp(x) * optax.tree_utils.tree_norm(
+        w, squared=True)
+
+  def f(x, w, batch=None):
+    del x, batch
+    return loss(w, x_va, t_va)
+
+  def y_star(x):
+    solver = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(lambda w: g(x, w))
+
+    def iteration(carry, _):
+      w, state = carry
+      value, grad = value_and_grad(w, state=state)
+      updates, state = solver.update(grad, state, w, value=value, grad=grad,
+                                     value_fn=lambda v: g(x, v))
+      return (optax.apply_updates(w, updates), state), None
+
+    return jax.lax.scan(iteration, (weights, solver.init(weights)), None,
+                        length=500)[0][0]
+
+  def evaluate(x):
+    w = y_star(x)
+    return f(x, w), optax.tree_utils.tree_norm(jax.grad(g, 1)(x, w))
+
+  evaluate = jax.jit(jax.vmap(evaluate))
+  coarse = np.linspace(-14.0, 2.0, 65)
+  values, grad_norms = (np.asarray(v) for v in evaluate(jnp.asarray(coarse)))
+  centre = coarse[int(values.argmin())]
+  fine = centre + np.linspace(-0.25, 0.25, 41)
+  fine_values, fine_norms = (np.asarray(v) for v in evaluate(
+      jnp.asarray(fine)))
+  grid = np.concatenate([coarse, fine])
+  values = np.concatenate([values, fine_values])
+  params0 = jbl.BilevelParams(jnp.asarray(0.0, jnp.float64), weights)
+  return dict(f=f, g=g, params0=params0,
+              F=lambda x: float(evaluate(jnp.atleast_1d(x))[0][0]),
+              F_best=float(values.min()), x_best=float(grid[values.argmin()]),
+              F_start=float(evaluate(jnp.zeros(1))[0][0]),
+              # No global smoothness constant for a network: a step size of
+              # 0.5, stable on this problem at every gamma of the table.
+              lower_l=2.0,
+              refit_grad_norm=float(max(grad_norms.max(), fine_norms.max())),
+              best_from="grid of 65 values of x in [-14, 2] and 41 in "
+              f"[{fine[0]:.2f}, {fine[-1]:.2f}]; y*(x) by 500 L-BFGS steps "
+              "from the initial weights")
+
+
 def quadratic_problem(name):
   prob = (jbl.problems.quadratic_a8() if name == "quadratic_a8" else
           jbl.problems.random_quadratic(int(name[-1])))
@@ -161,7 +249,8 @@ def quadratic_problem(name):
               best_from="exact solution x_star()")
 
 
-WEIGHT_DECAY = ("ridge_toy", "ridge_diabetes", "logistic_breast_cancer")
+WEIGHT_DECAY = ("ridge_toy", "ridge_diabetes", "logistic_breast_cancer",
+                "mlp_breast_cancer")
 QUADRATICS = ("random_quadratic_0", "random_quadratic_1", "quadratic_a8")
 
 
@@ -195,7 +284,7 @@ def evaluate(problem, method, num_steps, rounds):
                                    diagnostics=("gamma",))
   value = problem["F"](np.asarray(params.x))
   rows["auto"] = dict(F=value, gap=(value - problem["F_best"]) / abs(
-      problem["F_best"]), gamma_first=float(history["gamma"][0]),
+      problem["F_best"]), x=np.asarray(params.x).tolist(), gamma_first=float(history["gamma"][0]),
                       gamma_last=float(history["gamma"][-1]),
                       increases=int(np.sum(np.diff(history["gamma"]) > 0)))
   if method == "v_pbgd":
@@ -212,7 +301,8 @@ def evaluate(problem, method, num_steps, rounds):
                            problem["params0"], num_steps=num_steps)
     value = problem["F"](np.asarray(params.x))
     rows[f"gamma={gamma:g}"] = dict(
-        F=value, gap=(value - problem["F_best"]) / abs(problem["F_best"]))
+        F=value, gap=(value - problem["F_best"]) / abs(problem["F_best"]),
+        x=np.asarray(params.x).tolist())
   # Cost: interleaved rounds, compilation excluded (one warm-up call each);
   # the ratio is the median over rounds of auto / fixed timed back to back
   # (robust to the load of a shared machine drifting between rounds), and
@@ -304,16 +394,28 @@ def markdown(result):
   lines = [f"# gamma='auto' against the best value ({'quick' if result['quick'] else 'full'} run)",
            "",
            f"{result['num_steps']} outer steps per run; relative gap "
-           "(F(x) - F_best) / |F_best| at the exact lower solution; cost = "
+           "(F(x) - F_best) / |F_best| at the lower solution of the best's "
+           "column (exact, or a converged re-fit); cost = "
            "median over rounds of the time of the auto run / that of one "
            "fixed-gamma run of the same length, timed back to back with "
-           f"jbl.run ({result['rounds']} interleaved rounds); static FLOPs "
+           f"jbl.run ({result['rounds']} interleaved rounds"
+           + "".join(f"; {r} for {n}" for n, r in sorted({
+               (name, prob["alt_pbgd"]["cost"].get("rounds",
+                                                    result["rounds"]))
+               for name, prob in result["problems"].items()})
+                     if r != result["rounds"])
+           + "); static FLOPs "
            "ratio = XLA's cost analysis of one compiled step of each, which "
            "counts both branches of every lax.cond (the continuation's "
            "first-step start and its every-10th-step check) and loop bodies "
            "once, so it overstates the continuation's share. Machine: "
            f"{result['machine']['platform']}, {result['machine']['cpu_count']}"
-           " CPU cores.", ""]
+           " CPU cores. Commands: " + "; ".join(sorted({
+               "`" + prob.get("command", "python benchmarks/gamma_auto.py")
+               + "` (" + ", ".join(
+                   n for n, q in result["problems"].items()
+                   if q.get("command") == prob.get("command")) + ")"
+               for prob in result["problems"].values()})) + ".", ""]
   runs = []
   for name, prob in result["problems"].items():
     for method in ("alt_pbgd", "v_pbgd"):
@@ -356,11 +458,24 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--out", default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results"))
+  parser.add_argument(
+      "--only", nargs="+", choices=WEIGHT_DECAY + QUADRATICS,
+      help="run these problems only and replace their entries in the "
+      "existing results file (its other problems, gamma_check rows and "
+      "choose_method table are kept; the command is recorded per problem)")
   args = parser.parse_args()
   num_steps = 1000 if args.quick else 10000
   rounds = 3 if args.quick else 15
   names = (("ridge_toy", "random_quadratic_0") if args.quick else
            WEIGHT_DECAY + QUADRATICS)
+  stem = "gamma_auto_quick" if args.quick else "gamma_auto"
+  path = os.path.join(args.out, stem + ".json")
+  command = " ".join(["python benchmarks/gamma_auto.py"] + sys.argv[1:])
+  previous = None
+  if args.only:
+    names = tuple(args.only)
+    with open(path) as fh:
+      previous = json.load(fh)
   result = dict(quick=args.quick, num_steps=num_steps, rounds=rounds,
                 machine=dict(platform=platform.platform(),
                              cpu_count=os.cpu_count(),
@@ -372,17 +487,30 @@ def main():
                quadratic_problem(name))
     entry = dict(F_best=problem["F_best"], x_best=problem["x_best"],
                  F_start=problem["F_start"], best_from=problem["best_from"])
+    if "refit_grad_norm" in problem:
+      entry["refit_grad_norm"] = problem["refit_grad_norm"]
+    entry["command"] = command.strip()
+    # The network's runs take tens of seconds each: fewer timing rounds.
+    problem_rounds = min(rounds, 5) if name == "mlp_breast_cancer" else rounds
     for method in ("alt_pbgd", "v_pbgd"):
-      entry[method] = evaluate(problem, method, num_steps, rounds)
+      entry[method] = evaluate(problem, method, num_steps, problem_rounds)
+      entry[method]["cost"]["rounds"] = problem_rounds
       print(name, method, json.dumps(entry[method]["auto"]),
             f"cost {entry[method]['cost']['ratio']:.2f}", flush=True)
     result["problems"][name] = entry
     if name in WEIGHT_DECAY:
       result["gamma_check"][name] = gamma_check_rows(problem, num_steps)
-  result["choose_method"] = choice_rows()
-  stem = "gamma_auto_quick" if args.quick else "gamma_auto"
+  if previous is not None:
+    for key in ("problems", "gamma_check"):
+      previous[key].update(result[key])
+    previous["problems"] = {k: previous["problems"][k]
+                            for k in WEIGHT_DECAY + QUADRATICS
+                            if k in previous["problems"]}
+    result = previous
+  else:
+    result["choose_method"] = choice_rows()
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, stem + ".json"), "w") as fh:
+  with open(path, "w") as fh:
     json.dump(result, fh, indent=1)
   with open(os.path.join(args.out, stem + ".md"), "w") as fh:
     fh.write(markdown(result))

@@ -23,7 +23,7 @@ def test_committed_results_meet_the_targets():
   assert not result["quick"] and result["num_steps"] == 10000
   assert set(result["problems"]) == {
       "ridge_toy", "ridge_diabetes", "logistic_breast_cancer",
-      "random_quadratic_0", "random_quadratic_1", "quadratic_a8"}
+      "mlp_breast_cancer", "random_quadratic_0", "random_quadratic_1", "quadratic_a8"}
   for name, prob in result["problems"].items():
     for method in ("alt_pbgd", "v_pbgd"):
       row = prob[method]
@@ -104,6 +104,7 @@ def test_guide_numbers_come_from_the_results_file():
   for name, label in (("ridge_toy", "ridge (`jbl.problems.ridge`)"),
                       ("ridge_diabetes", "ridge, diabetes"),
                       ("logistic_breast_cancer", "logistic, breast cancer"),
+                      ("mlp_breast_cancer", "MLP (flax.nnx), breast cancer"),
                       ("random_quadratic_0", "random quadratic, seed 0"),
                       ("random_quadratic_1", "random quadratic, seed 1"),
                       ("quadratic_a8", "`quadratic_a8`")):
@@ -122,8 +123,26 @@ def test_guide_numbers_come_from_the_results_file():
              f"cap of $10\\gamma_0$, {toy['auto_cap100']['gap']:.2%} with",
              f"V-PBGD ends {toy['auto_cap100']['gap']:.2%} away there"]
   real = [result["problems"][name]["alt_pbgd"]["cost"]["ratio"]
-          for name in ("ridge_diabetes", "logistic_breast_cancer")]
-  quoted.append(f"ALT-PBGD's ratio is {real[0]:.2f} and {real[1]:.2f}")
+          for name in ("ridge_diabetes", "logistic_breast_cancer",
+                       "mlp_breast_cancer")]
+  quoted.append(f"ALT-PBGD's ratio is {real[0]:.2f}, {real[1]:.2f} and "
+                f"{real[2]:.2f}")
+  mlp = result["problems"]["mlp_breast_cancer"]
+  mlp_check = result["gamma_check"]["mlp_breast_cancer"]["gamma=10"]
+  quoted += [
+      f"there V-PBGD's is {mlp['v_pbgd']['cost']['ratio']:.2f})",
+      f"V-PBGD's: {mlp['v_pbgd']['auto']['gap']:.2%} on the MLP",
+      f"(106 values of $x$; every re-fit's gradient norm below "
+      f"{mlp['refit_grad_norm']:.2g})",
+      f"best $F={mlp['F_best']:.5f}$ at $x={mlp['x_best']:.2f}$, against "
+      f"${mlp['F_start']:.5f}$ at the start",
+      f"ends **{mlp['alt_pbgd']['auto']['gap']:.2%} from that best**, "
+      f"against {mlp['alt_pbgd']['gamma=10']['gap']:.2%} at",
+      f"V-PBGD with `\"auto\"` ends {mlp['v_pbgd']['auto']['gap']:.2%} from",
+      f"f at the method's y is {mlp_check['f_at_iterate']:.6g} but f at",
+      f"$\\gamma_0={mlp['alt_pbgd']['auto']['gamma_first']:.2f}$",
+      f"cap ${mlp['alt_pbgd']['auto']['gamma_last']:.0f}$ and ends at "
+      f"$x={mlp['alt_pbgd']['auto']['x']:.2f}$"]
   for name, row in result["choose_method"].items():
     if row["bias_ratio"] is not None:
       assert f"{row['bias_ratio']:.2g}" in text or (
@@ -133,9 +152,10 @@ def test_guide_numbers_come_from_the_results_file():
 
 
 @pytest.mark.slow
-def test_guide_example_runs_and_prints_the_quoted_numbers(capsys):
+@pytest.mark.parametrize("example", [2, 3], ids=["logistic", "mlp"])
+def test_guide_example_runs_and_prints_the_quoted_numbers(capsys, example):
   text = _guide()
-  block = text.split("```python\n")[2].split("```")[0]
+  block = text.split("```python\n")[example].split("```")[0]
   with pytest.warns(Warning) as caught:
     exec(compile(block, "docs/choosing_gamma.md", "exec"), {})  # pylint: disable=exec-used
   import jaxbilevel as jbl  # pylint: disable=import-outside-toplevel
