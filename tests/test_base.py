@@ -152,7 +152,11 @@ def test_values_only_for_the_record_are_not_computed(method):
     return len(calls)
 
   # One evaluation of g (or of its gradient) fewer when nothing is recorded.
-  assert traced_g_calls(False) == traced_g_calls(True) - 1
+  # AID's recorded lower_grad_norm takes the first inner step outside the
+  # loop (inner_solve(trace="first")): one more trace of g, the same number
+  # of evaluations at run time.
+  peeled = 1 if method == "aid" else 0
+  assert traced_g_calls(False) == traced_g_calls(True) - 1 - peeled
   # Not recorded: NaN, never a value that looks computed.
   _, quiet = jax.jit(_tx_step(tx))(params, state, data)
   assert all(np.isnan(float(v)) for v in quiet.diagnostics.values())

@@ -118,3 +118,36 @@ def test_gamma_auto_keeps_the_signature_and_the_iterates_of_a_fixed_gamma():
                         num_steps=5)
   np.testing.assert_allclose(auto.x, fixed.x, rtol=1e-6)
   np.testing.assert_allclose(auto.y, fixed.y, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 7])
+def test_inner_solve_trace_first_takes_the_same_steps(num_steps):
+  # trace="first" records the first step only and leaves the rest of the
+  # loop untraced (gradients only): the same iterates and optimizer state,
+  # and the first step's record equal to that of trace="every".
+  opt = optax.adam(0.1)
+
+  def objective(y):
+    return (jnp.sum((y - 3.0) ** 2) + jnp.sum(jnp.sin(y)),
+            {"total": jnp.sum(y)})
+
+  y0 = jnp.array([0.0, 1.0, -2.0])
+  every = jbl.inner_solve(objective, y0, opt.init(y0), optimizer=opt,
+                          num_steps=num_steps, has_aux=True)
+  first = jbl.inner_solve(objective, y0, opt.init(y0), optimizer=opt,
+                          num_steps=num_steps, has_aux=True, trace="first")
+  np.testing.assert_allclose(first[0], every[0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(first[1]), jax.tree.leaves(every[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert first[2].value.shape == (1,)
+  assert every[2].value.shape == (num_steps,)
+  for a, b in zip(jax.tree.leaves(first[2]), jax.tree.leaves(every[2])):
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+  np.testing.assert_allclose(first[2].value[0], objective(y0)[0], rtol=1e-6)
+
+
+def test_inner_solve_rejects_an_unknown_trace():
+  opt = optax.sgd(0.1)
+  with pytest.raises(jbl.BilevelValidationError, match="trace must be"):
+    jbl.inner_solve(lambda y: y ** 2, 1.0, opt.init(1.0), optimizer=opt,
+                    num_steps=2, trace="last")

@@ -20,7 +20,7 @@ ROW_KEYS = {"method", "ms_per_step", "hand_ms_per_step", "time_ratio",
             "hand_compile_s", "hand_constants_ms_per_step",
             "time_ratio_constants", "user_update_ms_per_step",
             "user_update_ratio", "user_step_ratio", "scan_run_ratio",
-            "diagnostics_ratio", "user_update_ratio_iqr",
+            "diagnostics_ratio", "hand_record_ratio", "user_update_ratio_iqr",
             "user_step_ratio_iqr", "time_ratio_iqr"}
 
 

@@ -214,7 +214,8 @@ def _implicit_rule(adjoint: adjoints.Implicit, s: _Setup):
     y_new, lower_state, trace = inner.inner_solve(
         lambda y_: g(x, y_, batch), y0, lower_state0,
         optimizer=s.lower_optimizer, num_steps=s.inner_steps, proj=s.proj_y,
-        grad_norm="lower_grad_norm" in record)
+        grad_norm="lower_grad_norm" in record,
+        trace="first" if "lower_grad_norm" in record else "every")
     # The implicit hypergradient at the new y: the linear solve and one
     # cross product; nothing differentiates through the step.
     direction, info = hypergradient.implicit_hypergradient(

@@ -102,7 +102,8 @@ def _update_failure(optimizer, opt_state, params, err) -> str:
 def inner_solve(objective: Callable, y, opt_state, *,
                 optimizer: optax.GradientTransformation, num_steps: int,
                 proj: Optional[base.Projection] = None,
-                has_aux: bool = False, grad_norm: bool = True):
+                has_aux: bool = False, grad_norm: bool = True,
+                trace: str = "every"):
   r"""Runs ``num_steps`` projected optax steps on ``objective(y)``.
 
   .. math:: y \leftarrow \mathrm{Proj}(y + \mathrm{opt}(\nabla \mathrm{obj}(y)))
@@ -122,6 +123,11 @@ def inner_solve(objective: Callable, y, opt_state, *,
     grad_norm: whether the trace records each step's gradient norm (a
       static bool; when False the trace's ``grad_norm`` is NaN and costs
       nothing).
+    trace: ``"every"`` (the default) records every step; ``"first"`` records
+      only the first step (the values at the incoming ``y``), which the loop
+      then takes outside the ``lax.scan``: the later steps compute neither
+      the objective's value (only its gradient), nor its auxiliary values,
+      nor the gradient norm. Same iterates; the trace has length 1.
 
   Returns:
     ``(y, opt_state, trace)`` where ``trace`` is an :class:`InnerTrace`.
@@ -136,6 +142,9 @@ def inner_solve(objective: Callable, y, opt_state, *,
     3.0
   """
   num_steps = base.check_static_int(num_steps, "num_steps")
+  if trace not in ("every", "first"):
+    raise base.BilevelValidationError(
+        f"inner_solve: trace must be 'every' or 'first', got {trace!r}.")
   grad_fn = jax.value_and_grad(objective, has_aux=has_aux)
 
   def body(carry, _):
@@ -147,14 +156,27 @@ def inner_solve(objective: Callable, y, opt_state, *,
             else jnp.full((), jnp.nan, jnp.result_type(value)))
     return (y, state), InnerTrace(value, norm, aux)
 
-  if num_steps == 1:
-    # One step needs no loop: calling the body directly spares a traced and
-    # compiled while loop per outer step (PBGD-Free's default K = 1).
+  def untraced_body(carry, _):
+    # The gradient only: a stacked record of every step would make XLA
+    # compute each step's value, auxiliary values and norm.
+    y, state = carry
+    grads = jax.grad(objective, has_aux=has_aux)(y)
+    if has_aux:
+      grads = grads[0]
+    return projected_step(optimizer, grads, state, y, proj), None
+
+  if num_steps == 1 or trace == "first":
+    # The first step outside the loop: one step needs no loop (which spares
+    # a traced and compiled while loop per outer step, PBGD-Free's default
+    # K = 1), and a record of the first step only leaves the rest untraced.
     (y, opt_state), step = body((y, opt_state), None)
+    if num_steps > 1:
+      (y, opt_state), _ = jax.lax.scan(untraced_body, (y, opt_state), None,
+                                       length=num_steps - 1)
     return y, opt_state, jax.tree.map(lambda v: v[None], step)
-  (y, opt_state), trace = jax.lax.scan(body, (y, opt_state), None,
+  (y, opt_state), steps = jax.lax.scan(body, (y, opt_state), None,
                                        length=num_steps)
-  return y, opt_state, trace
+  return y, opt_state, steps
 
 
 def first_step(trace: InnerTrace) -> InnerTrace:

@@ -201,6 +201,16 @@ class ValueTracker(NamedTuple):
     return Part(y_g, {"y_g": y_g, "value_state": opt_state}, {})
 
 
+def _trace_of(record) -> str:
+  """``inner_solve``'s trace: the first step alone when the step records it.
+
+  Unrecorded, the whole loop stays one ``lax.scan`` (one compiled body);
+  recorded, the first step is taken outside it so that the record's values
+  are computed once rather than at every inner step.
+  """
+  return "first" if {"f", "g", "lower_grad_norm"} & set(record) else "every"
+
+
 class PenalizedTracker(NamedTuple):
   r"""The penalized tracker :math:`y_\gamma\approx\arg\min_y h_\gamma(x_t,y)`.
 
@@ -246,7 +256,8 @@ class PenalizedTracker(NamedTuple):
         lambda y_: objective(x, y_, gamma, batch),
         y if self.start == "previous" else y_g, state.lower_state,
         optimizer=self.optimizer, num_steps=self.num_steps, proj=self.proj,
-        has_aux=True, grad_norm="lower_grad_norm" in step.record)
+        has_aux=True, grad_norm="lower_grad_norm" in step.record,
+        trace=_trace_of(step.record))
     first = inner.first_step(trace)
     if self.start == "previous":  # the first step is at (x_t, y_t)
       f_t, g_t = first.aux["f"], first.aux["g"]
