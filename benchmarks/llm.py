@@ -974,7 +974,8 @@ def markdown(result):
       f"{t['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s "
       f"({_q(t['matmul'], '.3g')} s). Memory: XLA's memory analysis of the "
       "compiled step (arguments include the frozen weights); per-process "
-      "peaks in [llm_memory.md](../llm_memory.md).", "",
+      "peaks in `benchmarks/results/llm_memory.md` (a path from the "
+      "repository's root: this file may be written anywhere).", "",
       "| step | hyperparameters | s / step | floor ratio | GFLOP / step | "
       "GFLOP/s | of matmul rate | tokens/s | compile (s) | temp MiB | "
       "argument MiB |",
