@@ -284,7 +284,8 @@ def evaluate(problem, method, num_steps, rounds):
                                    diagnostics=("gamma",))
   value = problem["F"](np.asarray(params.x))
   rows["auto"] = dict(F=value, gap=(value - problem["F_best"]) / abs(
-      problem["F_best"]), x=np.asarray(params.x).tolist(), gamma_first=float(history["gamma"][0]),
+      problem["F_best"]), x=np.asarray(params.x).tolist(),
+                      gamma_first=float(history["gamma"][0]),
                       gamma_last=float(history["gamma"][-1]),
                       increases=int(np.sum(np.diff(history["gamma"]) > 0)))
   if method == "v_pbgd":
@@ -390,6 +391,16 @@ def _table(columns, rows):
              for row in rows])
 
 
+def _commands(result):
+  """Each command that wrote the results, with the problems it ran."""
+  problems = {}
+  for name, prob in result["problems"].items():
+    command = prob.get("command", "python benchmarks/gamma_auto.py")
+    problems.setdefault(command, []).append(name)
+  return "; ".join(sorted(f"`{command}` ({', '.join(names)})"
+                          for command, names in problems.items()))
+
+
 def markdown(result):
   lines = [f"# gamma='auto' against the best value ({'quick' if result['quick'] else 'full'} run)",
            "",
@@ -410,12 +421,7 @@ def markdown(result):
            "first-step start and its every-10th-step check) and loop bodies "
            "once, so it overstates the continuation's share. Machine: "
            f"{result['machine']['platform']}, {result['machine']['cpu_count']}"
-           " CPU cores. Commands: " + "; ".join(sorted({
-               "`" + prob.get("command", "python benchmarks/gamma_auto.py")
-               + "` (" + ", ".join(
-                   n for n, q in result["problems"].items()
-                   if q.get("command") == prob.get("command")) + ")"
-               for prob in result["problems"].values()})) + ".", ""]
+           " CPU cores. Commands: " + _commands(result) + ".", ""]
   runs = []
   for name, prob in result["problems"].items():
     for method in ("alt_pbgd", "v_pbgd"):
@@ -489,7 +495,7 @@ def main():
                  F_start=problem["F_start"], best_from=problem["best_from"])
     if "refit_grad_norm" in problem:
       entry["refit_grad_norm"] = problem["refit_grad_norm"]
-    entry["command"] = command.strip()
+    entry["command"] = command
     # The network's runs take tens of seconds each: fewer timing rounds.
     problem_rounds = min(rounds, 5) if name == "mlp_breast_cancer" else rounds
     for method in ("alt_pbgd", "v_pbgd"):
