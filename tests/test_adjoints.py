@@ -236,15 +236,15 @@ def test_the_stopping_cg_of_the_methods_takes_the_scan_cg_iterates():
   q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
   h = jnp.asarray(q @ np.diag(np.linspace(1.0, 5.0, 8)) @ q.T)
   b = jnp.asarray(rng.normal(size=8))
-  for num_iters, tol in ((3, 0.0), (6, 1e-3), (30, 1e-12)):
+  for num_steps, tol in ((3, 0.0), (6, 1e-3), (30, 1e-12)):
     ours = hypergradient.conjugate_gradient(lambda v: h @ v, b,
-                                            num_iters=num_iters, tol=tol)
+                                            num_steps=num_steps, tol=tol)
     gx = lambda x, y, batch: 0.5 * y @ h @ y - b @ y + 0.0 * jnp.sum(x)
     fx = lambda x, y, batch: b @ y
     # With g = y^T h y / 2, H = h; f = b^T y: v solves h v = b, and the
     # hypergradient is -J_xy v = 0 (x does not enter): read v from the info.
     _, info = hypergradient.implicit_hypergradient(
-        fx, gx, jnp.zeros(2), jnp.zeros(8), solver="cg", num_iters=num_iters,
+        fx, gx, jnp.zeros(2), jnp.zeros(8), solver="cg", linear_steps=num_steps,
         tol=tol, has_aux=True, differentiable=False)
     np.testing.assert_allclose(info.v, ours.solution, rtol=1e-12,
                                atol=1e-14)
@@ -252,7 +252,7 @@ def test_the_stopping_cg_of_the_methods_takes_the_scan_cg_iterates():
                                rtol=1e-6, atol=1e-14)
   # A NaN tolerance (an invalid traced tol) gives a NaN solution, by name.
   _, info = hypergradient.implicit_hypergradient(
-      fx, gx, jnp.zeros(2), jnp.zeros(8), num_iters=4, tol=jnp.nan,
+      fx, gx, jnp.zeros(2), jnp.zeros(8), linear_steps=4, tol=jnp.nan,
       has_aux=True, differentiable=False)
   assert np.isnan(info.v).all() and np.isnan(info.residual_norm)
 

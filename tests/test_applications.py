@@ -41,7 +41,7 @@ def _check_implicit_hypergradient_against_finite_differences(app, x):
   h = jax.jit(lambda x_: app.f(x_, solve(x_), batch))
   y_star = jax.jit(solve)(x)
   hyper = jax.jit(lambda x_, y_: jbl.hypergradient.implicit_hypergradient(
-      app.f, app.g, x_, y_, batch, num_iters=80, tol=1e-14))(x, y_star)
+      app.f, app.g, x_, y_, batch, linear_steps=80, tol=1e-14))(x, y_star)
   direction = jax.random.normal(jax.random.PRNGKey(3), x.shape, jnp.float64)
   eps = 1e-5
   fd = (h(x + eps * direction) - h(x - eps * direction)) / (2 * eps)

@@ -537,10 +537,10 @@ def test_f2sa_gamma_max_below_gamma_is_rejected():
 def test_cg_with_a_nan_tolerance_returns_nan():
   h = jnp.array([[4.0, 1.0], [1.0, 3.0]])
   b = jnp.array([1.0, 2.0])
-  good = hypergradient.conjugate_gradient(lambda v: h @ v, b, num_iters=2,
+  good = hypergradient.conjugate_gradient(lambda v: h @ v, b, num_steps=2,
                                           tol=1e-8)
   np.testing.assert_allclose(good.solution, [1 / 11, 7 / 11], rtol=1e-6)
-  bad = hypergradient.conjugate_gradient(lambda v: h @ v, b, num_iters=2,
+  bad = hypergradient.conjugate_gradient(lambda v: h @ v, b, num_steps=2,
                                          tol=jnp.nan)
   assert np.isnan(bad.solution).all() and np.isnan(bad.residual_norm)
 

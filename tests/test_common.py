@@ -220,6 +220,29 @@ def test_jit_matches_eager_and_moves(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_shared_diagnostics_are_taken_at_the_incoming_params(name):
+  # f, g and lower_grad_norm mean the same in every method: f(x_t, y_t),
+  # g(x_t, y_t) and |grad_y g(x_t, y_t)| at the params the step received
+  # (docs/vocabulary.md). Checked at the third step, where y_t has moved away
+  # from its start and the method's own trackers from params.y.
+  f, g, _ = nested_problem(jnp.float64)
+  tx, params = _build(name)
+  incoming, state = _steps(tx, params, 2, update=jax.jit(tx.update))
+  x, y = incoming
+  want = {"f": f(x, y), "g": g(x, y),
+          "lower_grad_norm": optax.tree_utils.tree_norm(
+              jax.grad(g, argnums=1)(x, y))}
+  # Recorded together or one at a time, the values are the same.
+  for chosen in [True] + [(key,) for key in want]:
+    _, new_state = jax.jit(functools.partial(tx.update, diagnostics=chosen))(
+        None, state, incoming)
+    for key in want if chosen is True else chosen:
+      np.testing.assert_allclose(float(new_state.diagnostics[key]),
+                                 float(want[key]), rtol=1e-12,
+                                 err_msg=f"{key} (diagnostics={chosen})")
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_vmap_over_hyperparameters_does_not_recompile(name):
   f, g, params = nested_problem(jnp.float64)
   traces = []

@@ -3,7 +3,10 @@
 ``tests/data/golden_iterates.json`` holds, for each method case of the
 common suite (``test_common.METHOD_CASES``), the params, optimizer state and
 diagnostics after 10 outer steps in float64 on the suite's nested quadratic
-problem, written by ``tests/data/make_golden_iterates.py`` at commit 4416dfc.
+problem, written by ``tests/data/make_golden_iterates.py`` at commit 4416dfc
+(the diagnostics ``f``, ``g`` and ``lower_grad_norm`` since rewritten by its
+``--diagnostics`` mode, when they moved to the incoming point in every
+method; the iterates and states are 4416dfc's).
 The optax loop (``tx.update`` + ``optax.apply_updates``) must reproduce them
 to 1e-12, and so must :func:`jaxbilevel.step`, which returns the new
 iterates directly (the same values up to the rounding of ``new - old + old``).

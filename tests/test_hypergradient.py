@@ -68,7 +68,7 @@ def test_ridge_aid_cg_matches_closed_form(lam):
   prob = problems.ridge(log_lambda=False)
   w = jnp.asarray(prob.info["w"](lam))
   grad = hg.implicit_hypergradient(prob.f, prob.g, jnp.asarray(lam), w,
-                                   solver="cg", num_iters=10)
+                                   solver="cg", linear_steps=10)
   exact = prob.info["F_prime"](lam)
   assert abs(float(grad) - exact) <= 1e-5 * abs(exact)
   np.testing.assert_allclose(float(grad), prob.info["F_prime_golden"][lam],
@@ -94,7 +94,7 @@ def test_ridge_neumann_error_decreases_with_terms():
   errors = []
   for terms in (5, 10, 20, 40):
     grad = hg.implicit_hypergradient(prob.f, prob.g, jnp.asarray(lam), w,
-                                     solver="neumann", num_iters=terms,
+                                     solver="neumann", linear_steps=terms,
                                      neumann_step=1.0 / lipschitz)
     errors.append(abs(float(grad) - exact))
   assert all(b < a for a, b in zip(errors, errors[1:])), errors
@@ -216,7 +216,7 @@ def test_jaxopt_cross_library_oracle():
 def test_fd_implicit_hypergradient(solver):
   y = _newton(_X0)
   grad = hg.implicit_hypergradient(_f, _g, _X0, y, solver=solver,
-                                   num_iters=3 if solver == "cg" else 400,
+                                   linear_steps=3 if solver == "cg" else 400,
                                    neumann_step=0.3)
   np.testing.assert_allclose(np.asarray(grad), _fd_grad(_phi, _X0),
                              atol=1e-8)
@@ -307,13 +307,13 @@ def test_cg_is_exact_in_n_iterations_and_masks_after_convergence():
   h = jnp.asarray(m @ m.T + 0.5 * np.eye(5))
   b = jnp.asarray(rng.normal(size=5))
   exact = np.linalg.solve(np.asarray(h), np.asarray(b))
-  res5 = hg.conjugate_gradient(lambda v: h @ v, b, num_iters=5)
-  res50 = hg.conjugate_gradient(lambda v: h @ v, b, num_iters=50, tol=1e-9)
+  res5 = hg.conjugate_gradient(lambda v: h @ v, b, num_steps=5)
+  res50 = hg.conjugate_gradient(lambda v: h @ v, b, num_steps=50, tol=1e-9)
   np.testing.assert_allclose(np.asarray(res5.solution), exact, rtol=1e-9)
   np.testing.assert_allclose(np.asarray(res50.solution), exact, rtol=1e-9)
   assert float(res50.residual_norm) <= 1e-9
   # A loose tolerance stops early: the masked iterations change nothing.
-  loose = [hg.conjugate_gradient(lambda v: h @ v, b, num_iters=n, tol=0.5)
+  loose = [hg.conjugate_gradient(lambda v: h @ v, b, num_steps=n, tol=0.5)
            for n in (5, 50)]
   assert float(loose[0].residual_norm) <= 0.5
   np.testing.assert_array_equal(np.asarray(loose[0].solution),
@@ -323,7 +323,7 @@ def test_cg_is_exact_in_n_iterations_and_masks_after_convergence():
 
 def test_cg_zero_rhs_and_its_gradient_are_finite():
   def solve_sum(scale, b):
-    res = hg.conjugate_gradient(lambda v: scale * v, b, num_iters=4)
+    res = hg.conjugate_gradient(lambda v: scale * v, b, num_steps=4)
     return jnp.sum(res.solution)
   assert float(solve_sum(2.0, jnp.zeros(3))) == 0.0
   grads = jax.grad(solve_sum, argnums=(0, 1))(2.0, jnp.zeros(3))
@@ -418,7 +418,7 @@ def test_cg_stops_at_tolerance_when_not_differentiated():
   for differentiable in (True, False):
     matvec, count = _counting_matvec(h)
     res = jax.jit(lambda b_, m=matvec, d=differentiable:
-                  hg.conjugate_gradient(m, b_, num_iters=60, tol=1e-8,
+                  hg.conjugate_gradient(m, b_, num_steps=60, tol=1e-8,
                                         differentiable=d))(b)
     jax.block_until_ready(res)
     solves[differentiable] = (res, len(count))
@@ -433,10 +433,10 @@ def test_cg_stops_at_tolerance_when_not_differentiated():
   # vmapped (a sweep over tolerances) and forward-differentiated.
   tols = jnp.array([1e-2, 1e-8])
   batched = jax.vmap(lambda t: hg.conjugate_gradient(
-      lambda v: h @ v, b, num_iters=60, tol=t, differentiable=False))(tols)
+      lambda v: h @ v, b, num_steps=60, tol=t, differentiable=False))(tols)
   assert float(batched.residual_norm[0]) <= 1e-2
   assert float(batched.residual_norm[1]) <= 1e-8
   tangent = jax.jvp(lambda b_: hg.conjugate_gradient(
-      lambda v: h @ v, b_, num_iters=60, tol=1e-12,
+      lambda v: h @ v, b_, num_steps=60, tol=1e-12,
       differentiable=False).solution, (b,), (b,))[1]
   np.testing.assert_allclose(h @ tangent, b, atol=1e-6)

@@ -69,10 +69,12 @@ def test_penalized_tracker_records_f_and_g_at_the_incoming_iterate():
     # f, g at (x, y) = (1, 0) whatever the start: f = 4.5, g = 1.
     assert float(diag["f"]) == pytest.approx(4.5)
     assert float(diag["g"]) == pytest.approx(1.0)
-    # d/dy [f / 2 + g] = (y - 3 + x) / 2 + 2 (y - x) at the start.
+    # lower_grad_norm = |d/dy g| = |2 (y - x)| at (x, y) = (1, 0), whatever
+    # the start.
+    assert float(diag["lower_grad_norm"]) == pytest.approx(2.0)
+    # The step: d/dy [f / 2 + g] = (y - 3 + x) / 2 + 2 (y - x) at the start.
     y0 = 0.0 if start == "previous" else 2.0
     grad = (y0 - 3.0 + 1.0) / 2.0 + 2.0 * (y0 - 1.0)
-    assert float(diag["lower_grad_norm"]) == pytest.approx(abs(grad))
     assert float(part.iterate) == pytest.approx(y0 - 0.25 * grad)
     assert set(part.fields) == {"lower_state"}
 
@@ -82,6 +84,8 @@ def test_finish_assembles_the_state_and_refuses_a_missing_diagnostic():
   step = method_parts.begin(params, state, ("g_gap", "lower_grad_norm"),
                             "demo", ("upper_grad_norm", "lower_grad_norm",
                                      "g_gap"))
+  # A joint method's lower step records nothing (the shared lower_grad_norm
+  # is |grad_y g| at the incoming point, which the method passes itself).
   upper = method_parts.ProjectedStep(optax.sgd(0.25), None).update(
       step, state, jnp.array(2.0))
   lower = method_parts.ProjectedStep(optax.sgd(0.25), None, "y").update(
@@ -89,8 +93,10 @@ def test_finish_assembles_the_state_and_refuses_a_missing_diagnostic():
   value = method_parts.Part(jnp.array(5.0), {"y_g": jnp.array(5.0),
                                              "value_state": state.value_state},
                             {})
+  assert lower.diagnostics == {}
   new_params, new_state = step.finish(_State, upper, lower, value,
-                                      g_gap=jnp.array(0.5))
+                                      g_gap=jnp.array(0.5),
+                                      lower_grad_norm=jnp.array(4.0))
   assert (float(new_params.x), float(new_params.y)) == (0.5, 1.0)
   assert int(new_state.count) == 1 and float(new_state.y_g) == 5.0
   assert list(new_state.diagnostics) == ["upper_grad_norm",

@@ -352,3 +352,49 @@ def test_deprecation_warnings_point_at_the_callers_line(call):
 def test_converted_deprecations_name_the_new_value(name, old, hint):
   with pytest.warns(DeprecationWarning, match=re.escape(hint)):
     _build(name, **old)
+
+
+@pytest.mark.parametrize("fn, old, new", [
+    (lambda **kw: jbl.hypergradient.conjugate_gradient(
+        lambda v: 2.0 * v, jnp.ones(2), **kw), "num_iters", "num_steps"),
+    (lambda **kw: jbl.hypergradient.neumann(
+        lambda v: 2.0 * v, jnp.ones(2), step=0.25, **kw), "num_terms",
+     "num_steps"),
+    (lambda **kw: jbl.hypergradient.implicit_hypergradient(
+        _f, _g, jnp.array(0.5), jnp.array(0.5), **kw), "num_iters",
+     "linear_steps"),
+    (lambda **kw: jbl.hypergradient.implicit_solution(
+        _g, jnp.array(0.5), jnp.array(0.5), **kw), "num_iters",
+     "linear_steps"),
+])
+def test_renamed_loop_lengths_of_the_solver_functions(fn, old, new):
+  with pytest.warns(DeprecationWarning, match=f"argument {old} .*use {new}"):
+    with_old = fn(**{old: 3})
+  for a, b in zip(jax.tree.leaves(with_old), jax.tree.leaves(fn(**{new: 3})),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_loop_lengths_follow_the_naming_rule():
+  # docs/vocabulary.md, "Loop lengths": a function that runs one loop takes
+  # num_steps; a method names each of its loops <loop>_steps. No *_iters,
+  # *_terms or num_<loop> besides num_steps.
+  modules = [jbl, jbl.hypergradient, jbl.constrained, jbl.objectives,
+             jbl.evaluation, jbl.flatness]
+  bad = []
+  for module in modules:
+    for name in getattr(module, "__all__", dir(module)):
+      obj = getattr(module, name, None)
+      if not callable(obj) or isinstance(obj, type):
+        continue
+      try:
+        params = inspect.signature(obj).parameters
+      except (TypeError, ValueError):
+        continue
+      for p in params:
+        if p.endswith(("_iters", "_terms")) or (
+            p.startswith("num_") and p not in (
+                "num_steps", "num_constraints", "num_microbatches",
+                "num_points", "num_rounds")):
+          bad.append(f"{module.__name__}.{name}({p}=)")
+  assert not bad, bad

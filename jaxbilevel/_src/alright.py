@@ -26,9 +26,10 @@ class ALRIGHTState(NamedTuple):
     lower_state: state of the optimizer of ``y``.
     key: the PRNG key of the next draw (split at every step).
     diagnostics: dict of scalars: ``f`` and ``g`` at the incoming iterate,
-      ``upper_grad_norm`` / ``lower_grad_norm`` (the x- and y-blocks of the
-      sampled objective's gradient), ``probability`` (:math:`\\lambda`) and ``upper_step`` (1 if the step was on ``f``, 0 if
-      on ``g``).
+      ``lower_grad_norm`` (:math:`\\|\\nabla_y g\\|` there),
+      ``upper_grad_norm`` (the x-block of the sampled objective's gradient),
+      ``probability`` (:math:`\\lambda`) and ``upper_step`` (1 if the step
+      was on ``f``, 0 if on ``g``).
   """
 
   count: jax.Array
@@ -76,8 +77,8 @@ def alright(f: base.Objective,
   ``f`` and ``g`` loaders of equal length, or the sampling weights drift.
   MAXRIGHT (argmax of the weighted gaps) is not implemented.
 
-  Cost per step: one gradient of the sampled objective (both blocks), plus one
-  forward pass of each objective for the diagnostics. Memory: nothing beyond
+  Cost per step: one gradient of the sampled objective (both blocks); recorded
+  diagnostics add a forward pass of ``f`` and a gradient of ``g`` in ``y``. Memory: nothing beyond
   the optimizer states and the key.
 
   Args:
@@ -169,10 +170,9 @@ def alright(f: base.Objective,
                                   (x_new, y_new))
 
     diag = base.diagnostics(
-        dtype, record, f=lambda: f(x, y, batch), g=lambda: g(x, y, batch),
+        dtype, record, **base.incoming_record(f, g, x, y, batch),
         upper_grad_norm=lambda: base.diagnostic_norm(grad_x),
-        lower_grad_norm=lambda: base.diagnostic_norm(grad_y), probability=lam,
-        upper_step=on_f)
+        probability=lam, upper_step=on_f)
     new_state = ALRIGHTState(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         lower_state=lower_state, key=key, diagnostics=diag)

@@ -28,8 +28,9 @@ class ALTPBGDState(NamedTuple):
     value_state: state of the optimizer of the value tracker :math:`y_g`.
     y_g: the value tracker, an estimate of :math:`y_g^*(x)`.
     diagnostics: dict of scalars: ``f``, ``g`` at the incoming iterate,
-      ``upper_grad_norm`` (norm of the reduced-penalty gradient),
-      ``lower_grad_norm``, ``gamma`` and ``g_gap`` :math:`=g(x,y_\\gamma)-
+      ``lower_grad_norm`` (:math:`\\|\\nabla_y g\\|` there),
+      ``upper_grad_norm`` (norm of the reduced-penalty gradient), ``gamma``
+      and ``g_gap`` :math:`=g(x,y_\\gamma)-
       g(x,y_g)`, the estimated lower-level gap.
   """
 

@@ -1058,6 +1058,36 @@ def recorded_lower_value(g, x, y, batch):
   return (lambda: both()[0]), (lambda: both()[1])
 
 
+def incoming_record(f, g, x, y, batch, *, f_value=None, g_value=None,
+                    lower_grad_norm=None) -> dict:
+  r"""``f``, ``g`` and ``lower_grad_norm`` at the step's incoming point.
+
+  Every method records the shared diagnostics at the same point, the
+  :math:`(x_t, y_t)` that the step receives: :math:`f(x_t,y_t)`,
+  :math:`g(x_t,y_t)` and :math:`\|\nabla_y g(x_t,y_t)\|` (the lower
+  problem's stationarity there). A value the step computes anyway (``f`` and
+  ``g`` from the pass of a first inner gradient, :math:`\nabla_y g` of BOME's
+  value gap) is passed in; the others are thunks, computed only when recorded
+  (:func:`diagnostics`), ``g`` and the norm sharing one reverse pass.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbilevel._src import base
+    >>> g = lambda x, y, batch: jnp.sum((y - x) ** 2)
+    >>> record = base.incoming_record(None, g, jnp.zeros(2), jnp.ones(2),
+    ...                               None, f_value=jnp.asarray(0.5))
+    >>> d = base.diagnostics(jnp.float32, {"f", "g", "lower_grad_norm"},
+    ...                      **record)
+    >>> float(d["f"]), float(d["g"]), round(float(d["lower_grad_norm"]), 4)
+    (0.5, 2.0, 2.8284)
+  """
+  g_thunk, norm_thunk = recorded_lower_value(g, x, y, batch)
+  return {"f": (lambda: f(x, y, batch)) if f_value is None else f_value,
+          "g": g_thunk if g_value is None else g_value,
+          "lower_grad_norm": (norm_thunk if lower_grad_norm is None
+                              else lower_grad_norm)}
+
+
 def diagnostics(dtype, record, **values) -> dict:
   """A diagnostics dict of scalars cast to ``dtype``; NaN where not recorded.
 

@@ -30,8 +30,8 @@ class BOMEState(NamedTuple):
       y_g^*(x)` (:math:`\\hat y` in the paper); formerly ``y_hat`` (a
       deprecated alias for one release).
     diagnostics: dict of scalars: ``f`` and ``g`` at the incoming iterate,
-      ``upper_grad_norm`` (:math:`\\|d_x\\|`), ``lower_grad_norm``
-      (:math:`\\|d_y\\|`), ``multiplier`` (:math:`\\lambda_k`) and
+      ``lower_grad_norm`` (:math:`\\|\\nabla_y g\\|` there),
+      ``upper_grad_norm`` (:math:`\\|d_x\\|`), ``multiplier`` (:math:`\\lambda_k`) and
       ``g_gap`` :math:`=q(x,y)=g(x,y)-g(x,\\hat y)`.
   """
 
@@ -206,8 +206,12 @@ def bome(f: base.Objective,
     d_x, d_y = otu.tree_add_scale(grad_f, lam, grad_q)
     x_next = upper_step.update(step, state, d_x)
     y_next = lower_step.update(step, state, d_y)
-    return step.finish(BOMEState, x_next, y_next, y_g, f=f_t, g=g_t,
-                       multiplier=lam, g_gap=gap)
+    # grad_q's y-block is grad_y g(x_k, y_k) (y_g is held fixed).
+    return step.finish(BOMEState, x_next, y_next, y_g, multiplier=lam,
+                       g_gap=gap, **base.incoming_record(
+                           f, g, step.x, step.y, batch, f_value=f_t,
+                           g_value=g_t, lower_grad_norm=lambda: (
+                               base.diagnostic_norm(grad_q[1]))))
 
   return base.bilevel_transformation(init_fn, step_fn, "bome")
 

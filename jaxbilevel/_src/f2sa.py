@@ -36,7 +36,8 @@ class F2SAState(NamedTuple):
     gamma: the penalty weight :math:`\\lambda_k` used by the next step
       (formerly ``lagrange_multiplier``, a deprecated alias for one release).
     diagnostics: dict of scalars: ``f``, ``g`` at the incoming iterate,
-      ``upper_grad_norm``, ``lower_grad_norm``, ``gamma`` (the penalty
+      ``lower_grad_norm`` (:math:`\\|\\nabla_y g\\|` there),
+      ``upper_grad_norm``, ``gamma`` (the penalty
       weight :math:`\\lambda_k` of the step) and ``g_gap``
       :math:`=g(x,y)-g(x,z)`.
   """
@@ -221,7 +222,7 @@ def f2sa(f: base.Objective,
   lower_scale = (lambda lam: 1.0 / (1.0 + lam)) if scale_lower else None
   lagrangian_tracker = method_parts.PenalizedTracker(
       f, g, lower_optimizer, inner_steps, proj_y,
-      objective=_lower_lagrangian(f, g, lower_scale), grad_scale=lower_scale)
+      objective=_lower_lagrangian(f, g, lower_scale))
   upper_step = method_parts.ProjectedStep(upper_optimizer, proj_x)
   lagrangian = objectives.value_gap_penalty(f, g, has_aux=True)
 

@@ -120,13 +120,14 @@ def _scalar_like(value, tree):
   return jnp.asarray(value, dtype=tree_lib.tree_dtype(tree))
 
 
-def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
+@base.renamed_arguments("conjugate_gradient", {"num_iters": "num_steps"})
+def conjugate_gradient(matvec: Callable, b, *, num_steps: int,
                        tol=0.0, init=None,
                        differentiable: bool = True) -> LinearSolveResult:
   r"""Solves :math:`Hv=b` for a symmetric positive definite :math:`H` by CG.
 
   Plain conjugate gradient (not the normal equations, which would square the
-  condition number), ``num_iters`` iterations in a ``lax.scan`` started from
+  condition number), ``num_steps`` iterations in a ``lax.scan`` started from
   ``init`` (zero by default). Once the residual norm is ``<= tol`` (absolute)
   the remaining iterations are masked no-ops: the
   loop length stays static, so the solver is ``jit``/``vmap``/reverse-mode
@@ -141,8 +142,8 @@ def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
   Args:
     matvec: ``v -> H v`` on pytrees shaped like ``b``.
     b: right-hand side (any pytree of floating arrays).
-    num_iters: number of iterations (static int, at most the number of
-      matrix-vector products).
+    num_steps: number of iterations (static int, at most the number of
+      matrix-vector products; formerly ``num_iters``).
     tol: absolute tolerance on :math:`\|b-Hv\|` (float or traced array).
       A NaN ``tol`` gives a NaN solution and residual.
     init: optional starting point (costs one extra product).
@@ -157,11 +158,11 @@ def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
     >>> from jaxbilevel import hypergradient
     >>> h = jnp.array([[4.0, 1.0], [1.0, 3.0]])
     >>> res = hypergradient.conjugate_gradient(lambda v: h @ v,
-    ...                                        jnp.array([1.0, 2.0]), num_iters=2)
+    ...                                        jnp.array([1.0, 2.0]), num_steps=2)
     >>> [round(float(v), 6) for v in res.solution]   # (1/11, 7/11)
     [0.090909, 0.636364]
   """
-  num_iters = base.check_static_int(num_iters, "num_iters")
+  num_steps = base.check_static_int(num_steps, "num_steps")
   tol2 = _scalar_like(tol, b) ** 2
   if init is None:
     v = otu.tree_zeros_like(b)
@@ -187,13 +188,13 @@ def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
 
   if differentiable:
     (v, _, _, rs), _ = jax.lax.scan(body, (v, r, r, rs), None,
-                                    length=num_iters)
+                                    length=num_steps)
   else:
     # Stops at the tolerance: no product is spent after convergence (the
     # scan above masks them, for reverse mode's sake).
     def cond(carry):
       i, (_, _, _, rs) = carry
-      return (i < num_iters) & (rs > tol2)
+      return (i < num_steps) & (rs > tol2)
 
     _, (v, _, _, rs) = jax.lax.while_loop(
         cond, lambda carry: (carry[0] + 1, body(carry[1], None)[0]),
@@ -206,7 +207,8 @@ def conjugate_gradient(matvec: Callable, b, *, num_iters: int,
   return LinearSolveResult(v, jnp.where(invalid, jnp.nan, jnp.sqrt(rs)))
 
 
-def neumann(matvec: Callable, b, *, num_terms: int,
+@base.renamed_arguments("neumann", {"num_terms": "num_steps"})
+def neumann(matvec: Callable, b, *, num_steps: int,
             step) -> LinearSolveResult:
   r"""Approximates :math:`H^{-1}b` by the truncated Neumann series.
 
@@ -220,7 +222,7 @@ def neumann(matvec: Callable, b, *, num_terms: int,
   Args:
     matvec: ``v -> H v``.
     b: right-hand side.
-    num_terms: number K of terms (static int).
+    num_steps: number K of terms (static int; formerly ``num_terms``).
     step: :math:`\eta_N` (float or traced array).
 
   Returns:
@@ -230,11 +232,11 @@ def neumann(matvec: Callable, b, *, num_terms: int,
     >>> import jax.numpy as jnp
     >>> from jaxbilevel import hypergradient
     >>> res = hypergradient.neumann(lambda v: 2.0 * v, jnp.array([1.0]),
-    ...                             num_terms=30, step=0.25)
+    ...                             num_steps=30, step=0.25)
     >>> round(float(res.solution[0]), 6)   # 1 / 2
     0.5
   """
-  num_terms = base.check_static_int(num_terms, "num_terms")
+  num_steps = base.check_static_int(num_steps, "num_steps")
   step = _scalar_like(step, b)
 
   def body(carry, _):
@@ -244,7 +246,7 @@ def neumann(matvec: Callable, b, *, num_terms: int,
     return (total, term), None
 
   (total, term), _ = jax.lax.scan(body, (otu.tree_zeros_like(b), b), None,
-                                  length=num_terms)
+                                  length=num_steps)
   return LinearSolveResult(otu.tree_scale(step, total), otu.tree_norm(term))
 
 
@@ -282,22 +284,22 @@ def direct_solve(matvec: Callable, b) -> LinearSolveResult:
 
 class _SolveConfig(NamedTuple):
   solver: str
-  num_iters: int
+  linear_steps: int
 
 
-def check_solver(solver, num_iters, neumann_step, where):
+def check_solver(solver, linear_steps, neumann_step, where):
   """Validates the linear-solver arguments of the implicit hypergradient."""
   if solver not in _SOLVERS:
     raise base.BilevelValidationError(
         f"{where}: solver must be one of {_SOLVERS}, got {solver!r}.")
-  num_iters = base.check_static_int(num_iters, "num_iters")
+  linear_steps = base.check_static_int(linear_steps, "linear_steps")
   if solver == "neumann":
     if neumann_step is None:
       raise base.BilevelValidationError(
           f"{where}: solver='neumann' needs neumann_step (eta_N <= 1/L_g, the "
           "inverse of the largest eigenvalue of the lower Hessian).")
     base.check_hyperparameter(neumann_step, "neumann_step")
-  return _SolveConfig(solver, num_iters)
+  return _SolveConfig(solver, linear_steps)
 
 
 def _solve_lower_hessian(g, x, y, b, batch, config: _SolveConfig, tol,
@@ -309,15 +311,16 @@ def _solve_lower_hessian(g, x, y, b, batch, config: _SolveConfig, tol,
   if config.solver == "direct":
     return direct_solve(matvec, b)
   if config.solver == "neumann":
-    return neumann(matvec, b, num_terms=config.num_iters, step=neumann_step)
+    return neumann(matvec, b, num_steps=config.linear_steps,
+                   step=neumann_step)
   # The hand-written CG, not jax.scipy.sparse.linalg.cg: jax's spends one
   # Hessian-vector product more per solve (the residual of its zero start)
   # and returns no residual (the recorded linear_residual would cost one
   # more), 4% more FLOPs per AID step on benchmarks/overhead.py's quadratic;
   # and its derivative is that of the exact solve, not of the K iterations
   # that implicit_solution differentiates.
-  return conjugate_gradient(matvec, b, num_iters=config.num_iters, tol=tol,
-                            differentiable=differentiable)
+  return conjugate_gradient(matvec, b, num_steps=config.linear_steps,
+                            tol=tol, differentiable=differentiable)
 
 
 # ---------------------------------------------------------------------------
@@ -339,9 +342,11 @@ class ImplicitInfo(NamedTuple):
   residual_norm: jax.Array
 
 
+@base.renamed_arguments("implicit_hypergradient",
+                        {"num_iters": "linear_steps"})
 def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
                            batch=None, *, solver: str = "cg",
-                           num_iters: int = 10, tol=1e-10,
+                           linear_steps: int = 10, tol=1e-10,
                            neumann_step=None, has_aux: bool = False,
                            differentiable: bool = True):
   r"""The implicit hypergradient at a given lower solution.
@@ -352,7 +357,7 @@ def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
     \nabla\phi(x) \approx \nabla_x f(x, y) - \nabla^2_{xy} g(x, y)\, v,
 
   with :math:`H=\nabla^2_{yy}g(x,y)` applied by forward-over-reverse
-  Hessian-vector products and the system solved by ``num_iters`` steps of
+  Hessian-vector products and the system solved by ``linear_steps`` steps of
   conjugate gradient (``solver="cg"``), of the Neumann series
   (``solver="neumann"``, step ``neumann_step``) or exactly with the dense
   Hessian (``solver="direct"``, :func:`direct_solve`: small lower levels). ``y`` should be (close to)
@@ -364,7 +369,7 @@ def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
   with respect to ``x`` and ``batch`` *at fixed* ``y``; see the module
   docstring for the closure contract.
 
-  Cost: one f-gradient (both blocks), ``num_iters`` Hessian-vector products
+  Cost: one f-gradient (both blocks), ``linear_steps`` Hessian-vector products
   and one cross product :math:`J_{xy}v` (``"direct"``: :math:`d_y` products
   and a dense :math:`O(d_y^3)` solve). Memory: about four copies of ``y``
   (CG), two (Neumann) or :math:`d_y^2` numbers (direct).
@@ -377,8 +382,8 @@ def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
     y: lower solution.
     batch: passed to ``f`` and ``g``.
     solver: ``"cg"``, ``"neumann"`` or ``"direct"``.
-    num_iters: CG iterations or Neumann terms (static int; ignored by
-      ``"direct"``).
+    linear_steps: CG iterations or Neumann terms (static int; ignored by
+      ``"direct"``; formerly ``num_iters``), as in :func:`jaxbilevel.aid`.
     tol: CG early-exit tolerance on the residual norm (absolute).
     neumann_step: :math:`\eta_N\le1/L_g` (required for ``"neumann"``).
     has_aux: also return an :class:`ImplicitInfo`.
@@ -398,7 +403,7 @@ def implicit_hypergradient(f: base.Objective, g: base.Objective, x, y,
     ...                                      jnp.zeros(2)).tolist()
     [-1.0, -1.0]
   """
-  config = check_solver(solver, num_iters, neumann_step,
+  config = check_solver(solver, linear_steps, neumann_step,
                          "implicit_hypergradient")
   f = base.scalar_objective(f, "f")
   g = base.scalar_objective(g, "g")
@@ -450,8 +455,9 @@ def _implicit_identity_bwd(g, config, residuals, y_bar):
 _implicit_identity.defvjp(_implicit_identity_fwd, _implicit_identity_bwd)
 
 
+@base.renamed_arguments("implicit_solution", {"num_iters": "linear_steps"})
 def implicit_solution(g: base.Objective, x, y, batch=None, *,
-                      solver: str = "cg", num_iters: int = 10, tol=1e-10,
+                      solver: str = "cg", linear_steps: int = 10, tol=1e-10,
                       neumann_step=None):
   r"""Marks ``y`` as :math:`y^*(x)=\arg\min_y g(x,y)` for reverse-mode autodiff.
 
@@ -483,7 +489,8 @@ def implicit_solution(g: base.Objective, x, y, batch=None, *,
     y: a lower solution (e.g. the output of an inner solver).
     batch: passed to ``g``; floating leaves receive cotangents.
     solver: ``"cg"``, ``"neumann"`` or ``"direct"`` for the adjoint system.
-    num_iters: CG iterations or Neumann terms (static int).
+    linear_steps: CG iterations or Neumann terms (static int; formerly
+      ``num_iters``).
     tol: CG tolerance.
     neumann_step: Neumann step (required for ``"neumann"``).
 
@@ -501,7 +508,8 @@ def implicit_solution(g: base.Objective, x, y, batch=None, *,
     >>> round(float(jax.grad(val_loss)(1.0)), 6)     # d/dlam 2 / (1 + lam)
     -0.5
   """
-  config = check_solver(solver, num_iters, neumann_step, "implicit_solution")
+  config = check_solver(solver, linear_steps, neumann_step,
+                        "implicit_solution")
   g = base.scalar_objective(g, "g")
   y = jax.lax.stop_gradient(y)
   converted, consts = jax.closure_convert(g, x, y, batch)

@@ -57,10 +57,9 @@ class AIDState(NamedTuple):
     lower_state: state of the inner optimizer (for ``y``) after the last
       inner solve; the start of the next one unless ``inner_start`` is a
       callable.
-    diagnostics: dict of scalars from the last step: ``f`` and ``g`` at
-      :math:`(x_t, y_{t+1})` (the point where the hypergradient is taken),
-      ``upper_grad_norm`` (norm of the hypergradient), ``lower_grad_norm``
-      (norm of :math:`\\nabla_y g` at the start of the inner solve),
+    diagnostics: dict of scalars from the last step: ``f``, ``g`` and
+      ``lower_grad_norm`` (:math:`\\|\\nabla_y g\\|`) at the incoming
+      :math:`(x_t, y_t)`, ``upper_grad_norm`` (norm of the hypergradient),
       ``linear_residual``
       :math:`\\|\\nabla_y f - Hv\\|` and ``tol`` (the CG tolerance of
       the step: NaN when a traced or scheduled ``tol`` was negative, so that
@@ -83,10 +82,9 @@ class ITDState(NamedTuple):
       starting state of the next one when warm-started).
     y_init: the fixed starting point of the unroll (used when
       ``inner_start="initial"``).
-    diagnostics: dict of scalars from the last step: ``f`` and ``g`` at
-      :math:`(x_t, y_T)`, ``upper_grad_norm`` (norm of the hypergradient),
-      ``lower_grad_norm`` (:math:`\\|\\nabla_y g(x_t, y_T)\\|`, the inner
-      accuracy).
+    diagnostics: dict of scalars from the last step: ``f``, ``g`` and
+      ``lower_grad_norm`` (:math:`\\|\\nabla_y g\\|`) at the incoming
+      :math:`(x_t, y_t)`, ``upper_grad_norm`` (norm of the hypergradient).
   """
 
   count: jax.Array
@@ -102,9 +100,10 @@ class FOBLOState(NamedTuple):
   Attributes:
     count: number of outer steps taken.
     upper_state: state of the optimizer of ``x``.
-    diagnostics: dict of scalars: ``f`` and ``g`` at :math:`(x_t, y_r)`,
-      ``upper_grad_norm`` (norm of the meta-gradient estimate),
-      and ``lower_grad_norm`` (:math:`\\|\\nabla_y g(x_t, y_r)\\|`).
+    diagnostics: dict of scalars: ``f``, ``g`` and ``lower_grad_norm``
+      (:math:`\\|\\nabla_y g\\|`) at the incoming :math:`(x_t, y_t)`
+      (``params.y``, not the adapted :math:`y_r`), ``upper_grad_norm`` (norm
+      of the meta-gradient estimate).
   """
 
   count: jax.Array
@@ -173,9 +172,7 @@ class _Estimate(NamedTuple):
 
   direction: base.PyTree   # the hypergradient estimate (structure of x)
   y: base.PyTree           # the new lower iterate, params.y of the output
-  f: Any                   # f for the record (array or thunk)
-  g: Any                   # g for the record (array or thunk)
-  lower_grad_norm: Any     # array or thunk
+  incoming: dict           # by-products at (x_t, y_t): base.incoming_record
   fields: dict             # the state fields the rule updates
   extra: dict              # the adjoint's own diagnostics
 
@@ -206,26 +203,31 @@ def _implicit_rule(adjoint: adjoints.Implicit, s: _Setup):
                                     name=f"{s.prefix}neumann_step"))
     # T inner steps on g, from the previous y and optimizer state (warm
     # start) or from inner_start(x, y) with a fresh state.
-    if not callable(s.inner_start):
+    warm = not callable(s.inner_start)
+    if warm:
       y0, lower_state0 = y, state.lower_state
     else:
       y0 = base.inner_start(s.inner_start, x, y, s.method)
       lower_state0 = s.lower_optimizer.init(y0)
+    # Warm-started, the first inner step is at (x_t, y_t): its value and
+    # gradient norm are the record's g and lower_grad_norm.
+    peel = warm and bool({"g", "lower_grad_norm"} & record)
     y_new, lower_state, trace = inner.inner_solve(
         lambda y_: g(x, y_, batch), y0, lower_state0,
         optimizer=s.lower_optimizer, num_steps=s.inner_steps, proj=s.proj_y,
-        grad_norm="lower_grad_norm" in record,
-        trace="first" if "lower_grad_norm" in record else "every")
+        grad_norm=peel and "lower_grad_norm" in record,
+        trace="first" if peel else "every")
     # The implicit hypergradient at the new y: the linear solve and one
     # cross product; nothing differentiates through the step.
     direction, info = hypergradient.implicit_hypergradient(
         f, g, x, y_new, batch, solver=adjoint.solver,
-        num_iters=adjoint.linear_steps, tol=tol_t, neumann_step=step_t,
+        linear_steps=adjoint.linear_steps, tol=tol_t, neumann_step=step_t,
         has_aux=True, differentiable=False)
+    first = inner.first_step(trace)
     return _Estimate(
-        direction, y_new, f=info.value,
-        g=lambda: g(x, y_new, batch),  # at the new y: only for the record
-        lower_grad_norm=inner.first_step(trace).grad_norm,
+        direction, y_new,
+        incoming=dict(g_value=first.value, lower_grad_norm=first.grad_norm)
+        if peel else {},
         fields=dict(lower_state=lower_state),
         extra=dict(linear_residual=info.residual_norm, tol=tol_t))
 
@@ -255,11 +257,9 @@ def _unrolled_rule(adjoint: adjoints.Unrolled, s: _Setup):
           truncate=adjoint.truncate, checkpoint=adjoint.checkpoint)
       return f(x_, y_t, batch), (y_t, lower_state)
 
-    (f_t, (y_new, lower_state)), direction = jax.value_and_grad(
+    (_, (y_new, lower_state)), direction = jax.value_and_grad(
         upper_of_unroll, has_aux=True)(x)
-    g_t, g_grad_norm = base.recorded_lower_value(g, x, y_new, batch)
-    return _Estimate(direction, y_new, f=f_t, g=g_t,
-                     lower_grad_norm=g_grad_norm,
+    return _Estimate(direction, y_new, incoming={},
                      fields=dict(lower_state=lower_state), extra={})
 
   return estimate
@@ -331,7 +331,7 @@ def _first_order_rule(adjoint: adjoints.FirstOrder, s: _Setup):
     start = _first_order_start(s.inner_start, base.BilevelParams(x, y),
                                s.method)
     # r inner steps recorded by nothing, d y_r / d y0 := I.
-    (f_t, y_r), direction = meta_gradient(x, y, batch, start, 0, "identity")
+    (_, y_r), direction = meta_gradient(x, y, batch, start, 0, "identity")
     fields, extra = {}, {}
     if correction is not None:
       key, draw_key = jax.random.split(state.key)
@@ -343,9 +343,8 @@ def _first_order_rule(adjoint: adjoints.FirstOrder, s: _Setup):
       fields = dict(key=key)
       extra = dict(correction_norm=lambda: base.diagnostic_norm(delta),
                    correction_draw=draw)
-    g_t, g_grad_norm = base.recorded_lower_value(g, x, y_r, batch)
-    return _Estimate(direction, y_r, f=f_t, g=g_t,
-                     lower_grad_norm=g_grad_norm, fields=fields, extra=extra)
+    return _Estimate(direction, y_r, incoming={}, fields=fields,
+                     extra=extra)
 
   return estimate
 
@@ -418,9 +417,10 @@ def build(f: base.Objective, g: base.Objective, *, adjoint,
     x_new, upper_state = inner.projected_step(
         upper_optimizer, est.direction, state.upper_state, x, proj_x)
     diag = base.diagnostics(
-        dtype, record, f=est.f, g=est.g,
+        dtype, record, **base.incoming_record(f, g, x, y, batch,
+                                              **est.incoming),
         upper_grad_norm=lambda: base.diagnostic_norm(est.direction),
-        lower_grad_norm=est.lower_grad_norm, **est.extra)
+        **est.extra)
     new_state = state._replace(
         count=optax.safe_increment(state.count), upper_state=upper_state,
         diagnostics=diag, **est.fields)

@@ -17,8 +17,12 @@ part                      state fields                    diagnostics
                                                           ``lower_grad_norm``,
                                                           ``constraint_violation``
 :class:`ProjectedStep`    ``upper_state`` (level x) or    ``upper_grad_norm``
-                          ``lower_state`` (level y)       or ``lower_grad_norm``
+                          ``lower_state`` (level y)       (level x only)
 ========================  ==============================  ===================
+
+``f``, ``g`` and ``lower_grad_norm`` are those of every method: taken at the
+step's incoming :math:`(x_t, y_t)`, the last being
+:math:`\|\nabla_y g(x_t,y_t)\|` (:func:`jaxbilevel._src.base.incoming_record`).
 
 A step reads like its pseudocode::
 
@@ -206,9 +210,10 @@ def _trace_of(record) -> str:
 
   Unrecorded, the whole loop stays one ``lax.scan`` (one compiled body);
   recorded, the first step is taken outside it so that the record's values
-  are computed once rather than at every inner step.
+  (``f`` and ``g`` at the incoming iterate, the first step's auxiliary
+  values) are computed once rather than at every inner step.
   """
-  return "first" if {"f", "g", "lower_grad_norm"} & set(record) else "every"
+  return "first" if {"f", "g"} & set(record) else "every"
 
 
 class PenalizedTracker(NamedTuple):
@@ -218,9 +223,9 @@ class PenalizedTracker(NamedTuple):
   objective :math:`h_\gamma` (by default
   :func:`jaxbilevel.objectives.lower_penalized`,
   :math:`\gamma^{-1}f+g`). Its iterate is ``params.y``; it owns the state
-  field ``lower_state`` and records ``f``, ``g`` (at the incoming iterate:
-  the first step's auxiliary values when it starts there) and
-  ``lower_grad_norm`` (the norm of the first gradient).
+  field ``lower_state`` and records ``f`` and ``g`` at the incoming
+  :math:`(x_t, y_t)` (the first step's auxiliary values when it starts
+  there) and ``lower_grad_norm``, :math:`\|\nabla_y g(x_t, y_t)\|`.
 
   Attributes:
     f: upper objective ``f(x, y, batch)``.
@@ -233,9 +238,6 @@ class PenalizedTracker(NamedTuple):
       ``params.y`` for the record only).
     objective: ``(x, y, gamma, batch) -> (value, {"f": ..., "g": ...})``;
       ``None`` for :math:`\gamma^{-1}f+g`.
-    grad_scale: ``gamma -> s`` when the objective is ``s`` times the
-      function whose gradient norm is recorded (F2SA's ``scale_lower``);
-      ``None`` for none.
   """
 
   f: base.Objective
@@ -245,7 +247,6 @@ class PenalizedTracker(NamedTuple):
   proj: base.Projection
   start: str = "previous"
   objective: Optional[Callable] = None
-  grad_scale: Optional[Callable] = None
 
   def update(self, step: Step, state, gamma, batch, y_g=None) -> Part:
     """``num_steps`` steps on :math:`h_\\gamma(x_t, .)` from ``start``."""
@@ -256,18 +257,14 @@ class PenalizedTracker(NamedTuple):
         lambda y_: objective(x, y_, gamma, batch),
         y if self.start == "previous" else y_g, state.lower_state,
         optimizer=self.optimizer, num_steps=self.num_steps, proj=self.proj,
-        has_aux=True, grad_norm="lower_grad_norm" in step.record,
-        trace=_trace_of(step.record))
-    first = inner.first_step(trace)
-    if self.start == "previous":  # the first step is at (x_t, y_t)
-      f_t, g_t = first.aux["f"], first.aux["g"]
-    else:  # it starts at y_g: f, g at (x_t, y_t) are for the record only
-      f_t, g_t = lambda: self.f(x, y, batch), lambda: self.g(x, y, batch)
-    grad_norm = first.grad_norm
-    if self.grad_scale is not None:
-      grad_norm = grad_norm / self.grad_scale(gamma)
+        has_aux=True, grad_norm=False, trace=_trace_of(step.record))
+    # The first step is at (x_t, y_t) when it starts there: its f and g are
+    # the record's; from y_g, f and g at (x_t, y_t) are for the record only.
+    aux = inner.first_step(trace).aux if self.start == "previous" else {}
     return Part(y_gamma, {"lower_state": opt_state},
-                {"f": f_t, "g": g_t, "lower_grad_norm": grad_norm})
+                base.incoming_record(self.f, self.g, x, y, batch,
+                                     f_value=aux.get("f"),
+                                     g_value=aux.get("g")))
 
 
 class ValueSaddle(NamedTuple):
@@ -309,8 +306,9 @@ class PenalizedSaddle(NamedTuple):
   ``(params.y, state.mu_F)``: primal steps on :math:`y_F` (``params.y``) and
   the constraint's dual step on the scaled multipliers
   :math:`\tilde\mu_F`. Owns the state fields ``mu_F`` and ``lower_state``;
-  records ``f``, ``g`` and ``lower_grad_norm`` at the first primal step
-  (the incoming iterate) and ``constraint_violation``
+  records ``f`` and ``g`` at the first primal step (the incoming iterate),
+  ``lower_grad_norm`` (:math:`\|\nabla_y g(x_t, y_t)\|`) and
+  ``constraint_violation``
   (:math:`\max_i\max(c_i(x,y_F),0)` after the last round).
 
   Attributes:
@@ -332,22 +330,23 @@ class PenalizedSaddle(NamedTuple):
     y_f, mu_f, opt_state, trace = self.settings.solve(
         lambda y_: lower(x, y_, gamma, batch), lambda y_: self.c(x, y_, batch),
         step.y, state.mu_F, state.lower_state, step.count, step.dtype,
-        self.proj, has_aux=True,
-        grad_norm="lower_grad_norm" in step.record)
+        self.proj, has_aux=True, grad_norm=False)
     first = constrained.first_primal_step(trace)
     return Part(y_f, {"mu_F": mu_f, "lower_state": opt_state},
-                {"f": first.aux["f"], "g": first.aux["g"],
-                 "lower_grad_norm": first.grad_norm,
-                 "constraint_violation": trace.violation[-1]})
+                dict(base.incoming_record(self.f, self.g, x, step.y, batch,
+                                          f_value=first.aux["f"],
+                                          g_value=first.aux["g"]),
+                     constraint_violation=trace.violation[-1]))
 
 
 class ProjectedStep(NamedTuple):
   r"""One projected optax step of a level: :math:`v\leftarrow\mathrm{Proj}(v-\eta d)`.
 
   The upper step (``level="x"``: owns ``upper_state``, records
-  ``upper_grad_norm``) or a joint method's lower step (``level="y"``: owns
-  ``lower_state``, records ``lower_grad_norm``), the norm being that of the
-  direction ``d``.
+  ``upper_grad_norm``, the norm of the direction ``d``) or a joint method's
+  lower step (``level="y"``: owns ``lower_state``, records nothing; the
+  shared ``lower_grad_norm`` is :math:`\|\nabla_y g(x_t,y_t)\|`, see
+  :func:`jaxbilevel._src.base.incoming_record`).
 
   Attributes:
     optimizer: the level's optimizer.
@@ -365,5 +364,6 @@ class ProjectedStep(NamedTuple):
     new, opt_state = inner.projected_step(
         self.optimizer, direction, getattr(state, f"{name}_state"),
         step.x if self.level == "x" else step.y, self.proj)
-    return Part(new, {f"{name}_state": opt_state},
-                {f"{name}_grad_norm": lambda: base.diagnostic_norm(direction)})
+    record = ({"upper_grad_norm": lambda: base.diagnostic_norm(direction)}
+              if self.level == "x" else {})
+    return Part(new, {f"{name}_state": opt_state}, record)

@@ -43,8 +43,9 @@ class PBGDBLOCCState(NamedTuple):
       :math:`\\gamma^{-1}f+g+\\tilde\\mu^\\top c`; those of
       :math:`f+\\gamma g+\\mu^\\top c` are :math:`\\gamma\\tilde\\mu_F`.
     diagnostics: dict of scalars: ``f``, ``g`` at the incoming iterate,
-      ``upper_grad_norm`` (norm of the upper direction), ``lower_grad_norm`` (first primal
-      gradient of the F-Lagrangian), ``gamma``, ``constraint_violation``
+      ``lower_grad_norm`` (:math:`\\|\\nabla_y g\\|` there),
+      ``upper_grad_norm`` (norm of the upper direction), ``gamma``,
+      ``constraint_violation``
       (:math:`\\max_i\\max(c_i(x,y_F),0)` at the new :math:`y_F`) and
       ``g_gap`` :math:`=g(x,y_F)-g(x,y_g)`.
   """
@@ -69,8 +70,8 @@ class PBGDFreeCCState(NamedTuple):
     mu_F: multipliers :math:`\\tilde\\mu_F` of the scaled problem
       :math:`\\gamma^{-1}f+g+\\tilde\\mu^\\top c`, shape ``(m,)``.
     diagnostics: dict of scalars: ``f``, ``g`` at the incoming iterate,
-      ``upper_grad_norm``, ``lower_grad_norm``, ``gamma`` and
-      ``constraint_violation`` at the new :math:`y_F`.
+      ``lower_grad_norm`` (:math:`\\|\\nabla_y g\\|` there),
+      ``upper_grad_norm``, ``gamma`` and ``constraint_violation`` at the new :math:`y_F`.
   """
 
   count: jax.Array

@@ -23,8 +23,9 @@ class PBGDFreeState(NamedTuple):
     upper_state: state of the upper optimizer (for ``x``).
     lower_state: state of the lower optimizer (for ``y``).
     diagnostics: dict of scalars from the last step: ``f`` and ``g`` at the
-      incoming iterate, ``upper_grad_norm`` (norm of :math:`\\nabla_x f`),
-      ``lower_grad_norm`` (norm of the first lower gradient) and ``gamma``.
+      incoming iterate, ``lower_grad_norm`` (:math:`\\|\\nabla_y g\\|`
+      there), ``upper_grad_norm`` (norm of :math:`\\nabla_x f`) and
+      ``gamma``.
   """
 
   count: jax.Array

@@ -29,8 +29,8 @@ class VPBGDState(NamedTuple):
       :math:`y_g^*(x)`; formerly ``omega`` (a deprecated alias for one
       release).
     diagnostics: dict of scalars: ``f``, ``g`` at the incoming iterate,
-      ``upper_grad_norm`` (:math:`\\|G_x\\|`), ``lower_grad_norm``
-      (:math:`\\|G_y\\|`), ``gamma`` and ``g_gap`` :math:`=g(x,y)-g(x,\\omega)`.
+      ``lower_grad_norm`` (:math:`\\|\\nabla_y g\\|` there),
+      ``upper_grad_norm`` (:math:`\\|G_x\\|`), ``gamma`` and ``g_gap`` :math:`=g(x,y)-g(x,\\omega)`.
   """
 
   count: jax.Array
@@ -158,7 +158,9 @@ def v_pbgd(f: base.Objective,
     # (x, y) <- Proj((x, y) - alpha (G_x, G_y)), both from (x_k, y_k).
     x_next = upper_step.update(step, state, grad_x)
     y_next = lower_step.update(step, state, grad_y)
-    return step.finish(VPBGDState, x_next, y_next, y_g, f=aux["f"],
-                       g=aux["g"], gamma=gamma_t, g_gap=aux["g_gap"])
+    return step.finish(VPBGDState, x_next, y_next, y_g, gamma=gamma_t,
+                       g_gap=aux["g_gap"], **base.incoming_record(
+                           f, g, step.x, step.y, batch, f_value=aux["f"],
+                           g_value=aux["g"]))
 
   return base.bilevel_transformation(init_fn, step_fn, "v_pbgd")
