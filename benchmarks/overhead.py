@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -932,7 +933,8 @@ def main(argv=None):
     problems = {k: v for k, v in problems.items()
                 if k in args.only.split(",")}
   result = dict(benchmark="overhead", quick=args.quick, machine=machine(),
-                command=" ".join(["python", "benchmarks/overhead.py"] + list(
+                # shlex.join: quoted as a shell needs it ("quadratic d=1e4")
+                command=shlex.join(["python", "benchmarks/overhead.py"] + list(
                     sys.argv[1:] if argv is None else argv)),
                 settings=dict(gamma=GAMMA, inner_steps=INNER,
                               linear_steps=LINEAR),
