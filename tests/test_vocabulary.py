@@ -394,7 +394,6 @@ def test_loop_lengths_follow_the_naming_rule():
       for p in params:
         if p.endswith(("_iters", "_terms")) or (
             p.startswith("num_") and p not in (
-                "num_steps", "num_constraints", "num_microbatches",
-                "num_points", "num_rounds")):
+                "num_steps", "num_constraints", "num_microbatches")):
           bad.append(f"{module.__name__}.{name}({p}=)")
   assert not bad, bad
